@@ -1,0 +1,3 @@
+from qbo_daemon.cli import main
+
+raise SystemExit(main())

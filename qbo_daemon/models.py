@@ -1,0 +1,149 @@
+"""Plain data: accounts, token sets, secrets, and the pure time helpers around them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+DEFAULT_ACCESS_TOKEN_LIFETIME = timedelta(seconds=3600)
+DEFAULT_REFRESH_TOKEN_LIFETIME = timedelta(days=100)
+
+
+class AccountStatus(StrEnum):
+    ACTIVE = "active"
+    EXPIRED = "expired"  # access token dead, refresh token alive, still retrying
+    NEEDS_RECONNECT = "needs_reconnect"
+    DISCONNECTED = "disconnected"
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the scheduler keeps a timer for an account in this status."""
+        return self in (AccountStatus.ACTIVE, AccountStatus.EXPIRED)
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """What one successful token call gave us, with absolute times.
+
+    ``obtained_at`` is when the request was sent: the conservative end, so the
+    computed expiries are never later than Intuit's.
+    """
+
+    access_token: str
+    refresh_token: str
+    obtained_at: datetime
+    token_expires_at: datetime
+    refresh_token_expires_at: datetime
+    refresh_token_hard_expires_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenSet(obtained_at={self.obtained_at.isoformat()}, "
+            f"token_expires_at={self.token_expires_at.isoformat()})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One connected QuickBooks company, decrypted. ``repr`` hides the secrets."""
+
+    id: int
+    account_id: str
+    status: AccountStatus
+    realm_id: str | None
+    access_token: str | None
+    refresh_token: str | None
+    token_expires_at: datetime | None
+    reconnect_token_at: datetime | None
+    refresh_token_expires_at: datetime | None
+    refresh_token_hard_expires_at: datetime | None
+    failure_count: int
+    last_error: str | None
+    last_refreshed_at: datetime | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"Account(account_id={self.account_id!r}, status={self.status.value!r}, "
+            f"version={self.version})"
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """The account as the API and CLI show it: times in ISO 8601 UTC, no token."""
+        return {
+            "account_id": self.account_id,
+            "status": self.status.value,
+            "realm_id": self.realm_id,
+            "token_expires_at": iso(self.token_expires_at),
+            "reconnect_token_at": iso(self.reconnect_token_at),
+            "refresh_token_expires_at": iso(self.refresh_token_expires_at),
+            "refresh_token_hard_expires_at": iso(self.refresh_token_hard_expires_at),
+            "last_refreshed_at": iso(self.last_refreshed_at),
+            "failure_count": self.failure_count,
+            "last_error": self.last_error,
+            "version": self.version,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+def reconnect_at(token_expires_at: datetime, lead: timedelta, obtained_at: datetime) -> datetime:
+    """When the next refresh is due: ``lead`` before expiry, never before the token was got.
+
+    A token shorter-lived than the lead (a simulator, a test) is refreshed at
+    half its life instead of in a tight loop.
+    """
+    due = token_expires_at - lead
+    if due <= obtained_at:
+        return obtained_at + (token_expires_at - obtained_at) / 2
+    return due
+
+
+def utc(value: datetime) -> datetime:
+    """The same instant as an aware UTC datetime; naive values are taken as UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 UTC with a ``Z`` and microseconds, so that text order is time order."""
+    if value is None:
+        return None
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return utc(datetime.fromisoformat(value))
