@@ -1,0 +1,328 @@
+"""structlog setup: one pipeline for our own events and the standard library's, with redaction.
+
+Every line, whether it comes from ``structlog`` or from ``logging`` (aiohttp,
+asyncio), goes through one handler on the root logger whose
+:class:`structlog.stdlib.ProcessorFormatter` renders it, so all lines share
+one shape. The processors, in order, and why:
+
+- ``filter_by_level`` (our events only): drop below-level events before any
+  work is done; the level lives on the root ``logging`` logger, so a SIGHUP
+  reload only has to call :func:`configure_logging` again.
+- ``merge_contextvars``: ``bind_contextvars(account_id=...)`` puts the account
+  on every line of that account's work, including aiohttp's and asyncio's.
+- ``add_logger_name``, ``add_log_level``, ``TimeStamper(fmt="iso", utc=True)``:
+  who, how bad, when (ISO 8601 UTC with a ``Z``).
+- ``PositionalArgumentsFormatter``, ``StackInfoRenderer`` (our events only):
+  ``log.info("x %s", y)`` and ``stack_info=True`` work as in ``logging``.
+- extras (stdlib records only): ``logger.info(..., extra={...})`` fields become keys.
+- :func:`redact_secrets`: values under secret-looking names become ``"[redacted]"``,
+  recursively, and secret query parameters and bearer credentials inside strings
+  are blanked. It runs before the event leaves structlog, so any other handler
+  (a test's ``caplog``) sees the redacted event too.
+- Exceptions: structlog's defaults render the *local variables* of every frame,
+  and locals hold tokens. JSON uses ``ExceptionDictTransformer(show_locals=False)``;
+  the console uses structlog's plain traceback formatter (never locals, and no
+  dependence on whether Rich happens to be installed). Exception messages get the
+  same string scrubbing as everything else.
+- Renderer: JSON lines, or ``ConsoleRenderer`` on a terminal.
+
+aiohttp's default access log prints the request line, query string included,
+and the OAuth callback's query carries ``code`` and ``state``: use
+:class:`AccessLogger` (``AppRunner(app, access_log_class=AccessLogger)``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, Final, TextIO
+
+import structlog
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
+
+REDACTED: Final = "[redacted]"
+
+LEVELS: Final[Mapping[str, int]] = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
+FORMATS: Final = ("auto", "console", "json")
+
+_SECRET_NAMES: Final = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "token",
+        "tokens",
+        "code",
+        "client_secret",
+        "secret",
+        "secrets",
+        "password",
+        "authorization",
+        "proxy_authorization",
+        "cookie",
+        "set_cookie",
+        "credentials",
+        "api_key",
+        "key",
+        "keys",
+        "encryption_key",
+        "state",
+    }
+)
+_SECRET_SUFFIXES: Final = (
+    "_token",
+    "_tokens",
+    "_secret",
+    "_secrets",
+    "_password",
+    "_key",
+    "_keys",
+)
+# Keys the pipeline itself owns; their values are never secrets by name.
+_STRUCTURAL_KEYS: Final = frozenset(
+    {"event", "level", "logger", "timestamp", "exc_info", "exception", "stack", "_record"}
+)
+_SECRET_QUERY: Final = re.compile(
+    r"(?i)([?&;](?:code|state|token|access_token|refresh_token|id_token|client_secret"
+    r"|api_key|password)=)[^&;#\s\"']*"
+)
+_CREDENTIAL: Final = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
+_MAX_DEPTH: Final = 12
+_LEADING_KEYS: Final = ("timestamp", "level", "logger", "event")
+
+# LogRecord attributes that are not ``extra`` fields: the standard ones, plus what
+# ``Formatter.format`` adds once another handler has formatted the record.
+_RECORD_ATTRIBUTES: Final = frozenset(
+    logging.LogRecord("name", 0, "pathname", 0, "msg", (), None).__dict__
+) | {"message", "asctime", "taskName"}
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a value stored under ``name`` must never be logged.
+
+    ``key_id``, ``token_type``, ``token_expires_at`` and the like are not secret.
+    """
+    normalized = name.strip().lower().replace("-", "_")
+    return normalized in _SECRET_NAMES or normalized.endswith(_SECRET_SUFFIXES)
+
+
+def _scrub_text(text: str) -> str:
+    if "=" in text:
+        text = _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+    return _CREDENTIAL.sub(rf"\1\2{REDACTED}", text)
+
+
+def _redact(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return _scrub_text(value)
+    if depth >= _MAX_DEPTH and isinstance(value, Mapping | list | tuple):
+        return "[too deep]"
+    if isinstance(value, Mapping):
+        return {
+            key: (
+                REDACTED
+                if is_secret_name(str(key)) and item is not None
+                else _redact(item, depth + 1)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(item, depth + 1) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_redact(item, depth + 1) for item in value)
+    return value
+
+
+def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Replace the values of secret-named keys with ``"[redacted]"``, recursively.
+
+    ``None`` stays ``None`` (that a token is absent is worth seeing). Strings
+    everywhere, the event included, lose secret query parameters (``?code=…``,
+    ``&state=…``) and ``Bearer``/``Basic`` credentials. Nested dicts, lists and
+    tuples are copied, never changed in place.
+    """
+    for key, value in event_dict.items():
+        if key in _STRUCTURAL_KEYS:
+            if isinstance(value, str):
+                event_dict[key] = _scrub_text(value)
+        elif is_secret_name(key) and value is not None:
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact(value, 1)
+    return event_dict
+
+
+def _add_record_extras(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Copy a stdlib record's ``extra={...}`` fields into the event."""
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord):
+        for key, value in record.__dict__.items():
+            if not (key in _RECORD_ATTRIBUTES or key in _STRUCTURAL_KEYS or key[:1] == "_"):
+                event_dict[key] = value
+    return event_dict
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def _scrub_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Rendered after redaction, an exception's messages get the same string scrubbing."""
+    if "exception" in event_dict:
+        event_dict["exception"] = _redact(event_dict["exception"], 1)
+    return event_dict
+
+
+def _standard_keys_first(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """JSON lines read best as ``timestamp, level, logger, event, ...``."""
+    head = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
+    return {**head, **event_dict}
+
+
+def _console_traceback(sio: TextIO, exc_info: ExcInfo) -> None:
+    """structlog's plain traceback (no locals, ever), with the string scrubbing applied."""
+    rendered = io.StringIO()
+    structlog.dev.plain_traceback(rendered, exc_info)
+    sio.write(_scrub_text(rendered.getvalue()))
+
+
+def _renderers(format: str, colors: bool) -> list[Processor]:
+    if format == "json":
+        return [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
+            _scrub_exception,
+            _standard_keys_first,
+            structlog.processors.JSONRenderer(),
+        ]
+    return [structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=_console_traceback)]
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _PipelineHandler(logging.StreamHandler[TextIO]):
+    """The one root handler :func:`configure_logging` owns (found again by its type)."""
+
+
+def _our_handlers(root: logging.Logger) -> list[_PipelineHandler]:
+    return [h for h in root.handlers if isinstance(h, _PipelineHandler)]
+
+
+def configure_logging(format: str, level: str, *, stream: TextIO | None = None) -> None:
+    """Send structlog and ``logging`` output to ``stream`` (default ``sys.stderr``).
+
+    ``format``: ``"auto"`` (console on a terminal, JSON lines otherwise),
+    ``"console"`` or ``"json"``. ``level``: ``debug``, ``info``, ``warning``,
+    ``error`` or ``critical``. Calling it again (a SIGHUP reload) changes the
+    level, format and stream in place; loggers already handed out follow.
+    """
+    fmt = format.strip().lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {format!r}; expected one of {', '.join(FORMATS)}")
+    numeric_level = LEVELS.get(level.strip().lower())
+    if numeric_level is None:
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
+    out = stream if stream is not None else sys.stderr
+    tty = _isatty(out)
+    if fmt == "auto":
+        fmt = "console" if tty else "json"
+
+    shared = _shared_processors()
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            redact_secrets,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: a reload must reach loggers bound before it.
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, _add_record_extras, redact_secrets],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *_renderers(fmt, colors=tty),
+        ],
+    )
+
+    root = logging.getLogger()
+    existing = _our_handlers(root)
+    if existing:
+        handler = existing[0]
+        handler.setStream(out)
+        handler.setFormatter(formatter)
+        for extra in existing[1:]:
+            root.removeHandler(extra)
+    else:
+        handler = _PipelineHandler(out)
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(numeric_level)
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging`: remove its handler, restore structlog's defaults."""
+    root = logging.getLogger()
+    for handler in _our_handlers(root):
+        root.removeHandler(handler)
+        handler.close()
+    structlog.reset_defaults()
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A logger for ``name`` (pass ``__name__``); ``"qbo_daemon"`` when omitted."""
+    return structlog.stdlib.get_logger(name or "qbo_daemon")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One ``http.request`` line per request: method, path without the query, status,
+    duration_ms, remote. The query is left out because the OAuth callback's carries
+    ``code`` and ``state``; headers are left out because the API's carry keys.
+
+    Use with ``web.AppRunner(app, access_log_class=AccessLogger)``.
+    """
+
+    __slots__ = ()
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "http.request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 3),
+                "remote": request.remote,
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
