@@ -1,0 +1,256 @@
+"""One refresh attempt of one account, from reading the row to the durable commit.
+
+The :class:`Refresher` knows nothing of timers: the scheduler decides when,
+and makes sure only one attempt per account is in flight. An attempt:
+
+1. reads the account (the newest persisted refresh token, never an older one);
+2. gives up without calling Intuit when the refresh token is past its expiry
+   or its 5-year hard expiry;
+3. takes a slot of the global concurrency limit and calls Intuit;
+4. on success persists tokens, times and the attempt in one compare-and-swap
+   transaction before reporting success. If the database write fails after
+   Intuit answered, the new tokens stay in memory and the write is retried
+   until it lands (logged as critical): Intuit may already have rotated the
+   refresh token, and the one on disk may be dead;
+5. on failure records it and classifies it for the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+import structlog
+
+from qbo_daemon.clock import Clock
+from qbo_daemon.errors import (
+    AccountNotFoundError,
+    IntuitError,
+    InvalidClientError,
+    InvalidGrantError,
+    StaleWriteError,
+    StorageError,
+    TransientIntuitError,
+)
+from qbo_daemon.intuit import IntuitClient, TokenResult
+from qbo_daemon.metrics import Metrics
+from qbo_daemon.models import Account, AccountStatus, iso
+from qbo_daemon.storage import Attempt, Storage
+
+log = structlog.get_logger("qbo_daemon.refresh")
+
+# Backoff between retries of a database write that failed after Intuit answered.
+_PERSIST_RETRY_INITIAL = 0.5
+_PERSIST_RETRY_MAX = 30.0
+
+
+class OutcomeKind(StrEnum):
+    SUCCESS = "success"
+    TRANSIENT = "transient"
+    INVALID_GRANT = "invalid_grant"
+    INVALID_CLIENT = "invalid_client"
+    REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105 - a name, not a secret
+    SKIPPED = "skipped"  # the account is gone, disconnected or already needs a reconnect
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    account: Account | None
+    error: IntuitError | None = None
+    message: str | None = None
+
+    @property
+    def retry_after(self) -> float | None:
+        if isinstance(self.error, TransientIntuitError):
+            return self.error.retry_after
+        return None
+
+
+class Refresher:
+    def __init__(
+        self,
+        storage: Storage,
+        intuit: IntuitClient,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        lead: timedelta,
+        concurrency: int,
+    ) -> None:
+        self._storage = storage
+        self._intuit = intuit
+        self._clock = clock
+        self._metrics = metrics
+        self.lead = lead
+        self._slots = asyncio.Semaphore(concurrency)
+        self.in_flight = 0
+        self.persist_failing = False
+
+    def set_concurrency(self, concurrency: int) -> None:
+        """Takes effect for attempts that start from now on."""
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def attempt(self, account_id: str, *, due: datetime | None) -> Outcome:
+        """Refresh ``account_id`` once. ``due`` is when the timer wanted it (for lateness)."""
+        try:
+            account = await self._storage.get_account(account_id)
+        except AccountNotFoundError:
+            return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
+        if not account.status.scheduled or account.refresh_token is None:
+            return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
+        now = self._clock.now()
+        dead = _refresh_token_death(account, now)
+        if dead is not None:
+            updated = await self._record_failure(
+                account, AccountStatus.NEEDS_RECONNECT, dead, now=now, outcome="expired"
+            )
+            return Outcome(OutcomeKind.REFRESH_TOKEN_EXPIRED, updated, message=dead)
+
+        slots = self._slots
+        async with slots:
+            started_wall = self._clock.now()
+            if due is not None:
+                self._metrics.refresh_lateness((started_wall - due).total_seconds())
+            started = self._clock.monotonic()
+            self.in_flight += 1
+            self._metrics.set_refreshing(self.in_flight)
+            try:
+                result = await self._intuit.refresh(account.refresh_token)
+            except IntuitError as error:
+                duration = self._clock.monotonic() - started
+                return await self._failed(account, error, started_wall, duration)
+            finally:
+                self.in_flight -= 1
+                self._metrics.set_refreshing(self.in_flight)
+            duration = self._clock.monotonic() - started
+            saved = await self._persist(account, result, started_wall, duration)
+        self._metrics.refresh_attempt("success", duration)
+        if saved is None:
+            return Outcome(OutcomeKind.SKIPPED, None, message="account replaced during refresh")
+        return Outcome(OutcomeKind.SUCCESS, saved)
+
+    async def _persist(
+        self, account: Account, result: TokenResult, started: datetime, duration: float
+    ) -> Account | None:
+        """Write the new tokens durably; retry forever on storage failure.
+
+        Returns ``None`` when the row was replaced meanwhile (reconnected,
+        imported or disconnected): those newer credentials win.
+        """
+        delay = _PERSIST_RETRY_INITIAL
+        while True:
+            attempt = Attempt(
+                account_id=account.account_id,
+                started_at=started,
+                outcome="success",
+                duration_ms=duration * 1000,
+                intuit_tid=result.intuit_tid,
+            )
+            try:
+                updated = await self._storage.save_refresh(
+                    account, result.tokens, lead=self.lead, now=self._clock.now(), attempt=attempt
+                )
+            except StaleWriteError:
+                current = await self._storage.find_account(account.account_id)
+                if current is None or current.refresh_token != account.refresh_token:
+                    log.warning(
+                        "refresh.discarded",
+                        reason="the account was reconnected, imported or disconnected meanwhile",
+                        intuit_tid=result.intuit_tid,
+                    )
+                    return None
+                # Only bookkeeping changed (a key rotation, a failure note): write again.
+                account = current
+                continue
+            except StorageError as exc:
+                self.persist_failing = True
+                log.critical(
+                    "refresh.persist_failed",
+                    error=str(exc),
+                    retry_in=delay,
+                    intuit_tid=result.intuit_tid,
+                    detail="new tokens are held in memory and the write is retried",
+                )
+                await self._clock.sleep(delay)
+                delay = min(delay * 2, _PERSIST_RETRY_MAX)
+                continue
+            if self.persist_failing:
+                self.persist_failing = False
+                log.warning("refresh.persist_recovered")
+            return updated
+
+    async def _failed(
+        self, account: Account, error: IntuitError, started: datetime, duration: float
+    ) -> Outcome:
+        now = self._clock.now()
+        if isinstance(error, InvalidGrantError):
+            kind, outcome = OutcomeKind.INVALID_GRANT, "invalid_grant"
+        elif isinstance(error, InvalidClientError):
+            kind, outcome = OutcomeKind.INVALID_CLIENT, "invalid_client"
+        else:
+            kind, outcome = OutcomeKind.TRANSIENT, "transient"
+        self._metrics.refresh_attempt(outcome, duration)
+        self._metrics.intuit_error(error.code or outcome)
+        attempt = Attempt(
+            account_id=account.account_id,
+            started_at=started,
+            outcome=outcome,
+            duration_ms=duration * 1000,
+            intuit_tid=error.intuit_tid,
+            error=str(error),
+        )
+        if kind is OutcomeKind.INVALID_CLIENT:
+            # Our credentials are wrong, not this account: mark nothing.
+            await self._storage.record_attempt(attempt)
+            return Outcome(kind, account, error)
+        if kind is OutcomeKind.INVALID_GRANT:
+            status = AccountStatus.NEEDS_RECONNECT
+        elif account.token_expires_at is not None and account.token_expires_at <= now:
+            status = AccountStatus.EXPIRED
+        else:
+            status = account.status
+        updated = await self._record_failure(account, status, str(error), now=now, attempt=attempt)
+        return Outcome(kind, updated, error)
+
+    async def _record_failure(
+        self,
+        account: Account,
+        status: AccountStatus,
+        message: str,
+        *,
+        now: datetime,
+        attempt: Attempt | None = None,
+        outcome: str | None = None,
+    ) -> Account:
+        if attempt is None and outcome is not None:
+            attempt = Attempt(
+                account_id=account.account_id,
+                started_at=now,
+                outcome=outcome,
+                duration_ms=0.0,
+                error=message,
+            )
+        for _ in range(3):
+            try:
+                return await self._storage.record_failure(
+                    account, status=status, error=message, now=now, attempt=attempt
+                )
+            except StaleWriteError:
+                current = await self._storage.find_account(account.account_id)
+                if current is None or current.refresh_token != account.refresh_token:
+                    return current or account
+                account = current
+        return account
+
+
+def _refresh_token_death(account: Account, now: datetime) -> str | None:
+    """Why the refresh token can no longer work, or None while it lives."""
+    if account.refresh_token_expires_at is not None and account.refresh_token_expires_at <= now:
+        return f"refresh token expired at {iso(account.refresh_token_expires_at)}"
+    hard = account.refresh_token_hard_expires_at
+    if hard is not None and hard <= now:
+        return f"refresh token reached Intuit's 5-year hard expiry at {iso(hard)}"
+    return None
