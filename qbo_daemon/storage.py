@@ -136,11 +136,16 @@ class DatabaseLock:
 
 async def _connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    await conn.execute("PRAGMA busy_timeout = 5000")
-    await conn.execute("PRAGMA journal_mode = WAL")
-    # FULL: a commit is durable once it returns, even across power loss.
-    await conn.execute("PRAGMA synchronous = FULL")
+    try:
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is durable once it returns, even across power loss.
+        await conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        # An unclosed aiosqlite connection keeps its worker thread (and the process) alive.
+        await conn.close()
+        raise
     return conn
 
 
@@ -161,7 +166,9 @@ class Storage:
         self._reader = reader
         self.cipher = cipher
         self._attempts_keep = attempts_keep
-        self._attempts_since_trim = 0
+        # Start due for a trim: the count is not persisted, and a daemon restarted before
+        # every _TRIM_EVERY attempts would otherwise never trim the table.
+        self._attempts_since_trim = _TRIM_EVERY
         self._tx_lock = asyncio.Lock()
         self._queue: list[_Job] = []
         self._queued = asyncio.Event()
@@ -173,6 +180,9 @@ class Storage:
         """Open (creating or migrating) the database at ``path``."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Create a new database owner-only: SQLite gives the -wal and -shm files
+            # the main file's mode, and a later chmod would not reach them.
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
             writer = await _connect(path)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -193,8 +203,9 @@ class Storage:
             self._queued.set()
             await self._writer_task
             self._writer_task = None
-        await self._reader.close()
-        await self._db.close()
+        async with self._tx_lock:  # let an open transaction finish first
+            await self._reader.close()
+            await self._db.close()
 
     # -- reading -----------------------------------------------------------
 
@@ -706,6 +717,9 @@ class Storage:
         if self._closing or self._writer_task is None or self._writer_task.done():
             raise StorageError("storage is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller cancelled meanwhile never reads its outcome; read it here so
+        # asyncio does not report an exception "never retrieved".
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append(_Job(statements, cas, future))
         self._queued.set()
         # Shielded: a caller cancelled at shutdown must not leave its write half-known;
@@ -746,7 +760,7 @@ class Storage:
                 )
                 self._attempts_since_trim = 0
             await self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer must outlive any failure, or callers hang
             with contextlib.suppress(sqlite3.Error):
                 await self._db.execute("ROLLBACK")
             for job in jobs:
