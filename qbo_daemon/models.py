@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -9,6 +10,16 @@ from typing import Any
 
 DEFAULT_ACCESS_TOKEN_LIFETIME = timedelta(seconds=3600)
 DEFAULT_REFRESH_TOKEN_LIFETIME = timedelta(days=100)
+
+# A host app's tenant id: safe in a URL path, a log line and a file name.
+ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+ACCOUNT_ID_RULE = (
+    "1 to 128 characters: ASCII letters, digits and . _ : @ -, starting with a letter or digit"
+)
+
+
+def valid_account_id(value: object) -> bool:
+    return isinstance(value, str) and ACCOUNT_ID_PATTERN.fullmatch(value) is not None
 
 
 class AccountStatus(StrEnum):

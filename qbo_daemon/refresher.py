@@ -61,6 +61,8 @@ class Outcome:
     account: Account | None
     error: IntuitError | None = None
     message: str | None = None
+    duration: float | None = None  # seconds the Intuit call took
+    intuit_tid: str | None = None
 
     @property
     def retry_after(self) -> float | None:
@@ -130,7 +132,7 @@ class Refresher:
         self._metrics.refresh_attempt("success", duration)
         if saved is None:
             return Outcome(OutcomeKind.SKIPPED, None, message="account replaced during refresh")
-        return Outcome(OutcomeKind.SUCCESS, saved)
+        return Outcome(OutcomeKind.SUCCESS, saved, duration=duration, intuit_tid=result.intuit_tid)
 
     async def _persist(
         self, account: Account, result: TokenResult, started: datetime, duration: float
@@ -213,7 +215,7 @@ class Refresher:
         else:
             status = account.status
         updated = await self._record_failure(account, status, str(error), now=now, attempt=attempt)
-        return Outcome(kind, updated, error)
+        return Outcome(kind, updated, error, duration=duration, intuit_tid=error.intuit_tid)
 
     async def _record_failure(
         self,

@@ -197,8 +197,16 @@ class Scheduler:
         """Refresh now, single flight: a second asker waits for the first attempt."""
         task = self._inflight.get(account_id)
         if task is None:
+            if self._stopping:
+                return Outcome(OutcomeKind.TRANSIENT, None, message="the daemon is shutting down")
             task = self._start(account_id, due=None)
         return await asyncio.shield(task)
+
+    async def wait_idle(self, account_id: str) -> None:
+        """Wait until no refresh of ``account_id`` is in flight."""
+        task = self._inflight.get(account_id)
+        if task is not None:
+            await asyncio.wait({task})
 
     def refresh_in_background(self, account_id: str) -> None:
         if account_id not in self._inflight and not self._stopping:
@@ -250,8 +258,10 @@ class Scheduler:
                 self.schedule(account_id, account.reconnect_token_at)
             log.info(
                 "refresh.succeeded",
+                duration_ms=round((outcome.duration or 0.0) * 1000, 1),
                 next_due=iso(account.reconnect_token_at),
                 token_expires_at=iso(account.token_expires_at),
+                intuit_tid=outcome.intuit_tid,
             )
             if failures:
                 self._events.emit("account.recovered", account_id, after_failures=failures)

@@ -1,0 +1,87 @@
+"""Operations on whole accounts: import existing connections, disconnect, re-encrypt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+
+from qbo_daemon.clock import Clock
+from qbo_daemon.errors import IntuitError, StaleWriteError
+from qbo_daemon.intuit import IntuitClient
+from qbo_daemon.models import Account, AccountStatus
+from qbo_daemon.scheduler import Events, Scheduler
+from qbo_daemon.storage import ImportItem, Storage
+
+log = structlog.get_logger("qbo_daemon.accounts")
+
+
+class AccountService:
+    def __init__(
+        self,
+        storage: Storage,
+        intuit: IntuitClient,
+        scheduler: Scheduler,
+        clock: Clock,
+        events: Events,
+        *,
+        lead: timedelta,
+    ) -> None:
+        self._storage = storage
+        self._intuit = intuit
+        self._scheduler = scheduler
+        self._clock = clock
+        self._events = events
+        self.lead = lead
+
+    async def import_tokens(self, items: Sequence[ImportItem]) -> list[Account]:
+        """Store existing connections (all or nothing) and schedule them at once.
+
+        An account whose access token is not known to be valid is due now.
+        """
+        accounts = await self._storage.import_accounts(items, lead=self.lead, now=self._clock.now())
+        for account in accounts:
+            self._scheduler.schedule_account(account)
+            log.info("account.imported", account_id=account.account_id)
+        return accounts
+
+    async def disconnect(self, account_id: str) -> Account:
+        """Revoke at Intuit (best effort), then forget the tokens, keeping a tombstone."""
+        self._scheduler.unschedule(account_id)
+        # Let a refresh in flight finish first, so the newest token is the one revoked.
+        await self._scheduler.wait_idle(account_id)
+        while True:
+            account = await self._storage.get_account(account_id)
+            if account.status is AccountStatus.DISCONNECTED:
+                return account
+            revoked = await self._revoke(account)
+            try:
+                forgotten = await self._storage.forget_tokens(account, now=self._clock.now())
+            except StaleWriteError:
+                continue
+            self._scheduler.unschedule(account_id)
+            self._events.emit("account.disconnected", account_id, revoked=revoked)
+            return forgotten
+
+    async def rotate_keys(self, batch: int = 500) -> tuple[int, int]:
+        """Re-encrypt up to ``batch`` rows under the primary key: (done now, still to do)."""
+        return await self._storage.reencrypt(batch=batch)
+
+    async def _revoke(self, account: Account) -> bool:
+        token = account.refresh_token or account.access_token
+        if not token:
+            return False
+        try:
+            tid = await self._intuit.revoke(token)
+        except IntuitError as exc:
+            log.warning(
+                "account.revoke_failed",
+                account_id=account.account_id,
+                error=str(exc),
+                intuit_tid=exc.intuit_tid,
+                detail="the tokens are forgotten here anyway",
+            )
+            return False
+        log.info("account.revoked", account_id=account.account_id, intuit_tid=tid)
+        return True

@@ -1,0 +1,313 @@
+"""Builds the object graph and runs the daemon's lifecycle.
+
+Start-up: take the database lock, open and check the database (a wrong key
+fails here, naming the key id), start the HTTP client, the listeners and the
+scheduler (which loads every account, overdue ones due at once), then tell
+systemd READY=1. Shutdown, in reverse: stop dispatching refreshes and let the
+in-flight ones finish and persist (``shutdown_grace``), close the listeners,
+flush webhooks, close the HTTP client and the database, release the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import replace
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from qbo_daemon.accounts import AccountService
+from qbo_daemon.api import make_api_app
+from qbo_daemon.callback import make_callback_app
+from qbo_daemon.clock import Clock, SystemClock
+from qbo_daemon.config import Config
+from qbo_daemon.connect import ConnectFlow
+from qbo_daemon.crypto import Cipher, EncryptionKey, generate_key
+from qbo_daemon.intuit import IntuitClient
+from qbo_daemon.logs import AccessLogger, configure_logging
+from qbo_daemon.metrics import Metrics
+from qbo_daemon.models import AccountStatus
+from qbo_daemon.refresher import Refresher
+from qbo_daemon.scheduler import Scheduler
+from qbo_daemon.services import Services
+from qbo_daemon.storage import DatabaseLock, Storage
+from qbo_daemon.systemd import SystemdNotifier
+from qbo_daemon.tokens import TokenService
+from qbo_daemon.webhooks import WebhookNotifier
+
+log = structlog.get_logger("qbo_daemon.daemon")
+
+# aiohttp waits up to this long for open requests when a listener closes (it
+# can take twice as long); the systemd unit's TimeoutStopSec counts on it.
+HTTP_SHUTDOWN_TIMEOUT = 10.0
+STATUS_INTERVAL = 15.0
+
+
+class EventRelay:
+    """Forwards account events to the current notifier, which a reload may replace."""
+
+    def __init__(self, target: WebhookNotifier) -> None:
+        self.target = target
+
+    def emit(self, event: str, account_id: str, **fields: object) -> None:
+        self.target.emit(event, account_id, **fields)
+
+
+def load_cipher(config: Config) -> Cipher:
+    """The configured keys, or a development key file beside the database."""
+    texts = [key.reveal() for key in config.storage.encryption_keys]
+    if not texts:
+        path = config.storage.path.with_name(config.storage.path.name + ".key")
+        if path.exists():
+            texts = [
+                line.strip()
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")
+            ]
+            log.info("storage.key_file", path=str(path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(generate_key() + "\n")
+            log.warning(
+                "storage.key_file_created",
+                path=str(path),
+                detail="no [storage] encryption_keys configured: a key was generated for "
+                "development; configure one for production and keep it apart from the database",
+            )
+            return load_cipher(config)
+    return Cipher([EncryptionKey.from_text(text) for text in texts])
+
+
+class Daemon:
+    """One running qbo-daemon. ``run`` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._systemd = SystemdNotifier(environ if environ is not None else {})
+        self.ready = asyncio.Event()
+        self.services: Services | None = None
+        self._relay: EventRelay | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = self.config
+        async with AsyncExitStack() as stack:
+            lock = DatabaseLock(config.storage.path)
+            lock.acquire()
+            stack.callback(lock.release)
+            cipher = load_cipher(config)
+            storage = await Storage.open(
+                config.storage.path, cipher, attempts_keep=config.storage.attempts_keep
+            )
+            stack.push_async_callback(storage.close)
+            await storage.verify_keys()
+
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max(100, config.refresh.concurrency * 2)),
+                timeout=aiohttp.ClientTimeout(total=config.intuit.timeout.total_seconds()),
+            )
+            self._session = session
+            stack.push_async_callback(session.close)
+            metrics = Metrics()
+            notifier = self._make_notifier(config, session)
+            relay = EventRelay(notifier)
+            self._relay = relay
+            stack.push_async_callback(self._close_notifier)
+
+            services = self._build(config, storage, session, metrics, relay)
+            self.services = services
+            runners = await self._start_listeners(services)
+            for runner in reversed(runners):
+                stack.push_async_callback(runner.cleanup)
+            stack.push_async_callback(
+                services.scheduler.stop, config.refresh.shutdown_grace.total_seconds()
+            )
+            scheduled = await services.scheduler.start()
+
+            watchdog = asyncio.create_task(self._systemd.watchdog(stop), name="watchdog")
+            status = asyncio.create_task(self._report_status(services, stop), name="status")
+            log.info(
+                "daemon.ready",
+                accounts_scheduled=scheduled,
+                api=config.api.url,
+                callback=f"http://{config.callback.host}:{config.callback.port}"
+                f"{config.callback.path}",
+            )
+            self._systemd.ready(await self._status_text(services))
+            self.ready.set()
+            await stop.wait()
+            log.info("daemon.stopping")
+            self._systemd.stopping()
+            for task in (watchdog, status):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        log.info("daemon.stopped")
+
+    def _build(
+        self,
+        config: Config,
+        storage: Storage,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        events: EventRelay,
+    ) -> Services:
+        clock = self.clock
+        refresh = config.refresh
+        intuit = IntuitClient(session, config.intuit, clock)
+        refresher = Refresher(
+            storage, intuit, clock, metrics, lead=refresh.lead, concurrency=refresh.concurrency
+        )
+        scheduler = Scheduler(
+            refresher,
+            storage,
+            clock,
+            metrics,
+            events,
+            concurrency=refresh.concurrency,
+            backoff_initial=refresh.backoff_initial,
+            backoff_max=refresh.backoff_max,
+            invalid_client_retry=refresh.invalid_client_retry,
+            hard_expiry_warning=refresh.hard_expiry_warning,
+        )
+        return Services(
+            config=config,
+            clock=clock,
+            storage=storage,
+            intuit=intuit,
+            refresher=refresher,
+            scheduler=scheduler,
+            connect=ConnectFlow(
+                storage, intuit, scheduler, clock, metrics, events, lead=refresh.lead
+            ),
+            tokens=TokenService(
+                storage, scheduler, clock, wait=refresh.token_wait, lead=refresh.lead
+            ),
+            accounts=AccountService(storage, intuit, scheduler, clock, events, lead=refresh.lead),
+            metrics=metrics,
+            events=events,
+        )
+
+    async def _start_listeners(self, services: Services) -> list[web.AppRunner]:
+        config = services.config
+        apps = [
+            (make_api_app(services), config.api.host, config.api.port),
+            (
+                make_callback_app(
+                    services.connect, config.callback.path, config.callback.success_redirect
+                ),
+                config.callback.host,
+                config.callback.port,
+            ),
+        ]
+        runners = []
+        for app, host, port in apps:
+            runner = web.AppRunner(
+                app, access_log_class=AccessLogger, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+            )
+            await runner.setup()
+            runners.append(runner)
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                for started in runners:
+                    await started.cleanup()
+                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        return runners
+
+    def _make_notifier(self, config: Config, session: aiohttp.ClientSession) -> WebhookNotifier:
+        notify = config.notify
+        return WebhookNotifier(
+            session if notify.webhook_url else None,
+            notify.webhook_url,
+            notify.secret,
+            timeout=notify.timeout.total_seconds(),
+            clock=self.clock,
+        )
+
+    async def _close_notifier(self) -> None:
+        if self._relay is not None:
+            await self._relay.target.aclose(5.0)
+
+    async def _report_status(self, services: Services, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
+            try:
+                self._systemd.status(await self._status_text(services))
+            except Exception as exc:  # a boundary: status reporting must never stop the daemon
+                log.warning("daemon.status_failed", error=str(exc))
+
+    async def _status_text(self, services: Services) -> str:
+        counts = await services.storage.status_counts()
+        services.metrics.set_accounts(
+            {status.value: counts.get(status.value, 0) for status in AccountStatus}
+        )
+        return (
+            f"{counts.get('active', 0)} active, {counts.get('expired', 0)} expired, "
+            f"{counts.get('needs_reconnect', 0)} need reconnect, "
+            f"{services.scheduler.in_flight} refreshing"
+        )
+
+    async def reload(self, config: Config) -> None:
+        """Apply what can change live (SIGHUP); name what needs a restart."""
+        services = self.services
+        old = self.config
+        configure_logging(config.log.format, config.log.level)
+        restart_needed = [
+            name
+            for name, before, after in (
+                ("[api] listen", (old.api.host, old.api.port), (config.api.host, config.api.port)),
+                (
+                    "[callback] listen",
+                    (old.callback.host, old.callback.port),
+                    (config.callback.host, config.callback.port),
+                ),
+                ("[storage] path", old.storage.path, config.storage.path),
+                ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
+                ("[refresh] lead", old.refresh.lead, config.refresh.lead),
+            )
+            if before != after
+        ]
+        if services is not None:
+            services.storage.cipher = load_cipher(config)
+            services.intuit.config = config.intuit
+            services.scheduler.set_concurrency(config.refresh.concurrency)
+            services.scheduler.resume()
+            if config.notify != old.notify and self._relay is not None and self._session:
+                previous = self._relay.target
+                self._relay.target = self._make_notifier(config, self._session)
+                await previous.aclose(5.0)
+            # Settings that cannot change live keep their old values.
+            config = replace(
+                config,
+                api=replace(config.api, host=old.api.host, port=old.api.port),
+                callback=old.callback,
+                storage=replace(config.storage, path=old.storage.path),
+                refresh=replace(config.refresh, lead=old.refresh.lead),
+                intuit=replace(config.intuit, redirect_uri=old.intuit.redirect_uri),
+            )
+            services.intuit.config = config.intuit
+            services.config = config
+        self.config = config
+        log.info(
+            "daemon.reloaded",
+            level=config.log.level,
+            api_keys=len(config.api.keys),
+            encryption_keys=len(config.storage.encryption_keys),
+            restart_needed=restart_needed or None,
+        )

@@ -1,0 +1,143 @@
+"""A real daemon, in this process, against a real simulator, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from qbo_daemon.clock import Clock
+from qbo_daemon.config import Config, load_config
+from qbo_daemon.crypto import generate_key
+from qbo_daemon.daemon import Daemon
+from qbo_daemon.demo import free_port, simulator_config_text
+from qbo_daemon.services import Services
+from qbo_daemon.simulator import IntuitSimulator
+
+
+@dataclass
+class RunningDaemon:
+    daemon: Daemon
+    config: Config
+    config_path: Path
+    simulator: IntuitSimulator
+    api_key: str
+    encryption_key: str
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    session: aiohttp.ClientSession = field(repr=False)
+
+    @property
+    def api_url(self) -> str:
+        return self.config.api.url
+
+    @property
+    def callback_url(self) -> str:
+        callback = self.config.callback
+        return f"http://{callback.host}:{callback.port}{callback.path}"
+
+    @property
+    def services(self) -> Services:
+        assert self.daemon.services is not None
+        return self.daemon.services
+
+    @property
+    def database(self) -> Path:
+        return self.config.storage.path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    async def api(
+        self, method: str, path: str, *, json: Any = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """Call the token API with the key; returns (status, parsed JSON or text)."""
+        async with self.session.request(
+            method, self.api_url + path, json=json, headers=headers or self.headers
+        ) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+    async def connect(self, account_id: str) -> int:
+        """The whole connect flow as a browser does it; returns the callback page's status."""
+        status, body = await self.api("POST", f"/v1/accounts/{account_id}/authorize-url")
+        assert status == 200, body
+        async with aiohttp.ClientSession() as browser, browser.get(body["url"]) as page:
+            return page.status
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.session.close()
+
+
+async def start_daemon(
+    simulator: IntuitSimulator,
+    data_dir: Path,
+    *,
+    clock: Clock | None = None,
+    encryption_key: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    **settings: str,
+) -> RunningDaemon:
+    """Start a daemon on free loopback ports; ``settings`` go to ``simulator_config_text``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    api_key = "test-api-key-" + generate_key()[:16]
+    encryption_key = encryption_key or generate_key()
+    config_path = data_dir / "config.toml"
+    config_path.write_text(
+        simulator_config_text(
+            simulator,
+            data_dir=data_dir,
+            api_port=free_port(),
+            callback_port=free_port(),
+            api_key=api_key,
+            encryption_key=encryption_key,
+            **settings,
+        ),
+        encoding="utf-8",
+    )
+    config = load_config(config_path, {})
+    daemon = Daemon(config, clock=clock, environ=environ or {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
+    if not daemon.ready.is_set():
+        ready.cancel()
+        await task  # raises the start-up error
+        raise AssertionError("the daemon did not become ready")
+    return RunningDaemon(
+        daemon=daemon,
+        config=config,
+        config_path=config_path,
+        simulator=simulator,
+        api_key=api_key,
+        encryption_key=encryption_key,
+        stop=stop,
+        task=task,
+        session=aiohttp.ClientSession(),
+    )
+
+
+async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``predicate`` (sync or async) in real time until it is true."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
