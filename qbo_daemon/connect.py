@@ -138,14 +138,7 @@ class ConnectFlow:
         if error is not None:
             await self._storage.finish_state(state, "denied")
             log.info("connect.denied", account_id=account_id, error=error[:64])
-            return ConnectResult(
-                "denied",
-                400,
-                "QuickBooks was not connected",
-                "Access was not granted, so nothing was connected. You can start again "
-                "from the app at any time.",
-                account_id,
-            )
+            return _denied(account_id)
         try:
             result = await self._intuit.exchange_code(code)
         except IntuitError as exc:
@@ -191,11 +184,24 @@ class ConnectFlow:
                 "You can close this window and return to the app.",
                 record.account_id,
             )
+        if record is not None and record.outcome == "denied":
+            return _denied(record.account_id)
         return ConnectResult("invalid_state", 400, "This sign-in link cannot be used", str(exc))
 
     def _done(self, result: ConnectResult) -> ConnectResult:
         self._metrics.callback_outcome(result.outcome)
         return result
+
+
+def _denied(account_id: str) -> ConnectResult:
+    return ConnectResult(
+        "denied",
+        400,
+        "QuickBooks was not connected",
+        "Access was not granted, so nothing was connected. You can start again "
+        "from the app at any time.",
+        account_id,
+    )
 
 
 def _check_code_and_realm(code: str, realm_id: str) -> str | None:

@@ -50,10 +50,12 @@ def simulator_config_text(
     backoff_initial: str = "1s",
     backoff_max: str = "20s",
     log_level: str = "info",
+    success_redirect: str = "",
     extra: str = "",
 ) -> str:
     """A complete configuration pointing the daemon at ``simulator``."""
     settings = simulator.settings
+    redirect = f'success_redirect = "{success_redirect}"\n' if success_redirect else ""
     return f"""\
 # Written by qbo-daemon for a run against its Intuit simulator.
 [intuit]
@@ -67,7 +69,7 @@ timeout = "10s"
 
 [callback]
 listen = "127.0.0.1:{callback_port}"
-
+{redirect}
 [api]
 listen = "127.0.0.1:{api_port}"
 keys = ["{api_key}"]

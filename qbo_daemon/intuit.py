@@ -104,7 +104,7 @@ class IntuitClient:
         )
         if status == 200:
             return tid
-        raise _classify(status, body, tid, retry_after, what="revoke")
+        raise _classify(status, body, tid, retry_after, what="revoke", conceal=token)
 
     async def _token_call(
         self, form: dict[str, str], *, previous_refresh_token: str | None
@@ -117,7 +117,8 @@ class IntuitClient:
             self.config.token_endpoint, headers, urlencode(form).encode()
         )
         if status != 200:
-            raise _classify(status, body, tid, retry_after, what="token")
+            conceal = form.get("refresh_token") or form.get("code")
+            raise _classify(status, body, tid, retry_after, what="token", conceal=conceal)
         return TokenResult(
             tokens=_parse_tokens(body, tid, obtained_at, previous_refresh_token),
             intuit_tid=tid,
@@ -214,12 +215,21 @@ def _seconds(data: dict[str, Any], field: str, tid: str | None) -> timedelta | N
 
 
 def _classify(
-    status: int, body: bytes, tid: str | None, retry_after: float | None, *, what: str
+    status: int,
+    body: bytes,
+    tid: str | None,
+    retry_after: float | None,
+    *,
+    what: str,
+    conceal: str | None = None,
 ) -> IntuitError:
     data = _json_object(body)
     code = data.get("error") if data else None
     code = code if isinstance(code, str) else None
     description = data.get("error_description") if data else None
+    if isinstance(description, str) and conceal:
+        # A server (or a proxy) may echo what it was sent: never repeat the token or code.
+        description = description.replace(conceal, "[redacted]")
     detail = f": {_safe(description)}" if isinstance(description, str) and description else ""
     if code == "invalid_grant":
         return InvalidGrantError(

@@ -285,6 +285,9 @@ def configure_logging(format: str, level: str, *, stream: TextIO | None = None) 
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(numeric_level)
+    # aiosqlite's debug lines repeat each SQL statement with its parameters (OAuth
+    # states among them): keep them out whatever the level.
+    logging.getLogger("aiosqlite").setLevel(max(numeric_level, logging.INFO))
 
 
 def reset_logging() -> None:
