@@ -3,10 +3,11 @@
 The :class:`Refresher` knows nothing of timers: the scheduler decides when,
 and makes sure only one attempt per account is in flight. An attempt:
 
-1. reads the account (the newest persisted refresh token, never an older one);
+1. takes a slot of the global concurrency limit, then reads the account (the
+   newest persisted refresh token, never an older one);
 2. gives up without calling Intuit when the refresh token is past its expiry
    or its 5-year hard expiry;
-3. takes a slot of the global concurrency limit and calls Intuit;
+3. calls Intuit;
 4. on success persists tokens, times and the attempt in one compare-and-swap
    transaction before reporting success. If the database write fails after
    Intuit answered, the new tokens stay in memory and the write is retried
@@ -36,14 +37,16 @@ from qbo_daemon.errors import (
 )
 from qbo_daemon.intuit import IntuitClient, TokenResult
 from qbo_daemon.metrics import Metrics
-from qbo_daemon.models import Account, AccountStatus, iso
+from qbo_daemon.models import Account, AccountStatus, TokenSet, iso
 from qbo_daemon.storage import Attempt, Storage
 
 log = structlog.get_logger("qbo_daemon.refresh")
 
 # Backoff between retries of a database write that failed after Intuit answered.
+# Capped short: a retry costs one failed transaction, while the tokens it holds
+# may be the only live ones, and a shutdown's drain must see at least one retry.
 _PERSIST_RETRY_INITIAL = 0.5
-_PERSIST_RETRY_MAX = 30.0
+_PERSIST_RETRY_MAX = 5.0
 
 
 class OutcomeKind(StrEnum):
@@ -89,7 +92,24 @@ class Refresher:
         self.lead = lead
         self._slots = asyncio.Semaphore(concurrency)
         self.in_flight = 0
-        self.persist_failing = False
+        # New tokens held in memory while their write is retried, per account, with the
+        # refresh token they replace (the row they belong to).
+        self._held: dict[str, tuple[str | None, TokenSet]] = {}
+
+    @property
+    def persist_failing(self) -> bool:
+        """Whether new tokens are held in memory because the database refuses them."""
+        return bool(self._held)
+
+    def held_tokens(self, account: Account) -> TokenSet | None:
+        """The tokens held for ``account`` while the database refuses them, if any.
+
+        Only for the row they were refreshed from: after a reconnect they are not its.
+        """
+        held = self._held.get(account.account_id)
+        if held is None or held[0] != account.refresh_token:
+            return None
+        return held[1]
 
     def set_concurrency(self, concurrency: int) -> None:
         """Takes effect for attempts that start from now on."""
@@ -97,22 +117,26 @@ class Refresher:
 
     async def attempt(self, account_id: str, *, due: datetime | None) -> Outcome:
         """Refresh ``account_id`` once. ``due`` is when the timer wanted it (for lateness)."""
-        try:
-            account = await self._storage.get_account(account_id)
-        except AccountNotFoundError:
-            return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
-        if not account.status.scheduled or account.refresh_token is None:
-            return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
-        now = self._clock.now()
-        dead = _refresh_token_death(account, now)
-        if dead is not None:
-            updated = await self._record_failure(
-                account, AccountStatus.NEEDS_RECONNECT, dead, now=now, outcome="expired"
-            )
-            return Outcome(OutcomeKind.REFRESH_TOKEN_EXPIRED, updated, message=dead)
-
         slots = self._slots
         async with slots:
+            # Read the row only once a slot is ours: in a storm the wait can be long, and
+            # a reconnect or import meanwhile must not make us present an older token.
+            try:
+                account = await self._storage.get_account(account_id)
+            except AccountNotFoundError:
+                return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
+            if not account.status.scheduled or account.refresh_token is None:
+                return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
+            now = self._clock.now()
+            dead = _refresh_token_death(account, now)
+            if dead is not None:
+                updated = await self._record_failure(
+                    account, AccountStatus.NEEDS_RECONNECT, dead, now=now, outcome="expired"
+                )
+                if updated is None:
+                    return await self._replaced(account_id)
+                return Outcome(OutcomeKind.REFRESH_TOKEN_EXPIRED, updated, message=dead)
+
             started_wall = self._clock.now()
             if due is not None:
                 self._metrics.refresh_lateness((started_wall - due).total_seconds())
@@ -131,8 +155,17 @@ class Refresher:
             saved = await self._persist(account, result, started_wall, duration)
         self._metrics.refresh_attempt("success", duration)
         if saved is None:
-            return Outcome(OutcomeKind.SKIPPED, None, message="account replaced during refresh")
+            return await self._replaced(account_id)
         return Outcome(OutcomeKind.SUCCESS, saved, duration=duration, intuit_tid=result.intuit_tid)
+
+    async def _replaced(self, account_id: str) -> Outcome:
+        """The row was reconnected, imported or disconnected during the attempt: it wins.
+
+        The outcome carries the current row, so the scheduler keeps (or drops) the
+        timer that row asks for instead of acting on this attempt's result.
+        """
+        current = await self._storage.find_account(account_id)
+        return Outcome(OutcomeKind.SKIPPED, current, message="account replaced during refresh")
 
     async def _persist(
         self, account: Account, result: TokenResult, started: datetime, duration: float
@@ -168,7 +201,7 @@ class Refresher:
                 account = current
                 continue
             except StorageError as exc:
-                self.persist_failing = True
+                self._held[account.account_id] = (account.refresh_token, result.tokens)
                 log.critical(
                     "refresh.persist_failed",
                     error=str(exc),
@@ -176,13 +209,34 @@ class Refresher:
                     intuit_tid=result.intuit_tid,
                     detail="new tokens are held in memory and the write is retried",
                 )
-                await self._clock.sleep(delay)
+                try:
+                    await self._clock.sleep(delay)
+                except asyncio.CancelledError:
+                    # The shutdown drain ran out: one last write, or the tokens are gone.
+                    await self._last_write(account, result, attempt)
+                    raise
                 delay = min(delay * 2, _PERSIST_RETRY_MAX)
                 continue
-            if self.persist_failing:
-                self.persist_failing = False
-                log.warning("refresh.persist_recovered")
+            if self._held.pop(account.account_id, None) is not None:
+                log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid)
             return updated
+
+    async def _last_write(self, account: Account, result: TokenResult, attempt: Attempt) -> None:
+        self._held.pop(account.account_id, None)
+        try:
+            await self._storage.save_refresh(
+                account, result.tokens, lead=self.lead, now=self._clock.now(), attempt=attempt
+            )
+        except StorageError as exc:
+            log.critical(
+                "refresh.tokens_lost",
+                error=str(exc),
+                intuit_tid=result.intuit_tid,
+                detail="stopped while the database refused the new tokens; if Intuit rotated "
+                "the refresh token, the account must be reconnected",
+            )
+        else:
+            log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid, on="shutdown")
 
     async def _failed(
         self, account: Account, error: IntuitError, started: datetime, duration: float
@@ -215,6 +269,9 @@ class Refresher:
         else:
             status = account.status
         updated = await self._record_failure(account, status, str(error), now=now, attempt=attempt)
+        if updated is None:
+            # The failure was of tokens that are no longer this account's.
+            return await self._replaced(account.account_id)
         return Outcome(kind, updated, error, duration=duration, intuit_tid=error.intuit_tid)
 
     async def _record_failure(
@@ -226,7 +283,8 @@ class Refresher:
         now: datetime,
         attempt: Attempt | None = None,
         outcome: str | None = None,
-    ) -> Account:
+    ) -> Account | None:
+        """Note the failure; ``None`` when the row was replaced meanwhile (nothing noted)."""
         if attempt is None and outcome is not None:
             attempt = Attempt(
                 account_id=account.account_id,
@@ -243,7 +301,7 @@ class Refresher:
             except StaleWriteError:
                 current = await self._storage.find_account(account.account_id)
                 if current is None or current.refresh_token != account.refresh_token:
-                    return current or account
+                    return None
                 account = current
         return account
 

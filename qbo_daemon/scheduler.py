@@ -26,6 +26,7 @@ import contextlib
 import heapq
 import itertools
 import random
+from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -34,7 +35,7 @@ import structlog
 
 from qbo_daemon.clock import Clock
 from qbo_daemon.metrics import Metrics
-from qbo_daemon.models import Account, iso
+from qbo_daemon.models import Account, TokenSet, iso
 from qbo_daemon.refresher import Outcome, OutcomeKind, Refresher
 from qbo_daemon.storage import ScheduleEntry, Storage
 
@@ -42,6 +43,8 @@ log = structlog.get_logger("qbo_daemon.scheduler")
 
 # Floor of a retry delay, so full jitter never turns into a hot loop.
 _MIN_RETRY_DELAY = 0.05
+# Finished attempts remembered for askers that read the row just before one finished.
+_RECENT_OUTCOMES = 1024
 
 
 class Events(Protocol):
@@ -83,6 +86,9 @@ class Scheduler:
         self._current: dict[str, tuple[float, int, str]] = {}
         self._seq = itertools.count()
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
+        # (finish number, outcome) of the latest finished attempt, for recent accounts.
+        self._finished = 0
+        self._recent: OrderedDict[str, tuple[int, Outcome]] = OrderedDict()
         self._failures: dict[str, int] = {}
         self._warned_hard_expiry: set[str] = set()
         self._dispatch_slots = asyncio.Semaphore(concurrency)
@@ -140,9 +146,11 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Stop dispatching; let in-flight refreshes finish within ``grace`` seconds."""
         self._stopping = True
-        self._wakeup.set()
         if self._dispatcher is not None:
-            await self._dispatcher
+            # It may be waiting for a dispatch slot, i.e. for the refreshes drained below.
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
         tasks = list(self._inflight.values())
         if tasks:
             log.info("scheduler.draining", in_flight=len(tasks), grace=grace)
@@ -193,12 +201,39 @@ class Scheduler:
 
     # -- refreshing ----------------------------------------------------------------
 
-    async def refresh(self, account_id: str) -> Outcome:
-        """Refresh now, single flight: a second asker waits for the first attempt."""
+    def attempt_mark(self) -> int:
+        """A mark for :meth:`refresh`'s ``since``: take it before reading the row."""
+        return self._finished
+
+    async def refresh(
+        self, account_id: str, *, since: int | None = None, patient: bool = False
+    ) -> Outcome:
+        """Refresh now, single flight: a second asker waits for the first attempt.
+
+        With ``since`` (from :meth:`attempt_mark`), an attempt that finished after
+        the mark answers as well: the asker's row may predate that attempt's commit.
+        A ``patient`` asker (a token read, not an operator's "refresh now") starts no
+        attempt while the account waits out a failure's backoff or ``Retry-After``.
+        """
         task = self._inflight.get(account_id)
         if task is None:
+            recent = self._recent.get(account_id)
+            if since is not None and recent is not None and recent[0] > since:
+                return recent[1]
             if self._stopping:
                 return Outcome(OutcomeKind.TRANSIENT, None, message="the daemon is shutting down")
+            if self._refusing():
+                return Outcome(
+                    OutcomeKind.INVALID_CLIENT,
+                    None,
+                    message="refreshes are paused: Intuit refuses the client credentials",
+                )
+            if patient and self._backing_off(account_id):
+                return Outcome(
+                    OutcomeKind.TRANSIENT,
+                    None,
+                    message="Intuit failed; the next try waits for its backoff",
+                )
             task = self._start(account_id, due=None)
         return await asyncio.shield(task)
 
@@ -208,9 +243,40 @@ class Scheduler:
         if task is not None:
             await asyncio.wait({task})
 
+    def held_tokens(self, account: Account) -> TokenSet | None:
+        """New tokens Intuit gave that the database has not taken yet (see Refresher)."""
+        return self._refresher.held_tokens(account)
+
     def refresh_in_background(self, account_id: str) -> None:
-        if account_id not in self._inflight and not self._stopping:
+        if (
+            account_id not in self._inflight
+            and not self._stopping
+            and not self._refusing()
+            and not self._backing_off(account_id)
+        ):
             self._start(account_id, due=None)
+
+    def _backing_off(self, account_id: str) -> bool:
+        """A failed account's retry is timed (backoff, ``Retry-After``) and not yet due.
+
+        Without this, an app reading a dead token in a loop during an outage would
+        make every read a call to Intuit, past the backoff and ``Retry-After``.
+        """
+        entry = self._current.get(account_id)
+        return (
+            account_id in self._failures
+            and entry is not None
+            and entry[0] > self._clock.now().timestamp()
+        )
+
+    def _refusing(self) -> bool:
+        """Paused by ``invalid_client``: only the timed probe may call Intuit.
+
+        Without this every API asker would call Intuit with credentials it refuses.
+        """
+        if self._paused_until is None:
+            return False
+        return self._probing or self._clock.now().timestamp() < self._paused_until
 
     def _start(
         self, account_id: str, *, due: float | None, slot: asyncio.Semaphore | None = None
@@ -221,6 +287,12 @@ class Scheduler:
         def done(_: asyncio.Task[Outcome]) -> None:
             if self._inflight.get(account_id) is task:
                 del self._inflight[account_id]
+            if not task.cancelled() and task.exception() is None:
+                self._finished += 1
+                self._recent[account_id] = (self._finished, task.result())
+                self._recent.move_to_end(account_id)
+                if len(self._recent) > _RECENT_OUTCOMES:
+                    self._recent.popitem(last=False)
             if slot is not None:
                 slot.release()
             self._wakeup.set()
@@ -245,12 +317,16 @@ class Scheduler:
     def _after(self, account_id: str, outcome: Outcome) -> None:
         now = self._clock.now()
         kind = outcome.kind
-        if self._probing and kind is not OutcomeKind.INVALID_CLIENT:
+        # A success from any asker (the probe, the API, the CLI) proves the credentials.
+        if kind is OutcomeKind.SUCCESS or (
+            self._probing and kind is not OutcomeKind.INVALID_CLIENT
+        ):
             self._probing = False
             if self._paused_until is not None:
                 self._paused_until = None
                 log.info("intuit.credentials_ok", detail="refreshes resume")
                 self._metrics.set_healthy(True)
+                self._wakeup.set()
         if kind is OutcomeKind.SUCCESS and outcome.account is not None:
             account = outcome.account
             failures = self._failures.pop(account_id, 0)
@@ -336,9 +412,12 @@ class Scheduler:
         )
 
     def _check_hard_expiry(self, account_id: str, hard: datetime | None, now: datetime) -> None:
-        if hard is None or account_id in self._warned_hard_expiry:
+        if hard is None:
             return
-        if hard - now <= self.hard_expiry_warning:
+        if hard - now > self.hard_expiry_warning:
+            # A reconnect brings a new hard expiry: warn again when that one nears.
+            self._warned_hard_expiry.discard(account_id)
+        elif account_id not in self._warned_hard_expiry:
             self._warned_hard_expiry.add(account_id)
             self._events.emit("account.hard_expiry_soon", account_id, hard_expires_at=iso(hard))
 
@@ -371,7 +450,13 @@ class Scheduler:
                 await slot.acquire()
                 self._drop_stale()
                 now = self._clock.now().timestamp()
-                if self._stopping or not self._heap or self._heap[0][0] > now:
+                # Waiting for the slot, the head may have changed or a pause begun.
+                if (
+                    self._stopping
+                    or not self._heap
+                    or self._heap[0][0] > now
+                    or not self._dispatchable(now)
+                ):
                     slot.release()
                     continue
                 due, _, account_id = heapq.heappop(self._heap)
@@ -385,11 +470,13 @@ class Scheduler:
                 self._start(account_id, due=due, slot=slot)
                 continue
             wait = self._max_wait
-            if self._paused_until is None:
-                if self._heap:
-                    wait = min(wait, max(self._heap[0][0] - now, 0.0))
-            elif not self._probing:
-                wait = min(wait, max(self._paused_until - now, 0.0))
+            if self._heap and not self._probing:
+                # Paused, the next dispatch is when both the entry and the pause are due;
+                # waiting for only one of them would spin until the other comes.
+                next_at = self._heap[0][0]
+                if self._paused_until is not None:
+                    next_at = max(next_at, self._paused_until)
+                wait = min(wait, max(next_at - now, 0.0))
             self._metrics.set_next_due(self._heap[0][0] - now if self._heap else None)
             await self._wait(wait)
 

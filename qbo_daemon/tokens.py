@@ -64,6 +64,9 @@ class TokenService:
         :class:`TokenUnavailableError` (``needs_reconnect``, ``disconnected``,
         ``unavailable``).
         """
+        # Taken before the read: a refresh finishing while we read answers us too,
+        # instead of a second refresh started from a row read just before its commit.
+        mark = self._scheduler.attempt_mark()
         account = await self._storage.get_account(account_id)
         _check_status(account)
         now = self._clock.now()
@@ -71,9 +74,15 @@ class TokenService:
             if account.reconnect_token_at is not None and account.reconnect_token_at <= now:
                 self._scheduler.refresh_in_background(account_id)
             return _token(account)
+        held = self._scheduler.held_tokens(account)
+        if held is not None and held.token_expires_at > now:
+            # Intuit answered but the database refuses the write (full disk): no newer
+            # token can come before the write lands, and waiting for it helps no one.
+            return AccessToken(held.access_token, account.realm_id or "", held.token_expires_at)
         try:
             outcome = await asyncio.wait_for(
-                self._scheduler.refresh(account_id), self.wait.total_seconds()
+                self._scheduler.refresh(account_id, since=mark, patient=True),
+                self.wait.total_seconds(),
             )
         except TimeoutError:
             outcome = None
