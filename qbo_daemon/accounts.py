@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
 
 import structlog
 
@@ -15,6 +17,18 @@ from qbo_daemon.scheduler import Events, Scheduler
 from qbo_daemon.storage import ImportItem, Storage
 
 log = structlog.get_logger("qbo_daemon.accounts")
+
+
+class RevokeOutcome(StrEnum):
+    REVOKED = "revoked"  # Intuit confirmed
+    FAILED = "failed"  # Intuit refused or could not be reached; forgotten here anyway
+    NOT_NEEDED = "not_needed"  # no token was left to revoke (already disconnected)
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    account: Account
+    revoke: RevokeOutcome
 
 
 class AccountService:
@@ -42,11 +56,16 @@ class AccountService:
         """
         accounts = await self._storage.import_accounts(items, lead=self.lead, now=self._clock.now())
         for account in accounts:
+            # A refresh that was in flight for a replaced account discards its result and
+            # drops the timer when it ends: let it end before setting the new timer.
+            await self._scheduler.wait_idle(account.account_id)
             self._scheduler.schedule_account(account)
-            log.info("account.imported", account_id=account.account_id)
+            log.debug("account.imported", account_id=account.account_id)
+        due_now = sum(1 for a in accounts if _due(a, self._clock.now()))
+        log.info("accounts.imported", count=len(accounts), refreshing_now=due_now)
         return accounts
 
-    async def disconnect(self, account_id: str) -> Account:
+    async def disconnect(self, account_id: str) -> Disconnected:
         """Revoke at Intuit (best effort), then forget the tokens, keeping a tombstone."""
         self._scheduler.unschedule(account_id)
         # Let a refresh in flight finish first, so the newest token is the one revoked.
@@ -54,24 +73,26 @@ class AccountService:
         while True:
             account = await self._storage.get_account(account_id)
             if account.status is AccountStatus.DISCONNECTED:
-                return account
-            revoked = await self._revoke(account)
+                return Disconnected(account, RevokeOutcome.NOT_NEEDED)
+            revoke = await self._revoke(account)
             try:
                 forgotten = await self._storage.forget_tokens(account, now=self._clock.now())
             except StaleWriteError:
                 continue
             self._scheduler.unschedule(account_id)
-            self._events.emit("account.disconnected", account_id, revoked=revoked)
-            return forgotten
+            self._events.emit(
+                "account.disconnected", account_id, revoked=revoke is RevokeOutcome.REVOKED
+            )
+            return Disconnected(forgotten, revoke)
 
     async def rotate_keys(self, batch: int = 500) -> tuple[int, int]:
         """Re-encrypt up to ``batch`` rows under the primary key: (done now, still to do)."""
         return await self._storage.reencrypt(batch=batch)
 
-    async def _revoke(self, account: Account) -> bool:
+    async def _revoke(self, account: Account) -> RevokeOutcome:
         token = account.refresh_token or account.access_token
         if not token:
-            return False
+            return RevokeOutcome.NOT_NEEDED
         try:
             tid = await self._intuit.revoke(token)
         except IntuitError as exc:
@@ -82,6 +103,10 @@ class AccountService:
                 intuit_tid=exc.intuit_tid,
                 detail="the tokens are forgotten here anyway",
             )
-            return False
+            return RevokeOutcome.FAILED
         log.info("account.revoked", account_id=account.account_id, intuit_tid=tid)
-        return True
+        return RevokeOutcome.REVOKED
+
+
+def _due(account: Account, now: datetime) -> bool:
+    return account.reconnect_token_at is not None and account.reconnect_token_at <= now

@@ -1,56 +1,62 @@
 """The private token API the host app calls (JSON, bearer keys, loopback by default).
 
-Every error answers ``{"error": "<code>", "detail": "..."}``; no answer ever
-carries a refresh token, and only ``GET .../token`` carries an access token.
-``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/openapi.json`` need no key:
-the listener is private.
+Every error answers ``{"error": "<code>", "detail": "..."}`` (plus ``"field"``
+when one field of the body is wrong); no answer ever carries a refresh token,
+and only ``GET .../token`` carries an access token. ``/healthz``, ``/readyz``,
+``/metrics`` and ``/v1/openapi.json`` need no key: the listener is private.
+:mod:`qbo_daemon.openapi` describes every route; a test keeps the two equal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from qbo_daemon.errors import AccountNotFoundError, StorageError
-from qbo_daemon.models import ACCOUNT_ID_RULE, Account, iso, parse_iso, valid_account_id
+from qbo_daemon.errors import AccountNotFoundError, CryptoError, StorageError
+from qbo_daemon.importer import FieldError, Rejected, check_batch, parse_item
+from qbo_daemon.models import ACCOUNT_ID_RULE, Account, AccountStatus, iso, valid_account_id
 from qbo_daemon.openapi import openapi_document
 from qbo_daemon.refresher import OutcomeKind
 from qbo_daemon.services import Services
-from qbo_daemon.storage import ImportItem
 from qbo_daemon.tokens import TokenUnavailableError
 
 SERVICES = web.AppKey("services", Services)
 MAX_BODY = 64 * 1024
+# One import batch is one transaction; 32 MiB holds about 100,000 rows.
+MAX_IMPORT_BODY = 32 * 1024 * 1024
+MAX_IMPORT_ROWS = 100_000
+MAX_ROTATE_BATCH = 10_000
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
 _NO_STORE = {"Cache-Control": "no-store"}
-_IMPORT_FIELDS = frozenset(
-    {"refresh_token", "realm_id", "access_token", "token_expires_at", "refresh_token_expires_at"}
-)
 
 log = structlog.get_logger("qbo_daemon.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, field: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.field = field
 
 
-def error_response(status: int, code: str, detail: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=_NO_STORE)
+def error_response(status: int, code: str, detail: str, field: str | None = None) -> web.Response:
+    body = {"error": code, "detail": detail}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status, headers=_NO_STORE)
 
 
 def make_api_app(services: Services) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors, _auth])
+    app = web.Application(client_max_size=MAX_IMPORT_BODY, middlewares=[_errors, _auth])
     app[SERVICES] = services
     r = app.router
     r.add_get("/healthz", _healthz)
@@ -64,6 +70,7 @@ def make_api_app(services: Services) -> web.Application:
     r.add_get("/v1/accounts/{account_id}/token", _token)
     r.add_post("/v1/accounts/{account_id}/refresh", _refresh)
     r.add_put("/v1/accounts/{account_id}/tokens", _import_tokens)
+    r.add_post("/v1/import", _import_batch)
     r.add_post("/v1/keys/rotate", _rotate_keys)
     return app
 
@@ -76,22 +83,26 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.detail)
+        return error_response(exc.status, exc.code, exc.detail, exc.field)
+    except FieldError as exc:
+        return error_response(400, "invalid_field", str(exc), exc.field)
     except AccountNotFoundError as exc:
         return error_response(404, "not_found", str(exc))
     except TokenUnavailableError as exc:
         status = 503 if exc.code == "unavailable" else 409
         return error_response(status, exc.code, exc.detail)
+    except CryptoError as exc:
+        # The message names a key id at most, never a key.
+        log.error("api.crypto_error", error=str(exc), path=request.path)
+        return error_response(500, "encryption_key", str(exc))
     except StorageError as exc:
         log.error("api.storage_error", error=str(exc), path=request.path)
         return error_response(503, "storage_unavailable", "the database cannot be used right now")
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, "too_large", f"request bodies are limited to {MAX_BODY} bytes")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = (exc.reason or "error").lower().replace(" ", "_")
-        return error_response(exc.status, code, exc.reason or "error")
+        return error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
     except Exception as exc:  # a boundary: answer, and log the cause
         log.exception("api.error", error=str(exc), path=request.path)
         return error_response(500, "internal", "internal error; see the daemon's log")
@@ -101,16 +112,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in PUBLIC_PATHS:
         return await handler(request)
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    keys = request.app[SERVICES].config.api.keys
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    # Compare digests, so neither the content nor the length of a key leaks through
+    # timing, and compare against every key without stopping at the first match.
+    # surrogateescape: aiohttp hands undecodable header bytes over as lone surrogates.
+    given = hashlib.sha256(presented.strip().encode("utf-8", "surrogateescape")).digest()
     ok = False
-    if scheme.lower() == "bearer" and presented:
-        given = presented.strip().encode()
-        # Compare against every key, in constant time, without stopping early.
-        for key in keys:
-            ok |= hmac.compare_digest(given, key.reveal().encode())
-    if not ok:
+    for key in request.app[SERVICES].config.api.keys:
+        ok |= hmac.compare_digest(given, hashlib.sha256(key.reveal().encode()).digest())
+    if not ok or scheme.lower() != "bearer" or not presented.strip():
         raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer ...)")
     return await handler(request)
 
@@ -128,7 +138,15 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[SERVICES].metrics.render()
+    services = request.app[SERVICES]
+    # Gauges read at scrape time: the daemon's own update runs only every STATUS_INTERVAL.
+    try:
+        counts = await services.storage.status_counts()
+        services.metrics.set_accounts({s.value: counts.get(s.value, 0) for s in AccountStatus})
+    except StorageError as exc:  # still serve the rest, qbo_up included
+        log.warning("metrics.accounts_stale", error=str(exc))
+    services.metrics.set_next_due(services.scheduler.next_due_in())
+    body, content_type = services.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
@@ -175,53 +193,119 @@ async def _refresh(request: web.Request) -> web.Response:
     outcome = await services.scheduler.refresh(account_id)
     if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
         return web.json_response(_account_json(services, outcome.account))
-    if outcome.kind in (OutcomeKind.INVALID_GRANT, OutcomeKind.REFRESH_TOKEN_EXPIRED):
-        raise ApiError(
-            409,
-            "needs_reconnect",
-            f"Intuit refused the refresh token; the user must reconnect through "
-            f"POST /v1/accounts/{account_id}/authorize-url",
-        )
     if outcome.kind is OutcomeKind.INVALID_CLIENT:
         raise ApiError(503, "invalid_client", "Intuit refused the daemon's client credentials")
-    if outcome.kind is OutcomeKind.SKIPPED:
-        account = await services.storage.get_account(account_id)
-        raise ApiError(
-            409, account.status.value, f"account {account_id!r} is {account.status.value}"
-        )
-    detail = str(outcome.error) if outcome.error else (outcome.message or "refresh failed")
-    raise ApiError(503, "unavailable", f"refresh failed, will be retried: {detail}")
+    if outcome.kind is OutcomeKind.TRANSIENT:
+        detail = str(outcome.error) if outcome.error else (outcome.message or "refresh failed")
+        raise ApiError(503, "unavailable", f"refresh failed, will be retried: {detail}")
+    account = await services.storage.get_account(account_id)
+    if account.status.scheduled:  # replaced meanwhile (reconnected or imported): it is fresh
+        return web.json_response(_account_json(services, account))
+    reconnect = f"send the user to the URL from POST /v1/accounts/{account_id}/authorize-url"
+    if account.status is AccountStatus.DISCONNECTED:
+        raise ApiError(409, "disconnected", f"account {account_id!r} is disconnected; {reconnect}")
+    raise ApiError(
+        409,
+        "needs_reconnect",
+        f"the user must reconnect QuickBooks ({account.last_error}): {reconnect}",
+    )
 
 
 async def _import_tokens(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = _account_id(request)
-    body = await _json_object(request)
-    item = parse_import(account_id, body)
+    body = await _json_object(request, MAX_BODY)
+    item = parse_item(body, now=services.clock.now(), account_id=account_id)
     existed = await services.storage.find_account(account_id) is not None
     [account] = await services.accounts.import_tokens([item])
     return web.json_response(_account_json(services, account), status=200 if existed else 201)
 
 
+async def _import_batch(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await _json_object(request, MAX_IMPORT_BODY)
+    _only(body, {"accounts", "replace", "dry_run"})
+    rows = body.get("accounts")
+    if not isinstance(rows, list):
+        raise ApiError(400, "invalid_field", "accounts: expected a list of objects", "accounts")
+    if len(rows) > MAX_IMPORT_ROWS:
+        raise ApiError(
+            400, "invalid_field", f"accounts: at most {MAX_IMPORT_ROWS} per import", "accounts"
+        )
+    replace = _flag(body, "replace")
+    dry_run = _flag(body, "dry_run")
+    good, bad = check_batch(enumerate(rows), now=services.clock.now())
+    existing = {account.account_id for account in await services.storage.list_accounts()}
+    if not replace:
+        clash = [c for c in good if c.item.account_id in existing]
+        good = [c for c in good if c.item.account_id not in existing]
+        bad.extend(
+            Rejected(c.position, c.item.account_id, "account_id", "already exists; not replaced")
+            for c in clash
+        )
+        bad.sort(key=lambda r: r.position)
+    stored: list[Account] = []
+    if good and not dry_run:
+        stored = await services.accounts.import_tokens([c.item for c in good])
+    now = services.clock.now()
+    imported = []
+    for index, checked in enumerate(good):
+        entry: dict[str, Any] = {
+            "index": checked.position,
+            "account_id": checked.item.account_id,
+            "replaced": checked.item.account_id in existing,
+        }
+        if stored:
+            account = stored[index]
+            due = account.reconnect_token_at
+            entry["refreshing_now"] = due is not None and due <= now
+            entry["next_refresh_at"] = iso(due)
+        imported.append(entry)
+    skipped = [
+        {"index": r.position, "account_id": r.account_id, "field": r.field, "reason": r.reason}
+        for r in bad
+    ]
+    return web.json_response({"imported": imported, "skipped": skipped, "dry_run": dry_run})
+
+
 async def _disconnect(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    account = await services.accounts.disconnect(_account_id(request))
-    return web.json_response(_account_json(services, account))
+    result = await services.accounts.disconnect(_account_id(request))
+    data = _account_json(services, result.account)
+    data["revoke"] = result.revoke.value
+    return web.json_response(data)
 
 
 async def _rotate_keys(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    body = await _json_object(request, allow_empty=True)
+    body = await _json_object(request, MAX_BODY, allow_empty=True)
+    _only(body, {"batch", "expected_key_id"})
     batch = body.get("batch", 500)
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 10_000:
-        raise ApiError(400, "invalid_field", "batch: expected an integer from 1 to 10000")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_ROTATE_BATCH:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"batch: expected an integer from 1 to {MAX_ROTATE_BATCH}",
+            "batch",
+        )
+    expected = body.get("expected_key_id")
+    if expected is not None and not isinstance(expected, str):
+        raise ApiError(
+            400, "invalid_field", "expected_key_id: expected a string", "expected_key_id"
+        )
+    primary = services.storage.cipher.primary_key_id
+    if expected is not None and expected != primary:
+        raise ApiError(
+            409,
+            "key_mismatch",
+            f"the daemon encrypts with key id {primary}, not {expected}: it has not read the "
+            "new [storage] encryption_keys yet; reload it (systemctl reload qbo-daemon, or "
+            "SIGHUP) or restart it, then rotate again",
+        )
     done, remaining = await services.accounts.rotate_keys(batch)
+    log.info("keys.rotated_batch", reencrypted=done, remaining=remaining, key_id=primary)
     return web.json_response(
-        {
-            "reencrypted": done,
-            "remaining": remaining,
-            "primary_key_id": services.storage.cipher.primary_key_id,
-        }
+        {"reencrypted": done, "remaining": remaining, "primary_key_id": primary}
     )
 
 
@@ -231,7 +315,9 @@ async def _rotate_keys(request: web.Request) -> web.Response:
 def _account_id(request: web.Request) -> str:
     account_id = request.match_info["account_id"]
     if not valid_account_id(account_id):
-        raise ApiError(400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}")
+        raise ApiError(
+            400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
+        )
     return account_id
 
 
@@ -244,61 +330,43 @@ def _account_json(services: Services, account: Account) -> dict[str, Any]:
     return data
 
 
-async def _json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
-    raw = await request.read()
+async def _json_object(
+    request: web.Request, limit: int, *, allow_empty: bool = False
+) -> dict[str, Any]:
+    raw = await _read_body(request, limit)
     if not raw.strip() and allow_empty:
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: "[[[[..." nested past the interpreter's limit fits in a body.
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the request body must be a JSON object")
     return data
 
 
-def parse_import(account_id: str, body: dict[str, Any]) -> ImportItem:
-    """Validate an import body; a bad one is an :class:`ApiError` naming the field."""
-    unknown = sorted(set(body) - _IMPORT_FIELDS)
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
+    too_large = ApiError(413, "too_large", f"the request body is limited to {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
     if unknown:
-        raise ApiError(400, "invalid_field", f"{unknown[0]}: unknown field")
-    refresh_token = _text(body, "refresh_token", required=True)
-    realm_id = _text(body, "realm_id", required=True)
-    access_token = _text(body, "access_token", required=False)
-    if refresh_token is None or realm_id is None:  # _text raised already; for the type checker
-        raise ApiError(400, "invalid_field", "refresh_token and realm_id are required")
-    return ImportItem(
-        account_id=account_id,
-        realm_id=realm_id,
-        refresh_token=refresh_token,
-        access_token=access_token,
-        token_expires_at=_time(body, "token_expires_at"),
-        refresh_token_expires_at=_time(body, "refresh_token_expires_at"),
-    )
+        raise ApiError(400, "invalid_field", f"{unknown[0]}: unknown field", unknown[0])
 
 
-def _text(body: dict[str, Any], field: str, *, required: bool) -> str | None:
-    value = body.get(field)
-    if value is None:
-        if required:
-            raise ApiError(400, "invalid_field", f"{field}: required")
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 4096:
-        raise ApiError(400, "invalid_field", f"{field}: expected a non-empty string")
-    if not value.isprintable():
-        raise ApiError(400, "invalid_field", f"{field}: contains control characters")
-    return value.strip()
-
-
-def _time(body: dict[str, Any], field: str) -> datetime | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ApiError(400, "invalid_field", f"{field}: expected an ISO 8601 time")
-    try:
-        parsed = parse_iso(value)
-    except ValueError:
-        raise ApiError(400, "invalid_field", f"{field}: expected an ISO 8601 time") from None
-    # A time without an offset is taken as UTC (parse_iso), as the classic tables store it.
-    return parsed
+def _flag(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, "invalid_field", f"{field}: expected true or false", field)
+    return value

@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument("--client-secret", default="sim-client-secret")
 
     keys = sub.add_parser("keys", help="encryption keys", description="encryption keys")
+    keys.set_defaults(func=lambda _: _usage(keys))
     keys_sub = keys.add_subparsers(metavar="ACTION")
     generate = keys_sub.add_parser("generate", help="print a new encryption key")
     generate.set_defaults(func=cmd_keys_generate)
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub, keys_sub)
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def read_config(args: argparse.Namespace) -> Config:

@@ -157,4 +157,8 @@ def iso(value: datetime | None) -> str | None:
 def parse_iso(value: str | None) -> datetime | None:
     if value is None:
         return None
-    return utc(datetime.fromisoformat(value))
+    try:
+        return utc(datetime.fromisoformat(value))
+    except OverflowError:
+        # "0001-01-01T00:00:00+14:00" parses, but its UTC instant falls before year 1.
+        raise ValueError(f"time out of range: {value!r}") from None
