@@ -138,8 +138,6 @@ class Daemon:
             )
             scheduled = await services.scheduler.start()
 
-            watchdog = asyncio.create_task(self._systemd.watchdog(stop), name="watchdog")
-            status = asyncio.create_task(self._report_status(services, stop), name="status")
             log.info(
                 "daemon.ready",
                 accounts_scheduled=scheduled,
@@ -148,6 +146,9 @@ class Daemon:
                 f"{config.callback.path}",
             )
             self._systemd.ready(await self._status_text(services))
+            # After READY=1: systemd arms the watchdog only once start-up is complete.
+            watchdog = asyncio.create_task(self._systemd.watchdog(stop), name="watchdog")
+            status = asyncio.create_task(self._report_status(services, stop), name="status")
             self.ready.set()
             await stop.wait()
             log.info("daemon.stopping")
@@ -247,6 +248,8 @@ class Daemon:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
+            if stop.is_set():
+                return  # no STATUS= after STOPPING=1
             try:
                 self._systemd.status(await self._status_text(services))
             except Exception as exc:  # a boundary: status reporting must never stop the daemon
@@ -267,6 +270,13 @@ class Daemon:
         """Apply what can change live (SIGHUP); name what needs a restart."""
         services = self.services
         old = self.config
+        cipher = None
+        if services is not None:
+            # Before anything changes: keys that cannot read the stored rows fail the reload.
+            cipher = load_cipher(
+                replace(config, storage=replace(config.storage, path=old.storage.path))
+            )
+            await services.storage.verify_keys(cipher)
         configure_logging(config.log.format, config.log.level)
         restart_needed = [
             name
@@ -280,13 +290,35 @@ class Daemon:
                 ("[storage] path", old.storage.path, config.storage.path),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
                 ("[refresh] lead", old.refresh.lead, config.refresh.lead),
+                (
+                    "[callback] success_redirect",
+                    old.callback.success_redirect,
+                    config.callback.success_redirect,
+                ),
+                (
+                    "[refresh] shutdown_grace",
+                    old.refresh.shutdown_grace,
+                    config.refresh.shutdown_grace,
+                ),
+                (
+                    "[storage] attempts_keep",
+                    old.storage.attempts_keep,
+                    config.storage.attempts_keep,
+                ),
             )
             if before != after
         ]
-        if services is not None:
-            services.storage.cipher = load_cipher(config)
+        if services is not None and cipher is not None:
+            services.storage.cipher = cipher
             services.intuit.config = config.intuit
             services.scheduler.set_concurrency(config.refresh.concurrency)
+            services.scheduler.backoff_initial = config.refresh.backoff_initial.total_seconds()
+            services.scheduler.backoff_max = config.refresh.backoff_max.total_seconds()
+            services.scheduler.invalid_client_retry = (
+                config.refresh.invalid_client_retry.total_seconds()
+            )
+            services.scheduler.hard_expiry_warning = config.refresh.hard_expiry_warning
+            services.tokens.wait = config.refresh.token_wait
             services.scheduler.resume()
             if config.notify != old.notify and self._relay is not None and self._session:
                 previous = self._relay.target
@@ -297,8 +329,12 @@ class Daemon:
                 config,
                 api=replace(config.api, host=old.api.host, port=old.api.port),
                 callback=old.callback,
-                storage=replace(config.storage, path=old.storage.path),
-                refresh=replace(config.refresh, lead=old.refresh.lead),
+                storage=replace(
+                    config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
+                ),
+                refresh=replace(
+                    config.refresh, lead=old.refresh.lead, shutdown_grace=old.refresh.shutdown_grace
+                ),
                 intuit=replace(config.intuit, redirect_uri=old.intuit.redirect_uri),
             )
             services.intuit.config = config.intuit
@@ -306,8 +342,8 @@ class Daemon:
         self.config = config
         log.info(
             "daemon.reloaded",
-            level=config.log.level,
-            api_keys=len(config.api.keys),
-            encryption_keys=len(config.storage.encryption_keys),
+            log_level=config.log.level,  # "level" is the record's own level
+            api_key_count=len(config.api.keys),  # "*_keys" would be redacted by name
+            encryption_key_count=len(config.storage.encryption_keys),
             restart_needed=restart_needed or None,
         )

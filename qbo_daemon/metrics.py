@@ -7,6 +7,7 @@ vocabularies (outcomes, error classes, statuses): never an account id.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,6 +17,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from qbo_daemon.models import AccountStatus
+
+# Distinct qbo_intuit_errors_total{class} values kept before the rest count as "other".
+MAX_ERROR_CLASSES = 32
+_LABEL_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 # A token call normally takes 0.1–2 s; the top buckets catch slow timeouts.
 REFRESH_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -121,6 +126,7 @@ class Metrics:
             "1 while the daemon is healthy (Intuit accepts our client credentials), else 0.",
             registry=registry,
         )
+        self._error_classes: set[str] = set()
         self._next_due = _NextDueCollector()
         registry.register(self._next_due)
         # Memory, CPU, open fds. Reads /proc/stat once for the boot time: under
@@ -143,7 +149,19 @@ class Metrics:
         self._retries.inc()
 
     def intuit_error(self, error_class: str) -> None:
-        """A call to Intuit failed; ``error_class`` e.g. ``TransientIntuitError`` or a code."""
+        """A call to Intuit failed; ``error_class`` e.g. ``TransientIntuitError`` or a code.
+
+        The class may be Intuit's own ``error`` code, which a proxy or an outage page
+        could make anything: an odd-looking one, or any past the first
+        :data:`MAX_ERROR_CLASSES` distinct ones, is counted as ``other``.
+        """
+        if not _LABEL_VALUE.fullmatch(error_class):
+            error_class = "other"
+        elif error_class not in self._error_classes:
+            if len(self._error_classes) >= MAX_ERROR_CLASSES:
+                error_class = "other"
+            else:
+                self._error_classes.add(error_class)
         self._intuit_errors.labels(error_class).inc()
 
     def callback_outcome(self, outcome: str) -> None:
