@@ -17,7 +17,8 @@ from pathlib import Path
 import structlog
 
 from qbo_daemon import __version__
-from qbo_daemon.config import Config, load_config, render_config, require_credentials
+from qbo_daemon.config import Config, load_config, require_credentials
+from qbo_daemon.config_render import render_config
 from qbo_daemon.crypto import generate_key
 from qbo_daemon.daemon import Daemon
 from qbo_daemon.errors import ConfigError, QboDaemonError

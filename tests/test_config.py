@@ -18,9 +18,9 @@ from qbo_daemon.config import (
     format_duration,
     load_config,
     parse_duration,
-    render_config,
     require_credentials,
 )
+from qbo_daemon.config_render import render_config
 from qbo_daemon.errors import ConfigError
 from qbo_daemon.models import Secret
 
