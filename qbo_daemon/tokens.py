@@ -74,11 +74,9 @@ class TokenService:
             if account.reconnect_token_at is not None and account.reconnect_token_at <= now:
                 self._scheduler.refresh_in_background(account_id)
             return _token(account)
-        held = self._scheduler.held_tokens(account)
-        if held is not None and held.token_expires_at > now:
-            # Intuit answered but the database refuses the write (full disk): no newer
-            # token can come before the write lands, and waiting for it helps no one.
-            return AccessToken(held.access_token, account.realm_id or "", held.token_expires_at)
+        held = self._held(account, now)
+        if held is not None:
+            return held
         try:
             outcome = await asyncio.wait_for(
                 self._scheduler.refresh(account_id, since=mark, patient=True),
@@ -93,11 +91,24 @@ class TokenService:
         _check_status(account)
         if _valid_for(account, self._clock.now()) > timedelta(0):
             return _token(account)
+        held = self._held(account, self._clock.now())
+        if held is not None:
+            return held
         reason = "Intuit could not be reached" if outcome else "the refresh is taking too long"
         raise TokenUnavailableError(
             "unavailable",
             f"{reason} and no valid access token is left; retry shortly",
         )
+
+    def _held(self, account: Account, now: datetime) -> AccessToken | None:
+        """The new token Intuit gave while the database refuses its write (a full disk).
+
+        No newer one can come before the write lands: waiting for it helps no one.
+        """
+        held = self._scheduler.held_tokens(account)
+        if held is None or held.token_expires_at <= now:
+            return None
+        return AccessToken(held.access_token, account.realm_id or "", held.token_expires_at)
 
 
 def _check_status(account: Account) -> None:

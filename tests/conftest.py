@@ -14,6 +14,16 @@ from tests.harness import RunningDaemon, start_daemon
 StartDaemon = Callable[..., Awaitable[RunningDaemon]]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The fault tests (tests/faults/) read it: kill -9 rounds per crash run.
+    parser.addoption(
+        "--rounds",
+        type=int,
+        default=20,
+        help="kill -9 rounds per crash test in tests/faults (default 20)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _clean_logging() -> Iterator[None]:
     yield
