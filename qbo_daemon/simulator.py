@@ -83,6 +83,8 @@ _HANG_POLL: Final = 0.05
 # forgotten so that a long benchmark does not keep millions of them.
 _ACCESS_TOKENS_PER_CONNECTION: Final = 8
 _SHUTDOWN_TIMEOUT: Final = 2.0
+# Most connections one POST /_sim/grants {"count": N} mints (a few MB of JSON).
+MAX_BULK_GRANTS: Final = 10_000
 
 _GRANT_TYPES: Final = {g: g for g in ("authorization_code", "refresh_token")}
 _HARD_EXPIRY_HEADER: Final = "x-include-refresh-token-hard-expires-in"
@@ -825,7 +827,17 @@ class IntuitSimulator:
 
     async def _sim_grants(self, request: web.Request) -> web.Response:
         data = await _json_object(request)
-        _only(data, {"realm_id"})
+        _only(data, {"realm_id", "count"})
+        if "count" in data:
+            # Bulk minting for the benchmark: {"count": N} answers {"grants": [...]}.
+            count = data["count"]
+            if "realm_id" in data:
+                raise ValueError("give either realm_id or count, not both")
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ValueError("count must be an integer")
+            if not 1 <= count <= MAX_BULK_GRANTS:
+                raise ValueError(f"count must be between 1 and {MAX_BULK_GRANTS}")
+            return web.json_response({"grants": [self.grant() for _ in range(count)]})
         realm_id = data.get("realm_id")
         if realm_id is not None and (not isinstance(realm_id, str) or not realm_id):
             raise ValueError("realm_id must be a non-empty string")

@@ -1,0 +1,1 @@
+"""The qbo-daemon benchmark: ``python -m bench`` (see docs/performance.md)."""

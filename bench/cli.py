@@ -1,0 +1,175 @@
+"""``python -m bench``: the whole benchmark in one command.
+
+Starts the simulator in its own process, builds a database of ``--accounts``
+real simulator grants through the storage layer, then measures, each time with
+the real daemon in a process of its own: start-up, memory and lateness with
+every account scheduled; catch-up storms at each latency and concurrency next
+to a bare aiohttp client (the ceiling); and the cron batch. Prints a table and
+writes everything to ``bench/results/<time>-n<accounts>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.dataset import build_database, mint_grants
+from bench.lab import BenchSettings, Lab
+from bench.phases import ceiling, cron, startup_and_lateness, storm
+from bench.procs import load_average
+from bench.report import goals, machine, table
+
+RESULTS = Path(__file__).parent / "results"
+PHASES = ("lateness", "storms", "cron")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = BenchSettings()
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--accounts", type=int, default=d.accounts, help="accounts in the database")
+    p.add_argument("--overdue", type=int, default=d.overdue, help="accounts overdue in a storm")
+    p.add_argument(
+        "--slow-overdue",
+        type=int,
+        default=None,
+        help="accounts overdue in the storms with latency (default: --overdue)",
+    )
+    p.add_argument("--due-soon", type=int, default=d.due_soon, help="due during the lateness run")
+    p.add_argument(
+        "--lateness-delay",
+        type=float,
+        default=d.lateness_delay,
+        metavar="S",
+        help="seconds from the daemon's launch to the first due account",
+    )
+    p.add_argument(
+        "--lateness-window",
+        type=float,
+        default=d.lateness_window,
+        metavar="S",
+        help="seconds over which the due accounts are spread",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(d.concurrencies),
+        help="storm concurrencies",
+    )
+    p.add_argument(
+        "--latency",
+        type=float,
+        nargs="+",
+        default=list(d.latencies),
+        help="simulator latencies, seconds",
+    )
+    p.add_argument(
+        "--cron-seconds", type=float, default=d.cron_seconds, help="length of each cron batch"
+    )
+    p.add_argument(
+        "--only", choices=PHASES, nargs="+", default=list(PHASES), help="run only these phases"
+    )
+    p.add_argument("--out", type=Path, default=None, help="the JSON file to write")
+    p.add_argument("--workdir", type=Path, default=None, help="keep databases and logs here")
+    args = p.parse_args(argv)
+    for name in ("overdue", "due_soon"):
+        if not 1 <= getattr(args, name) <= args.accounts:
+            p.error(f"--{name.replace('_', '-')} must be between 1 and --accounts")
+    if args.slow_overdue is not None and not 1 <= args.slow_overdue <= args.accounts:
+        p.error("--slow-overdue must be between 1 and --accounts")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(
+        accounts=args.accounts,
+        overdue=args.overdue,
+        slow_overdue=args.slow_overdue,
+        due_soon=args.due_soon,
+        lateness_delay=args.lateness_delay,
+        lateness_window=args.lateness_window,
+        concurrencies=tuple(args.concurrency),
+        latencies=tuple(args.latency),
+        cron_seconds=args.cron_seconds,
+    )
+
+
+async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(),
+        "machine": machine(),
+        "settings": asdict(settings),
+        "load_average_start": load_average(),
+        "storms": [],
+        "ceilings": [],
+        "crons": [],
+    }
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        lab = await Lab.start_simulator(settings, workdir, session)
+        try:
+            started = time.monotonic()
+            lab.grants = await mint_grants(session, lab.sim_url, settings.accounts)
+            minted = time.monotonic()
+            await build_database(lab.base_db, lab.key, lab.grants)
+            results["build"] = {
+                "accounts": settings.accounts,
+                "grants_s": minted - started,
+                "store_s": time.monotonic() - minted,
+            }
+            _progress(f"database of {settings.accounts} accounts built")
+            if "lateness" in phases:
+                results["lateness_phase"] = await startup_and_lateness(lab)
+                _progress("start-up and lateness measured")
+            for latency in settings.latencies:
+                count = settings.overdue
+                if latency > 0 and settings.slow_overdue is not None:
+                    count = settings.slow_overdue
+                if "storms" in phases:
+                    for concurrency in settings.concurrencies:
+                        results["storms"].append(await storm(lab, latency, concurrency, count))
+                        results["ceilings"].append(await ceiling(lab, latency, concurrency, count))
+                        _progress(f"storm at {latency * 1000:g} ms, concurrency {concurrency}")
+                if "cron" in phases:
+                    results["crons"].append(await cron(lab, latency, count))
+                    _progress(f"cron at {latency * 1000:g} ms")
+        finally:
+            await lab.simulator.stop()
+    results["load_average_end"] = load_average()
+    results["goals"] = goals(results)
+    return results
+
+
+def _progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qbo-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = asyncio.run(run(settings, workdir, args.only))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out: Path = args.out or RESULTS / (
+        f"{datetime.now(UTC):%Y%m%d-%H%M%S}-n{settings.accounts}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(table(results))
+    print(f"\nresults: {out}")
+    return 0

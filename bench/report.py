@@ -1,0 +1,238 @@
+"""Figures into verdicts, a table and a JSON file."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sqlite3
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# The issue's goals (2 cores).
+LATENESS_P99_MS = 100.0
+CEILING_RATE_SHARE = 0.70
+CEILING_CPU_FACTOR = 2.0
+CRON_FACTOR = 30.0
+RSS_MIB = 150.0
+STARTUP_S = 3.0
+# A simulator busier than this share of one core is taken as the bottleneck.
+SIMULATOR_SATURATED = 0.85
+
+
+def distribution(values: Sequence[float]) -> dict[str, Any]:
+    """Count, p50, p99 (nearest rank), min, max and how many are negative (early)."""
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+    return {
+        "n": len(ordered),
+        "p50": rank(0.50),
+        "p99": rank(0.99),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "early": sum(1 for v in ordered if v < 0),
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sqlite": sqlite3.sqlite_version,
+        "aiohttp": metadata.version("aiohttp"),
+        "aiosqlite": metadata.version("aiosqlite"),
+        "cryptography": metadata.version("cryptography"),
+    }
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal with its figure, its bound and whether it is met."""
+    verdicts: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, bound: float, met: bool, note: str = "") -> None:
+        verdicts.append({"goal": name, "value": value, "bound": bound, "met": met, "note": note})
+
+    phase = results.get("lateness_phase")
+    if phase:
+        departure = phase["lateness"]["departure_ms"]
+        if departure.get("n"):
+            add(
+                "lateness p99 (ms)",
+                departure["p99"],
+                LATENESS_P99_MS,
+                departure["p99"] < LATENESS_P99_MS,
+            )
+            add("refreshes early", departure["early"], 0, departure["early"] == 0)
+        add(
+            "peak RSS (MiB)",
+            phase["memory"]["peak_rss_mib"],
+            RSS_MIB,
+            phase["memory"]["peak_rss_mib"] <= RSS_MIB,
+        )
+        scheduled = phase["startup"]["to_scheduled_s"]
+        if scheduled is not None:
+            add("start-up to scheduled (s)", scheduled, STARTUP_S, scheduled <= STARTUP_S)
+    storms = {(s["latency_ms"], s["concurrency"]): s for s in results.get("storms", [])}
+    ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
+    for (latency, concurrency), daemon in sorted(storms.items()):
+        bare = ceilings.get((latency, concurrency))
+        if latency != 0 or bare is None:
+            continue
+        share = daemon["rate_per_s"] / bare["rate_per_s"]
+        factor = daemon["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
+        note = _saturation(daemon, bare)
+        add(
+            f"c{concurrency} 0 ms: rate / ceiling",
+            share,
+            CEILING_RATE_SHARE,
+            share >= CEILING_RATE_SHARE,
+            note,
+        )
+        add(
+            f"c{concurrency} 0 ms: CPU per 1000 / ceiling",
+            factor,
+            CEILING_CPU_FACTOR,
+            factor <= CEILING_CPU_FACTOR,
+        )
+    crons = {c["latency_ms"]: c for c in results.get("crons", [])}
+    for (latency, concurrency), daemon in sorted(storms.items()):
+        cron_run = crons.get(latency)
+        if latency == 0 or concurrency != 64 or not cron_run or not cron_run["rate_per_s"]:
+            continue
+        factor = daemon["rate_per_s"] / cron_run["rate_per_s"]
+        add(f"c64 {latency:g} ms: rate / cron", factor, CRON_FACTOR, factor >= CRON_FACTOR)
+    return verdicts
+
+
+def _saturation(*runs: dict[str, Any]) -> str:
+    busy = [r["who"] for r in runs if r["simulator_cpu_share"] >= SIMULATOR_SATURATED]
+    return f"simulator saturated during: {', '.join(busy)}" if busy else ""
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as plain text, one block per measurement."""
+    out: list[str] = []
+    m = results["machine"]
+    out.append(
+        f"machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, "
+        f"SQLite {m['sqlite']}, aiohttp {m['aiohttp']}"
+    )
+    out.append(f"load average at start: {_load(results['load_average_start'])}")
+    build = results.get("build")
+    if build:
+        out.append(
+            f"database: {build['accounts']} accounts, grants {build['grants_s']:.1f} s, "
+            f"stored {build['store_s']:.1f} s"
+        )
+    phase = results.get("lateness_phase")
+    if phase:
+        s, mem, late = phase["startup"], phase["memory"], phase["lateness"]
+        out.append("")
+        load = _load(phase["load_average_before"])
+        out.append(f"start-up with {phase['accounts']} accounts (load {load})")
+        out.append(
+            f"  imports {s['to_imported_s']:.2f} s, all scheduled {_num(s['to_scheduled_s'])} s, "
+            f"ready {s['to_ready_s']:.2f} s, CPU to ready {s['cpu_to_ready_s']:.2f} s"
+        )
+        out.append(
+            f"  RSS at ready {s['rss_at_ready_mib']:.1f} MiB, peak {mem['peak_rss_mib']:.1f} MiB "
+            f"(after the lateness run; now {mem['rss_end_mib']:.1f} MiB)"
+        )
+        out.append(
+            f"lateness: {late['due']} due over the run, {late['due_before_ready']} due before "
+            f"ready, simulator {late['simulator_cpu_share']:.0%} of a core"
+        )
+        for label, key in (
+            ("departure", "departure_ms"),
+            ("at simulator", "arrival_at_simulator_ms"),
+        ):
+            d = late[key]
+            if d.get("n"):
+                out.append(
+                    f"  {label:13} n={d['n']} p50 {d['p50']:.2f} ms  p99 {d['p99']:.2f} ms  "
+                    f"max {d['max']:.2f} ms  min {d['min']:.2f} ms  early {d['early']}"
+                )
+    rows = _storm_rows(results)
+    if rows:
+        out.append("")
+        out.append(
+            "catch-up storm: overdue accounts drained (rate: refreshes/s; "
+            "cpu: CPU s per 1000 refreshes; sim: simulator's share of one core)"
+        )
+        out.append(
+            f"  {'latency':>7} {'conc':>4}  {'who':17} {'n':>6} {'rate/s':>9} {'cpu/1000':>9} "
+            f"{'sim':>5}  load before"
+        )
+        out.extend(rows)
+    verdicts = results.get("goals", [])
+    if verdicts:
+        out.append("")
+        out.append("goals")
+        for v in verdicts:
+            mark = "met   " if v["met"] else "MISSED"
+            note = f"  ({v['note']})" if v["note"] else ""
+            out.append(f"  {mark} {v['goal']}: {_num(v['value'])} (bound {v['bound']}){note}")
+    return "\n".join(out)
+
+
+def _storm_rows(results: dict[str, Any]) -> list[str]:
+    """Daemon beside ceiling per latency and concurrency, with their ratio; then cron."""
+    ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
+    crons = {c["latency_ms"]: c for c in results.get("crons", [])}
+    storms = sorted(results.get("storms", []), key=lambda s: (s["latency_ms"], s["concurrency"]))
+    rows: list[str] = []
+
+    def row(run: dict[str, Any], who: str, n: int, concurrency: int) -> str:
+        return (
+            f"  {run['latency_ms']:>5.0f}ms {concurrency:>4}  {who:17} {n:>6} "
+            f"{run['rate_per_s']:>9.1f} {run['cpu_per_1000_s']:>9.3f} "
+            f"{run['simulator_cpu_share']:>5.0%}  {_load(run['load_average_before'])}"
+        )
+
+    latencies = sorted({s["latency_ms"] for s in storms} | set(crons))
+    for latency in latencies:
+        for daemon in (s for s in storms if s["latency_ms"] == latency):
+            concurrency = daemon["concurrency"]
+            rows.append(row(daemon, "daemon", daemon["refreshes_measured"], concurrency))
+            bare = ceilings.get((latency, concurrency))
+            if bare:
+                rows.append(row(bare, "bare client", bare["ok"], concurrency))
+                rate = daemon["rate_per_s"] / bare["rate_per_s"]
+                cpu = daemon["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
+                rows.append(
+                    f"  {'':>7} {'':>4}  {'daemon / bare':17} {'':>6} {rate:>8.0%} {cpu:>8.1f}x"
+                )
+        cron_run = crons.get(latency)
+        if cron_run:
+            rows.append(row(cron_run, "cron (requests)", cron_run["refreshed"], 1))
+            for daemon in (s for s in storms if s["latency_ms"] == latency):
+                if cron_run["rate_per_s"]:
+                    factor = daemon["rate_per_s"] / cron_run["rate_per_s"]
+                    label = f"daemon c{daemon['concurrency']} / cron"
+                    rows.append(f"  {'':>7} {'':>4}  {label:17} {'':>6} {factor:>8.1f}x")
+    return rows
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _load(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)

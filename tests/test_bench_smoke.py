@@ -1,0 +1,84 @@
+"""The benchmark end to end at a few hundred accounts, so that it never rots.
+
+``python -m bench`` runs as the lead runs it (simulator, daemons, bare client and
+cron batch each in a process of its own, loopback only), with short phases.
+Only what must hold at any size is checked: every refresh is on disk, none left
+early, every figure is there. The speed goals are for the full run on a quiet
+machine (docs/performance.md), not for a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ACCOUNTS, OVERDUE, DUE_SOON = 300, 150, 60
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        f"--accounts={ACCOUNTS}",
+        f"--overdue={OVERDUE}",
+        f"--due-soon={DUE_SOON}",
+        "--lateness-delay=2.5",
+        "--lateness-window=1.5",
+        "--latency",
+        "0",
+        "0.02",
+        "--concurrency",
+        "8",
+        "64",
+        "--cron-seconds=0.5",
+        f"--out={out}",
+        f"--workdir={tmp_path / 'work'}",
+    ]
+    done = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "goals" in done.stdout
+    results = json.loads(out.read_text())
+
+    assert results["machine"]["cores"] >= 1
+    assert results["build"]["accounts"] == ACCOUNTS
+    phase = results["lateness_phase"]
+    assert phase["startup"]["scheduled"] == ACCOUNTS
+    assert phase["startup"]["to_scheduled_s"] > 0
+    assert phase["memory"]["peak_rss_mib"] > 0
+    lateness = phase["lateness"]
+    assert lateness["refreshed"] == DUE_SOON
+    departure = lateness["departure_ms"]
+    assert departure["n"] == DUE_SOON - lateness["due_before_ready"] > 0
+    assert departure["early"] == 0
+    assert lateness["arrival_at_simulator_ms"]["early"] == 0
+
+    storms = results["storms"]
+    assert {(s["latency_ms"], s["concurrency"]) for s in storms} == {
+        (0.0, 8),
+        (0.0, 64),
+        (20.0, 8),
+        (20.0, 64),
+    }
+    for storm in storms:
+        assert storm["durable"] == {"rows_refreshed": OVERDUE, "attempts_success": OVERDUE}
+        assert storm["rate_per_s"] > 0
+        assert storm["cpu_per_1000_s"] > 0
+    assert [c["ok"] for c in results["ceilings"]] == [OVERDUE] * 4
+    crons = results["crons"]
+    assert [c["latency_ms"] for c in crons] == [0.0, 20.0]
+    assert all(c["refreshed"] > 0 and c["failed"] == 0 for c in crons)
+
+    goals = {g["goal"] for g in results["goals"]}
+    assert {"lateness p99 (ms)", "refreshes early", "peak RSS (MiB)"} <= goals
+    assert "c64 20 ms: rate / cron" in goals
