@@ -151,7 +151,8 @@ def iso(value: datetime | None) -> str | None:
     """ISO 8601 UTC with a ``Z`` and microseconds, so that text order is time order."""
     if value is None:
         return None
-    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime, and this runs per row written.
+    return utc(value).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_iso(value: str | None) -> datetime | None:

@@ -7,7 +7,7 @@ and makes sure only one attempt per account is in flight. An attempt:
    newest persisted refresh token, never an older one);
 2. gives up without calling Intuit when the refresh token is past its expiry
    or its 5-year hard expiry;
-3. calls Intuit;
+3. calls Intuit, and gives the slot back as soon as Intuit has answered;
 4. on success persists tokens, times and the attempt in one compare-and-swap
    transaction before reporting success. If the database write fails after
    Intuit answered, the new tokens stay in memory and the write is retried
@@ -144,15 +144,20 @@ class Refresher:
             self.in_flight += 1
             self._metrics.set_refreshing(self.in_flight)
             try:
-                result = await self._intuit.refresh(account.refresh_token)
+                result: TokenResult | IntuitError = await self._intuit.refresh(
+                    account.refresh_token
+                )
             except IntuitError as error:
-                duration = self._clock.monotonic() - started
-                return await self._failed(account, error, started_wall, duration)
+                result = error
             finally:
                 self.in_flight -= 1
                 self._metrics.set_refreshing(self.in_flight)
             duration = self._clock.monotonic() - started
-            saved = await self._persist(account, result, started_wall, duration)
+        # The slot limits calls to Intuit; the write that follows waits on the database,
+        # and holding the slot through it would leave Intuit's capacity idle.
+        if isinstance(result, IntuitError):
+            return await self._failed(account, result, started_wall, duration)
+        saved = await self._persist(account, result, started_wall, duration)
         self._metrics.refresh_attempt("success", duration)
         if saved is None:
             return await self._replaced(account_id)

@@ -91,7 +91,7 @@ class Scheduler:
         self._recent: OrderedDict[str, tuple[int, Outcome]] = OrderedDict()
         self._failures: dict[str, int] = {}
         self._warned_hard_expiry: set[str] = set()
-        self._dispatch_slots = asyncio.Semaphore(concurrency)
+        self._dispatch_slots = asyncio.Semaphore(_dispatch_width(concurrency))
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
@@ -195,7 +195,7 @@ class Scheduler:
             self._wakeup.set()
 
     def set_concurrency(self, concurrency: int) -> None:
-        self._dispatch_slots = asyncio.Semaphore(concurrency)
+        self._dispatch_slots = asyncio.Semaphore(_dispatch_width(concurrency))
         self._refresher.set_concurrency(concurrency)
         self._wakeup.set()
 
@@ -490,3 +490,12 @@ class Scheduler:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+def _dispatch_width(concurrency: int) -> int:
+    """Timer refreshes in flight at once: twice the Intuit calls allowed.
+
+    An attempt holds its Intuit slot only for the call; the other half are
+    reading rows or committing, so Intuit's capacity never idles on the database.
+    """
+    return 2 * concurrency
