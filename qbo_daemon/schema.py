@@ -8,6 +8,15 @@ Never edit a released migration: append a new one.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from qbo_daemon.errors import StorageError
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: accounts, pending OAuth states, refresh attempts.
     (
@@ -63,3 +72,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    """Bring the database at ``path`` to :data:`SCHEMA_VERSION`, one migration at a time."""
+    cursor = await conn.execute("PRAGMA user_version")
+    row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"database {path} has schema version {version}, newer than this qbo-daemon "
+            f"understands ({SCHEMA_VERSION}); upgrade qbo-daemon"
+        )
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            for statement in MIGRATIONS[number - 1]:
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number}")
+            await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise StorageError(
+                f"migrating database {path} to version {number} failed: {exc}"
+            ) from exc
+    # The database holds encrypted secrets and realm ids: keep it private.
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)

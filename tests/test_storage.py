@@ -136,7 +136,7 @@ async def test_new_database_is_wal_full_current_and_private(
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert query(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     # synchronous is per connection: check the two the storage writes and reads with.
-    for conn in (storage._db, storage._reader):
+    for conn in (storage._db._writer, storage._db._reader):
         cursor = await conn.execute("PRAGMA synchronous")
         found = await cursor.fetchone()
         assert found is not None
@@ -498,7 +498,7 @@ async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
     await storage.save_refresh(stale, tokens("ACCESS-1st", "REFRESH-1st"), lead=LEAD, now=NOW)
 
     commits: list[str] = []
-    await storage._db.set_trace_callback(
+    await storage._db._writer.set_trace_callback(
         lambda sql: commits.append(sql) if sql.startswith("COMMIT") else None
     )
     later = NOW + timedelta(minutes=50)
@@ -956,7 +956,7 @@ async def test_refresh_during_reencrypt_is_not_lost(
 
 async def set_query_only(storage: Storage, on: bool) -> None:
     """Make the writer connection refuse writes (works as root, unlike chmod)."""
-    await storage._db.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+    await storage._db._writer.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
 
 
 async def test_failing_write_is_a_storage_error_and_writes_nothing(
