@@ -17,6 +17,7 @@ from yarl import URL
 
 from qbo_daemon.simulator import (
     FAULT_KINDS,
+    MAX_BULK_GRANTS,
     IntuitSimulator,
     SimulatorSettings,
     serve_simulator,
@@ -758,6 +759,28 @@ async def test_control_api_faults_deny_and_grants(
         answer = await control(http, sim, "POST", "faults", bad)
         assert answer.status == 400
         assert answer.json()["error"] == "invalid_request"
+
+
+async def test_control_api_mints_grants_in_bulk(
+    http: aiohttp.ClientSession, sim: IntuitSimulator
+) -> None:
+    answer = await control(http, sim, "POST", "grants", {"count": 3})
+    assert answer.status == 200
+    grants = answer.json()["grants"]
+    assert len({g["refresh_token"] for g in grants}) == 3
+    assert len({g["realm_id"] for g in grants}) == 3
+    for grant in grants:
+        assert (await refresh(http, sim, grant["refresh_token"])).status == 200
+    assert sim.stats()["connections"] == {"live": 3, "dead": 0}
+
+    most = await control(http, sim, "POST", "grants", {"count": MAX_BULK_GRANTS})
+    assert (most.status, len(most.json()["grants"])) == (200, MAX_BULK_GRANTS)
+
+    bad_counts = [0, -1, MAX_BULK_GRANTS + 1, "3", 2.5, True, None]
+    for bad in [*({"count": c} for c in bad_counts), {"count": 1, "realm_id": "123"}]:
+        answer = await control(http, sim, "POST", "grants", bad)
+        assert (answer.status, answer.json()["error"]) == (400, "invalid_request"), bad
+    assert sim.stats()["connections"]["live"] == 3 + MAX_BULK_GRANTS
 
 
 async def test_control_api_invalidate(http: aiohttp.ClientSession, sim: IntuitSimulator) -> None:
