@@ -169,6 +169,10 @@ async def _story(
         simulator.inject("503", 2, retry_after=3)
         simulator.inject("502_html", 1)
         log.warning("demo.outage_injected", faults="two 503s with Retry-After, one HTML 502")
+        # The host app asks for a refresh now, so the retries show at once rather
+        # than at the next timer.
+        async with client.post(f"{api_url}/v1/accounts/demo-1/refresh") as answer:
+            log.info("demo.refresh_requested", account_id="demo-1", http_status=answer.status)
         while True:
             async with client.get(f"{api_url}/v1/accounts/demo-1/token") as answer:
                 body = await answer.json()
