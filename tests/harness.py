@@ -105,6 +105,26 @@ async def start_daemon(
         ),
         encoding="utf-8",
     )
+    return await run_daemon(
+        config_path,
+        simulator,
+        api_key=api_key,
+        encryption_key=encryption_key,
+        clock=clock,
+        environ=environ,
+    )
+
+
+async def run_daemon(
+    config_path: Path,
+    simulator: IntuitSimulator,
+    *,
+    api_key: str,
+    encryption_key: str,
+    clock: Clock | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunningDaemon:
+    """Start a daemon on an existing config file (a first start or a restart)."""
     config = load_config(config_path, {})
     daemon = Daemon(config, clock=clock, environ=environ or {})
     stop = asyncio.Event()

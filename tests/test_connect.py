@@ -22,13 +22,11 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from qbo_daemon.config import load_config
-from qbo_daemon.daemon import Daemon
 from qbo_daemon.logs import configure_logging
 from qbo_daemon.models import ACCOUNT_ID_RULE, iso, valid_account_id
 from qbo_daemon.simulator import IntuitSimulator, RequestLogEntry
 from tests.conftest import StartDaemon
-from tests.harness import RunningDaemon
+from tests.harness import RunningDaemon, run_daemon
 from tests.manual_clock import ManualClock
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -567,26 +565,11 @@ async def test_a_double_fired_failing_callback_shows_the_failure_twice(
 
 async def start_again(old: RunningDaemon) -> RunningDaemon:
     """A new daemon process-alike on the same config file, data and ports."""
-    config = load_config(old.config_path, {})
-    daemon = Daemon(config, environ={})
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    ready = asyncio.create_task(daemon.ready.wait())
-    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
-    if not daemon.ready.is_set():
-        ready.cancel()
-        await task  # raises the start-up error
-        raise AssertionError("the restarted daemon did not become ready")
-    return RunningDaemon(
-        daemon=daemon,
-        config=config,
-        config_path=old.config_path,
-        simulator=old.simulator,
+    return await run_daemon(
+        old.config_path,
+        old.simulator,
         api_key=old.api_key,
         encryption_key=old.encryption_key,
-        stop=stop,
-        task=task,
-        session=aiohttp.ClientSession(),
     )
 
 

@@ -22,18 +22,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
-from qbo_daemon.config import load_config
 from qbo_daemon.crypto import generate_key
-from qbo_daemon.daemon import Daemon
 from qbo_daemon.demo import free_port, simulator_config_text
 from qbo_daemon.logs import configure_logging
 from qbo_daemon.models import iso, parse_iso
 from qbo_daemon.simulator import IntuitSimulator, RequestLogEntry, SimulatorSettings
-from tests.harness import RunningDaemon, wait_for
+from tests.harness import RunningDaemon, run_daemon, wait_for
 from tests.manual_clock import ManualClock
 
 T0 = datetime(2031, 3, 3, 9, 0, tzinfo=UTC)
@@ -176,26 +173,8 @@ async def start(
                 text = text.replace("[refresh]\n", f"[refresh]\n{line}\n", 1)
         config_path = data_dir / "config.toml"
         config_path.write_text(text, encoding="utf-8")
-        config = load_config(config_path, {})
-        daemon = Daemon(config, clock=clock, environ={})
-        stop = asyncio.Event()
-        task = asyncio.create_task(daemon.run(stop))
-        ready = asyncio.create_task(daemon.ready.wait())
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
-        if not daemon.ready.is_set():
-            ready.cancel()
-            await task
-            raise AssertionError("the daemon did not become ready")
-        daemon_ = RunningDaemon(
-            daemon=daemon,
-            config=config,
-            config_path=config_path,
-            simulator=intuit.sim,
-            api_key=api_key,
-            encryption_key=key,
-            stop=stop,
-            task=task,
-            session=aiohttp.ClientSession(),
+        daemon_ = await run_daemon(
+            config_path, intuit.sim, api_key=api_key, encryption_key=key, clock=clock
         )
         running.append(daemon_)
         await settle(daemon_, clock)
