@@ -323,10 +323,15 @@ def _account_id(request: web.Request) -> str:
 
 def _account_json(services: Services, account: Account) -> dict[str, Any]:
     data = account.public_dict()
+    now = services.clock.now()
+    expires = account.token_expires_at
+    if account.status is AccountStatus.ACTIVE and expires is not None and expires <= now:
+        # The row says active until the next attempt writes; the access token is dead now.
+        data["status"] = AccountStatus.EXPIRED.value
     data["next_refresh_at"] = iso(services.scheduler.due_at(account.account_id))
     hard = account.refresh_token_hard_expires_at
     warn = services.config.refresh.hard_expiry_warning
-    data["hard_expiry_soon"] = hard is not None and hard - services.clock.now() <= warn
+    data["hard_expiry_soon"] = hard is not None and hard - now <= warn
     return data
 
 

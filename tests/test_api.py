@@ -395,6 +395,36 @@ async def test_intuit_down_503_without_a_valid_token_200_with_one(
     assert account["failure_count"] >= 2
 
 
+async def test_an_account_whose_access_token_died_between_retries_reads_expired(
+    daemon_factory: StartDaemon, clock: ManualClock
+) -> None:
+    running = await daemon_factory(clock=clock)
+    _, body = grant_body(
+        running,
+        access_token="imported-access-token",
+        token_expires_at=iso(clock.now() + timedelta(minutes=11)),
+    )
+    assert (await call(running, "PUT", "/v1/accounts/acme/tokens", json=body))[0] == 201
+    # Intuit asks for ten minutes' patience; the token dies before the retry.
+    running.simulator.inject("503", 5, retry_after=600)
+    clock.advance(60)  # the lead: the refresh is due and fails
+
+    async def failed_once() -> bool:
+        _, account = await call(running, "GET", "/v1/accounts/acme")
+        return bool(account["failure_count"] == 1)
+
+    await wait_for(failed_once)
+    _, account = await call(running, "GET", "/v1/accounts/acme")
+    assert account["status"] == "active"  # the token still has 10 minutes
+
+    clock.jump_wall(timedelta(minutes=10, seconds=1))  # dead, the retry not yet due
+    status, account = await call(running, "GET", "/v1/accounts/acme")
+    assert (status, account["status"]) == (200, "expired")
+    assert len(running.simulator.request_log) == 1  # the retry waits for Retry-After
+    _, listing = await call(running, "GET", "/v1/accounts")
+    assert [a["status"] for a in listing["accounts"]] == ["expired"]
+
+
 async def test_a_dead_refresh_token_is_409_needs_reconnect_with_a_hint(
     running: RunningDaemon,
 ) -> None:
