@@ -292,13 +292,15 @@ async def test_import_refreshes_at_once_and_listing_carries_no_secret(
     grant, body = grant_body(running, access_token="stale-access-token")
     status, account = await call(running, "PUT", "/v1/accounts/acme/tokens", json=body)
     assert status == 201
-    assert account["status"] == "active"
+    # No expiry given: the access token is not known to be valid (so it reads
+    # expired), and it is refreshed now.
+    assert account["status"] == "expired"
     assert account["realm_id"] == grant["realm_id"]
-    # No expiry given: the access token is not known to be valid, so it is refreshed now.
     await wait_for(
         lambda: any(e.status == 200 for e in refreshes_of(running, grant["refresh_token"]))
     )
     await wait_for(lambda: running.services.scheduler.due_at("acme") is not None)
+    assert (await call(running, "GET", "/v1/accounts/acme"))[1]["status"] == "active"
     status, token = await call(running, "GET", "/v1/accounts/acme/token")
     assert status == 200
     assert token["realm_id"] == grant["realm_id"]
