@@ -365,7 +365,7 @@ def _refresh(section: _Section) -> RefreshConfig:
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,
         token_wait=section.duration("token_wait", "30s", positive=True),
-        shutdown_grace=section.duration("shutdown_grace", "20s"),
+        shutdown_grace=section.duration("shutdown_grace", "35s"),
         hard_expiry_warning=section.duration("hard_expiry_warning", "30d"),
         invalid_client_retry=section.duration("invalid_client_retry", "5m", positive=True),
     )

@@ -160,9 +160,14 @@ class ConnectFlow:
         account = await self._storage.save_connection(
             account_id, realm_id, result.tokens, lead=self.lead, now=self._clock.now()
         )
-        await self._storage.finish_state(state, "connected")
+        # The connection is saved: time it before anything else can fail.
         self._scheduler.schedule_account(account)
         self._events.emit("account.connected", account_id, intuit_tid=result.intuit_tid)
+        try:
+            await self._storage.finish_state(state, "connected")
+        except StorageError as exc:
+            # Only a replayed callback would miss this note; the connection stands.
+            log.warning("connect.state_not_noted", account_id=account_id, error=str(exc))
         return ConnectResult(
             "connected",
             200,

@@ -106,6 +106,14 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
         async with AsyncExitStack() as stack:
+            if config.refresh.shutdown_grace <= config.intuit.timeout:
+                log.warning(
+                    "config.shutdown_grace_short",
+                    shutdown_grace=config.refresh.shutdown_grace.total_seconds(),
+                    intuit_timeout=config.intuit.timeout.total_seconds(),
+                    detail="a refresh Intuit answers during a shutdown may be cut off and a "
+                    "rotated refresh token lost; keep [refresh] shutdown_grace above it",
+                )
             lock = DatabaseLock(config.storage.path)
             lock.acquire()
             stack.callback(lock.release)

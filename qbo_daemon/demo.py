@@ -82,7 +82,7 @@ encryption_keys = ["{encryption_key}"]
 lead = "{lead}"
 backoff_initial = "{backoff_initial}"
 backoff_max = "{backoff_max}"
-shutdown_grace = "5s"
+shutdown_grace = "12s"
 
 [log]
 level = "{log_level}"

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import structlog
 
 from qbo_daemon.clock import Clock
 from qbo_daemon.config import IntuitConfig
@@ -40,6 +41,8 @@ from qbo_daemon.models import (
     TokenSet,
     utc,
 )
+
+log = structlog.get_logger("qbo_daemon.intuit")
 
 # Asks Intuit to include x_refresh_token_hard_expires_in (the 5-year limit, 2025).
 HARD_EXPIRY_HEADER = "x-include-refresh-token-hard-expires-in"
@@ -186,8 +189,12 @@ def _parse_tokens(
         # Keep the token we presented: Intuit rotates only every day or so.
         refresh_token = previous_refresh_token
     expires_in = _seconds(data, "expires_in", tid) or DEFAULT_ACCESS_TOKEN_LIFETIME
-    refresh_in = _seconds(data, "x_refresh_token_expires_in", tid) or DEFAULT_REFRESH_TOKEN_LIFETIME
-    hard_in = _seconds(data, "x_refresh_token_hard_expires_in", tid)
+    # The refresh token's lifetimes are advisory: a garbled one must not throw away
+    # a rotated refresh token (the old one may already be dead), so it reads as absent.
+    refresh_in = (
+        _advisory_seconds(data, "x_refresh_token_expires_in", tid) or DEFAULT_REFRESH_TOKEN_LIFETIME
+    )
+    hard_in = _advisory_seconds(data, "x_refresh_token_hard_expires_in", tid)
     return TokenSet(
         access_token=access_token,
         refresh_token=refresh_token,
@@ -196,6 +203,14 @@ def _parse_tokens(
         refresh_token_expires_at=obtained_at + refresh_in,
         refresh_token_hard_expires_at=obtained_at + hard_in if hard_in is not None else None,
     )
+
+
+def _advisory_seconds(data: dict[str, Any], field: str, tid: str | None) -> timedelta | None:
+    try:
+        return _seconds(data, field, tid)
+    except TransientIntuitError:
+        log.warning("intuit.invalid_field", field=field, intuit_tid=tid, detail="taken as absent")
+        return None
 
 
 def _seconds(data: dict[str, Any], field: str, tid: str | None) -> timedelta | None:

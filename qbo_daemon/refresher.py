@@ -190,22 +190,29 @@ class Refresher:
                 intuit_tid=result.intuit_tid,
             )
             try:
-                updated = await self._storage.save_refresh(
-                    account, result.tokens, lead=self.lead, now=self._clock.now(), attempt=attempt
-                )
-            except StaleWriteError:
-                current = await self._storage.find_account(account.account_id)
-                if current is None or current.refresh_token != account.refresh_token:
-                    log.warning(
-                        "refresh.discarded",
-                        reason="the account was reconnected, imported or disconnected meanwhile",
-                        intuit_tid=result.intuit_tid,
+                try:
+                    updated = await self._storage.save_refresh(
+                        account,
+                        result.tokens,
+                        lead=self.lead,
+                        now=self._clock.now(),
+                        attempt=attempt,
                     )
-                    return None
-                # Only bookkeeping changed (a key rotation, a failure note): write again.
-                account = current
-                continue
-            except StorageError as exc:
+                except StaleWriteError:
+                    current = await self._storage.find_account(account.account_id)
+                    if current is None or current.refresh_token != account.refresh_token:
+                        self._held.pop(account.account_id, None)
+                        log.warning(
+                            "refresh.discarded",
+                            reason="the account was reconnected, imported or disconnected "
+                            "meanwhile",
+                            intuit_tid=result.intuit_tid,
+                        )
+                        return None
+                    # Only bookkeeping changed (a key rotation, a failure note): write again.
+                    account = current
+                    continue
+            except StorageError as exc:  # the write, or the re-read after a stale write
                 self._held[account.account_id] = (account.refresh_token, result.tokens)
                 log.critical(
                     "refresh.persist_failed",

@@ -309,6 +309,8 @@ class Scheduler:
             raise
         except Exception as exc:  # a boundary: a database fault must not kill the timer
             log.exception("refresh.error", error=str(exc))
+            # A probe that failed this way proved nothing; the next due account probes.
+            self._probing = False
             self._retry_later(account_id, None, reason=str(exc))
             return Outcome(OutcomeKind.TRANSIENT, None, message=str(exc))
         self._after(account_id, outcome)
@@ -317,16 +319,22 @@ class Scheduler:
     def _after(self, account_id: str, outcome: Outcome) -> None:
         now = self._clock.now()
         kind = outcome.kind
-        # A success from any asker (the probe, the API, the CLI) proves the credentials.
-        if kind is OutcomeKind.SUCCESS or (
-            self._probing and kind is not OutcomeKind.INVALID_CLIENT
-        ):
+        # Intuit accepting our client (a success, or a refusal of the grant itself)
+        # from any asker proves the credentials.
+        if kind in (OutcomeKind.SUCCESS, OutcomeKind.INVALID_GRANT):
             self._probing = False
             if self._paused_until is not None:
                 self._paused_until = None
                 log.info("intuit.credentials_ok", detail="refreshes resume")
                 self._metrics.set_healthy(True)
                 self._wakeup.set()
+        elif self._probing and kind is not OutcomeKind.INVALID_CLIENT:
+            # The probe proved nothing: an outage answers again after the retry
+            # interval; a skipped account hands the probe to the next due one.
+            self._probing = False
+            if kind is OutcomeKind.TRANSIENT and self._paused_until is not None:
+                self._paused_until = now.timestamp() + self.invalid_client_retry
+            self._wakeup.set()
         if kind is OutcomeKind.SUCCESS and outcome.account is not None:
             account = outcome.account
             failures = self._failures.pop(account_id, 0)

@@ -77,7 +77,7 @@ def test_defaults() -> None:
     r = config.refresh
     assert (r.lead, r.concurrency) == (timedelta(minutes=10), 8)
     assert (r.backoff_initial, r.backoff_max) == (timedelta(seconds=5), timedelta(minutes=5))
-    assert (r.token_wait, r.shutdown_grace) == (timedelta(seconds=30), timedelta(seconds=20))
+    assert (r.token_wait, r.shutdown_grace) == (timedelta(seconds=30), timedelta(seconds=35))
     assert r.hard_expiry_warning == timedelta(days=30)
     assert r.invalid_client_retry == timedelta(minutes=5)
     assert (config.log.format, config.log.level) == ("auto", "info")

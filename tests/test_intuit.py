@@ -386,8 +386,6 @@ async def test_a_code_exchange_without_refresh_token_is_refused(
         {"access_token": "at", "refresh_token": "rt", "expires_in": -5},
         {"access_token": "at", "refresh_token": "rt", "expires_in": "soon"},
         {"access_token": "at", "refresh_token": "rt", "expires_in": True},
-        {"access_token": "at", "refresh_token": "rt", "x_refresh_token_expires_in": [1]},
-        {"access_token": "at", "refresh_token": "rt", "x_refresh_token_hard_expires_in": {}},
         {"access_token": "", "refresh_token": "rt"},
         {"access_token": 12345, "refresh_token": "rt"},
         ["access_token", "rt"],
@@ -397,8 +395,6 @@ async def test_a_code_exchange_without_refresh_token_is_refused(
         "negative-expires_in",
         "text-expires_in",
         "bool-expires_in",
-        "list-refresh-life",
-        "object-hard-life",
         "empty-access-token",
         "number-access-token",
         "json-list",
@@ -414,6 +410,26 @@ async def test_a_200_with_a_bad_body_is_transient_and_stores_nothing(
     assert caught.value.status == 200
     assert caught.value.code in {"malformed_body", "no_access_token"}
     assert caught.value.intuit_tid == "tid-bad"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"x_refresh_token_expires_in": [1]}, {"x_refresh_token_hard_expires_in": {}}],
+    ids=["list-refresh-life", "object-hard-life"],
+)
+async def test_a_garbled_refresh_token_lifetime_keeps_the_rotated_token(
+    fake: FakeIntuit, fake_client: IntuitClient, extra: dict[str, Any]
+) -> None:
+    # Losing a rotated refresh token loses the connection; its advisory lifetime
+    # reads as absent (100 days, no hard expiry) instead.
+    fake.queue(200, {"access_token": "at", "refresh_token": "rt-rotated", **extra})
+    result = await fake_client.refresh("rt-old-value")
+    tokens = result.tokens
+    assert tokens.refresh_token == "rt-rotated"
+    if "x_refresh_token_expires_in" in extra:
+        assert tokens.refresh_token_expires_at - tokens.obtained_at == timedelta(days=100)
+    else:
+        assert tokens.refresh_token_hard_expires_at is None
 
 
 # -- failure classification: every simulator fault --------------------------------------

@@ -357,7 +357,7 @@ async def test_reload_names_what_needs_a_restart(
     assert old_listen in text
     running.config_path.write_text(
         text.replace(old_listen, f'listen = "127.0.0.1:{free_port()}"').replace(
-            'shutdown_grace = "5s"', 'shutdown_grace = "7s"\nconcurrency = 2'
+            'shutdown_grace = "12s"', 'shutdown_grace = "7s"\nconcurrency = 2'
         ),
         encoding="utf-8",
     )

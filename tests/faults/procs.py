@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -263,9 +264,11 @@ class DaemonProcess(_Child):
             extra=self.extra,
         )
         text = text.replace('timeout = "10s"', f'timeout = "{self.intuit_timeout}"', 1)
-        text = text.replace(
-            'shutdown_grace = "5s"\n', f'shutdown_grace = "5s"\n{self.refresh_extra}\n'
+        # A 5 s drain keeps the shutdown scenarios short; refresh_extra goes beside it.
+        text, found = re.subn(
+            r'(?m)^shutdown_grace = ".*"\n', f'shutdown_grace = "5s"\n{self.refresh_extra}\n', text
         )
+        assert found == 1, "simulator_config_text no longer writes shutdown_grace"
         self.config_path.write_text(text, encoding="utf-8")
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.callback_url = f"http://127.0.0.1:{self.callback_port}/accounts/oauth2_callback"
