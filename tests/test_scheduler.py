@@ -600,6 +600,58 @@ async def test_invalid_client_probe_success_resumes_every_due_account(
     assert all(c.at == due + timedelta(minutes=5) for c in intuit.refreshes()[3:])
 
 
+async def test_a_probe_that_fails_on_the_database_does_not_wedge_the_pause(
+    start: Start, intuit: Intuit, clock: ManualClock
+) -> None:
+    running = await start(invalid_client_retry="2m")
+    assert await running.connect("acme") == 200
+    await settle(running, clock)
+    due = at(await account(running, "acme"), "reconnect_token_at")
+    intuit.settings.update(client_secret="rotated-at-intuit")
+    await advance_to(running, clock, due)
+    await wait_for(lambda: len(intuit.refreshes()) == 1)
+    await settle(running, clock)
+    assert not running.services.scheduler.credentials_ok
+
+    # The probe is refused again, and noting the attempt fails: the database refuses writes.
+    writer = running.services.storage._db._writer
+    await writer.execute("PRAGMA query_only = ON")
+    await advance(running, clock, 120)
+    await wait_for(lambda: len(intuit.refreshes()) == 2)
+    await settle(running, clock)
+    await writer.execute("PRAGMA query_only = OFF")
+
+    # Credentials fixed: the next probe goes out on time and refreshes resume.
+    intuit.settings.update(client_secret=SimulatorSettings().client_secret)
+    await advance(running, clock, 120)
+    await wait_for(lambda: len(intuit.refreshes()) == 3)
+    await settle(running, clock)
+    assert intuit.refreshes()[-1].status == 200
+    assert running.services.scheduler.credentials_ok
+
+
+async def test_a_probe_answered_by_an_outage_keeps_the_pause(
+    start: Start, intuit: Intuit, clock: ManualClock
+) -> None:
+    running = await start(invalid_client_retry="2m")
+    assert await running.connect("acme") == 200
+    await settle(running, clock)
+    due = at(await account(running, "acme"), "reconnect_token_at")
+    intuit.sim.inject("invalid_client")
+    await advance_to(running, clock, due)
+    await wait_for(lambda: len(intuit.refreshes()) == 1)
+    await settle(running, clock)
+
+    # Intuit's 502 page says nothing about our credentials: still paused.
+    intuit.sim.inject("502_html")
+    await advance(running, clock, 120)
+    await wait_for(lambda: len(intuit.refreshes()) == 2)
+    await settle(running, clock)
+    assert not running.services.scheduler.credentials_ok
+    status, _ = await running.api("GET", "/readyz")
+    assert status == 503
+
+
 # -- limits and single flight --------------------------------------------------------------
 
 
