@@ -43,6 +43,8 @@ from qbo_daemon.models import (
 )
 
 log = structlog.get_logger("qbo_daemon.intuit")
+# The access token's assumed life when Intuit's expires_in cannot be read.
+_GARBLED_ACCESS_LIFETIME = timedelta(minutes=5)
 
 # Asks Intuit to include x_refresh_token_hard_expires_in (the 5-year limit, 2025).
 HARD_EXPIRY_HEADER = "x-include-refresh-token-hard-expires-in"
@@ -188,7 +190,12 @@ def _parse_tokens(
             )
         # Keep the token we presented: Intuit rotates only every day or so.
         refresh_token = previous_refresh_token
-    expires_in = _seconds(data, "expires_in", tid) or DEFAULT_ACCESS_TOKEN_LIFETIME
+    if "expires_in" in data:
+        # Garbled, it still must not throw away a rotated refresh token: assume a short
+        # life, so the next refresh (which brings a sound one) comes soon.
+        expires_in = _advisory_seconds(data, "expires_in", tid) or _GARBLED_ACCESS_LIFETIME
+    else:
+        expires_in = DEFAULT_ACCESS_TOKEN_LIFETIME
     # The refresh token's lifetimes are advisory: a garbled one must not throw away
     # a rotated refresh token (the old one may already be dead), so it reads as absent.
     refresh_in = (

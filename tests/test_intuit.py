@@ -383,18 +383,12 @@ async def test_a_code_exchange_without_refresh_token_is_refused(
 @pytest.mark.parametrize(
     "body",
     [
-        {"access_token": "at", "refresh_token": "rt", "expires_in": -5},
-        {"access_token": "at", "refresh_token": "rt", "expires_in": "soon"},
-        {"access_token": "at", "refresh_token": "rt", "expires_in": True},
         {"access_token": "", "refresh_token": "rt"},
         {"access_token": 12345, "refresh_token": "rt"},
         ["access_token", "rt"],
         "at",
     ],
     ids=[
-        "negative-expires_in",
-        "text-expires_in",
-        "bool-expires_in",
         "empty-access-token",
         "number-access-token",
         "json-list",
@@ -410,6 +404,17 @@ async def test_a_200_with_a_bad_body_is_transient_and_stores_nothing(
     assert caught.value.status == 200
     assert caught.value.code in {"malformed_body", "no_access_token"}
     assert caught.value.intuit_tid == "tid-bad"
+
+
+@pytest.mark.parametrize("expires_in", [-5, "soon", True], ids=["negative", "text", "bool"])
+async def test_a_garbled_expires_in_keeps_the_rotated_token_and_assumes_a_short_life(
+    fake: FakeIntuit, fake_client: IntuitClient, expires_in: object
+) -> None:
+    fake.queue(200, {"access_token": "at", "refresh_token": "rt-rotated", "expires_in": expires_in})
+    result = await fake_client.refresh("rt-old-value")
+    tokens = result.tokens
+    assert tokens.refresh_token == "rt-rotated"
+    assert tokens.token_expires_at - tokens.obtained_at == timedelta(minutes=5)
 
 
 @pytest.mark.parametrize(
