@@ -12,6 +12,11 @@ can help:
   timeouts, 5xx, 429, an HTML or malformed body, a 200 without a token, an
   unexpected 4xx. Giving up on a connection is only ever decided by
   ``invalid_grant``.
+
+A 200 whose tokens are sound but whose lifetimes are garbled is accepted:
+the refresh token in it may be a rotated one, and the old may already be
+dead. Garbled lifetimes read as absent (the refresh token's) or as five
+minutes (the access token's), with a warning.
 """
 
 from __future__ import annotations
