@@ -82,6 +82,16 @@ def grant_body(running: RunningDaemon, **extra: Any) -> tuple[dict[str, Any], di
     return grant, body
 
 
+async def import_valid_for(running: RunningDaemon, clock: ManualClock, minutes: int) -> None:
+    """Import "acme" with an access token ("imported-access-token") valid ``minutes`` more."""
+    _, body = grant_body(
+        running,
+        access_token="imported-access-token",
+        token_expires_at=iso(clock.now() + timedelta(minutes=minutes)),
+    )
+    assert (await call(running, "PUT", "/v1/accounts/acme/tokens", json=body))[0] == 201
+
+
 def refreshes_of(running: RunningDaemon, refresh_token: str) -> list[Any]:
     return [
         entry
@@ -374,12 +384,7 @@ async def test_intuit_down_503_without_a_valid_token_200_with_one(
     daemon_factory: StartDaemon, clock: ManualClock
 ) -> None:
     running = await daemon_factory(clock=clock)
-    _, body = grant_body(
-        running,
-        access_token="imported-access-token",
-        token_expires_at=iso(clock.now() + timedelta(minutes=20)),
-    )
-    assert (await call(running, "PUT", "/v1/accounts/acme/tokens", json=body))[0] == 201
+    await import_valid_for(running, clock, minutes=20)
     running.simulator.inject("503", 50, retry_after=0)
 
     clock.jump_wall(timedelta(minutes=19, seconds=30))  # 30 s left: it waits for a refresh
@@ -401,12 +406,7 @@ async def test_an_account_whose_access_token_died_between_retries_reads_expired(
     daemon_factory: StartDaemon, clock: ManualClock
 ) -> None:
     running = await daemon_factory(clock=clock)
-    _, body = grant_body(
-        running,
-        access_token="imported-access-token",
-        token_expires_at=iso(clock.now() + timedelta(minutes=11)),
-    )
-    assert (await call(running, "PUT", "/v1/accounts/acme/tokens", json=body))[0] == 201
+    await import_valid_for(running, clock, minutes=11)
     # Intuit asks for ten minutes' patience; the token dies before the retry.
     running.simulator.inject("503", 5, retry_after=600)
     clock.advance(60)  # the lead: the refresh is due and fails
