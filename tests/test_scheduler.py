@@ -278,6 +278,13 @@ async def imported(
 # -- the timer -----------------------------------------------------------------------------
 
 
+async def connected(running: RunningDaemon, clock: ManualClock, account_id: str) -> datetime:
+    """Connect ``account_id`` through the real flow, let the daemon settle, return its due time."""
+    assert await running.connect(account_id) == 200
+    await settle(running, clock)
+    return at(await account(running, account_id), "reconnect_token_at")
+
+
 async def test_refresh_fires_at_reconnect_token_at_not_earlier_not_later(
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs
 ) -> None:
@@ -316,9 +323,7 @@ async def test_a_wall_clock_jump_is_caught_within_one_max_wait(
     start: Start, intuit: Intuit, clock: ManualClock
 ) -> None:
     running = await start()
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
 
     # A laptop wakes from a 2-hour suspend: wall time moved, asyncio's monotonic did not.
     clock.jump_wall(timedelta(hours=2))
@@ -350,9 +355,7 @@ async def test_transient_faults_are_retried_with_growing_capped_delays_then_succ
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs
 ) -> None:
     running = await start(backoff_initial="1s", backoff_max="20s")
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
     faults = ["500", "502_html", "malformed", "reset", "no_token", "500", "502_html", "500"]
     for kind in faults:
         intuit.sim.inject(kind, retry_after=0 if kind == "429" else None)
@@ -401,9 +404,7 @@ async def test_retry_after_is_honoured(
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs, kind: str
 ) -> None:
     running = await start(backoff_initial="1s", backoff_max="20s")
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
     intuit.sim.inject(kind, retry_after=120)
 
     await advance_to(running, clock, due)
@@ -481,9 +482,7 @@ async def test_invalid_grant_marks_needs_reconnect_and_stops(
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs
 ) -> None:
     running = await start()
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
     [exchange] = [e for e in intuit.sim.request_log if e.grant_type == "authorization_code"]
     assert exchange.issued_refresh_token is not None
     intuit.sim.invalidate(exchange.issued_refresh_token)  # the user disconnected in QuickBooks
@@ -604,9 +603,7 @@ async def test_a_probe_that_fails_on_the_database_does_not_wedge_the_pause(
     start: Start, intuit: Intuit, clock: ManualClock
 ) -> None:
     running = await start(invalid_client_retry="2m")
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
     intuit.settings.update(client_secret="rotated-at-intuit")
     await advance_to(running, clock, due)
     await wait_for(lambda: len(intuit.refreshes()) == 1)
@@ -634,9 +631,7 @@ async def test_a_probe_answered_by_an_outage_keeps_the_pause(
     start: Start, intuit: Intuit, clock: ManualClock
 ) -> None:
     running = await start(invalid_client_retry="2m")
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
     intuit.sim.inject("invalid_client")
     await advance_to(running, clock, due)
     await wait_for(lambda: len(intuit.refreshes()) == 1)
@@ -819,9 +814,7 @@ async def test_shutdown_lets_an_in_flight_refresh_finish_and_persist(
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs
 ) -> None:
     running = await start()
-    assert await running.connect("acme") == 200
-    await settle(running, clock)
-    due = at(await account(running, "acme"), "reconnect_token_at")
+    due = await connected(running, clock, "acme")
     intuit.settings.update(latency=1.0)
 
     clock.advance((due - clock.now()).total_seconds())
