@@ -199,8 +199,8 @@ class Refresher:
                         attempt=attempt,
                     )
                 except StaleWriteError:
-                    current = await self._storage.find_account(account.account_id)
-                    if current is None or current.refresh_token != account.refresh_token:
+                    current = await self._still_ours(account)
+                    if current is None:
                         self._held.pop(account.account_id, None)
                         log.warning(
                             "refresh.discarded",
@@ -311,11 +311,23 @@ class Refresher:
                     account, status=status, error=message, now=now, attempt=attempt
                 )
             except StaleWriteError:
-                current = await self._storage.find_account(account.account_id)
-                if current is None or current.refresh_token != account.refresh_token:
+                current = await self._still_ours(account)
+                if current is None:
                     return None
                 account = current
         return account
+
+    async def _still_ours(self, account: Account) -> Account | None:
+        """After a stale write: the current row if it still holds our refresh token.
+
+        ``None`` when the connection was replaced (reconnected, imported or
+        disconnected): the newer credentials win. Otherwise only bookkeeping
+        changed (a key rotation, a failure note) and the write may be redone.
+        """
+        current = await self._storage.find_account(account.account_id)
+        if current is None or current.refresh_token != account.refresh_token:
+            return None
+        return current
 
 
 def _refresh_token_death(account: Account, now: datetime) -> str | None:
