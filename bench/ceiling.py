@@ -3,7 +3,7 @@
 ``python -m bench.ceiling --url TOKEN_URL --tokens FILE --concurrency C --out FILE``
 sends one refresh per token in ``FILE`` (a JSON list), ``C`` at a time, over one
 ``ClientSession`` with the daemon's connector limit, the same headers and form
-body as :class:`qbo_daemon.intuit.IntuitClient`, and parses each JSON answer.
+body as :class:`qbo_daemon.intuit.client.IntuitClient`, and parses each JSON answer.
 No database, no encryption, no logging, no scheduling: what Python and aiohttp
 cost per refresh on this machine. Writes ``{"count", "ok", "elapsed", "cpu"}``
 measured over the sending only (interpreter start and imports excluded, as the
@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from qbo_daemon.intuit import HARD_EXPIRY_HEADER
+from qbo_daemon.intuit.client import HARD_EXPIRY_HEADER
 
 
 def headers(client_id: str, client_secret: str) -> dict[str, str]:

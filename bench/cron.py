@@ -28,8 +28,8 @@ from typing import Any
 import requests
 
 from bench.ceiling import headers
-from qbo_daemon.crypto import Cipher, EncryptionKey
-from qbo_daemon.models import iso
+from qbo_daemon.core.models import iso
+from qbo_daemon.store.crypto import Cipher, EncryptionKey
 
 WINDOW = timedelta(minutes=10)
 

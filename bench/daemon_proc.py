@@ -1,7 +1,7 @@
 """The real daemon in a process of its own, with start-up marks for the benchmark.
 
 ``python -m bench.daemon_proc --config PATH --log PATH --marks PATH --t0 WALL``
-runs :class:`qbo_daemon.daemon.Daemon` as ``qbo-daemon run`` does (its
+runs :class:`qbo_daemon.runtime.daemon.Daemon` as ``qbo-daemon run`` does (its
 configuration, its logging, SIGTERM/SIGINT to stop) and, once the daemon is
 ready, writes one JSON file of marks: the wall time and this process's CPU
 seconds at readiness, peak and current RSS, accounts scheduled, and how many
@@ -23,9 +23,9 @@ from contextlib import closing
 from pathlib import Path
 
 from bench.procs import memory_kib
-from qbo_daemon.config import load_config
-from qbo_daemon.daemon import Daemon
-from qbo_daemon.logs import configure_logging
+from qbo_daemon.config.load import load_config
+from qbo_daemon.runtime.daemon import Daemon
+from qbo_daemon.runtime.logs import configure_logging
 
 
 def committed_attempts(database: Path) -> int:

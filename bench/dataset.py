@@ -21,9 +21,9 @@ from pathlib import Path
 
 import aiohttp
 
-from qbo_daemon.crypto import Cipher, EncryptionKey
-from qbo_daemon.models import iso
-from qbo_daemon.storage import ImportItem, Storage
+from qbo_daemon.core.models import iso
+from qbo_daemon.store.crypto import Cipher, EncryptionKey
+from qbo_daemon.store.repository import ImportItem, Storage
 
 GRANTS_PER_CALL = 10_000  # the simulator's MAX_BULK_GRANTS
 INSERT_CHUNK = 10_000

@@ -23,7 +23,7 @@ import aiohttp
 
 from bench.dataset import Grant
 from bench.procs import Child, CpuMark, free_port, wait_for_port
-from qbo_daemon.crypto import generate_key
+from qbo_daemon.store.crypto import generate_key
 
 # The simulator's stand-in credentials (its defaults): never a real secret.
 CLIENT_ID = "sim-client-id"

@@ -1,3 +1,3 @@
-from qbo_daemon.cli import main
+from qbo_daemon.cli.main import main
 
 raise SystemExit(main())

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import structlog
 
-from qbo_daemon.logs import reset_logging
-from qbo_daemon.simulator import IntuitSimulator, SimulatorSettings
+from qbo_daemon.runtime.logs import reset_logging
+from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
 from tests.harness import RunningDaemon, start_daemon
 
 StartDaemon = Callable[..., Awaitable[RunningDaemon]]

@@ -11,13 +11,13 @@ from typing import Any
 
 import aiohttp
 
-from qbo_daemon.clock import Clock
-from qbo_daemon.config import Config, load_config
-from qbo_daemon.crypto import generate_key
-from qbo_daemon.daemon import Daemon
-from qbo_daemon.demo import free_port, simulator_config_text
-from qbo_daemon.services import Services
-from qbo_daemon.simulator import IntuitSimulator
+from qbo_daemon.cli.demo import free_port, simulator_config_text
+from qbo_daemon.config.load import Config, load_config
+from qbo_daemon.core.clock import Clock
+from qbo_daemon.engine.services import Services
+from qbo_daemon.runtime.daemon import Daemon
+from qbo_daemon.simulator.app import IntuitSimulator
+from qbo_daemon.store.crypto import generate_key
 
 
 @dataclass

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 
 class ManualClock:
-    """Implements :class:`qbo_daemon.clock.Clock`.
+    """Implements :class:`qbo_daemon.core.clock.Clock`.
 
     ``advance`` moves both clocks and wakes sleepers whose time has come;
     ``jump_wall`` moves only the wall clock, as NTP or a suspended laptop does

@@ -29,9 +29,9 @@ from typing import Any
 
 import requests
 
-from qbo_daemon.crypto import Cipher, EncryptionKey, generate_key
-from qbo_daemon.demo import free_port, simulator_config_text
-from qbo_daemon.simulator import IntuitSimulator, SimulatorSettings
+from qbo_daemon.cli.demo import free_port, simulator_config_text
+from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
+from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 
 PYTHON = sys.executable
 START_TIMEOUT = 20.0

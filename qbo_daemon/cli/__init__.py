@@ -1,0 +1,1 @@
+"""The ``qbo-daemon`` command line: commands, the management client, rendering, demo."""

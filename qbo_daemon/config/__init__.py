@@ -1,0 +1,1 @@
+"""Configuration: one TOML loader into frozen dataclasses, values, secret sources, rendering."""

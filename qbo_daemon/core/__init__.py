@@ -1,0 +1,1 @@
+"""What every layer shares: models, errors, the clock, metrics. Imports nothing of ours."""

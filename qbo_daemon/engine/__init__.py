@@ -1,0 +1,1 @@
+"""The refresh policy: scheduler, refresher, token service, connect flow, account operations."""

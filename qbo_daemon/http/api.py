@@ -1,0 +1,377 @@
+"""The private token API the host app calls (JSON, bearer keys, loopback by default).
+
+Every error answers ``{"error": "<code>", "detail": "..."}`` (plus ``"field"``
+when one field of the body is wrong); no answer ever carries a refresh token,
+and only ``GET .../token`` carries an access token. ``/healthz``, ``/readyz``,
+``/metrics`` and ``/v1/openapi.json`` need no key: the listener is private.
+:mod:`qbo_daemon.http.openapi` describes every route; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
+from qbo_daemon.core.models import ACCOUNT_ID_RULE, Account, AccountStatus, iso, valid_account_id
+from qbo_daemon.engine.imports import FieldError, Rejected, check_batch, parse_item
+from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.services import Services
+from qbo_daemon.engine.tokens import TokenUnavailableError
+from qbo_daemon.http.openapi import openapi_document
+
+SERVICES = web.AppKey("services", Services)
+MAX_BODY = 64 * 1024
+# One import batch is one transaction; 32 MiB holds about 100,000 rows.
+MAX_IMPORT_BODY = 32 * 1024 * 1024
+MAX_IMPORT_ROWS = 100_000
+MAX_ROTATE_BATCH = 10_000
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
+_NO_STORE = {"Cache-Control": "no-store"}
+
+log = structlog.get_logger("qbo_daemon.http.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.field = field
+
+
+def error_response(status: int, code: str, detail: str, field: str | None = None) -> web.Response:
+    body = {"error": code, "detail": detail}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status, headers=_NO_STORE)
+
+
+def make_api_app(services: Services) -> web.Application:
+    app = web.Application(client_max_size=MAX_IMPORT_BODY, middlewares=[_errors, _auth])
+    app[SERVICES] = services
+    r = app.router
+    r.add_get("/healthz", _healthz)
+    r.add_get("/readyz", _readyz)
+    r.add_get("/metrics", _metrics)
+    r.add_get("/v1/openapi.json", _openapi)
+    r.add_get("/v1/accounts", _list_accounts)
+    r.add_get("/v1/accounts/{account_id}", _show_account)
+    r.add_delete("/v1/accounts/{account_id}", _disconnect)
+    r.add_post("/v1/accounts/{account_id}/authorize-url", _authorize_url)
+    r.add_get("/v1/accounts/{account_id}/token", _token)
+    r.add_post("/v1/accounts/{account_id}/refresh", _refresh)
+    r.add_put("/v1/accounts/{account_id}/tokens", _import_tokens)
+    r.add_post("/v1/import", _import_batch)
+    r.add_post("/v1/keys/rotate", _rotate_keys)
+    return app
+
+
+# -- middlewares ----------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.detail, exc.field)
+    except FieldError as exc:
+        return error_response(400, "invalid_field", str(exc), exc.field)
+    except AccountNotFoundError as exc:
+        return error_response(404, "not_found", str(exc))
+    except TokenUnavailableError as exc:
+        status = 503 if exc.code == "unavailable" else 409
+        return error_response(status, exc.code, exc.detail)
+    except CryptoError as exc:
+        # The message names a key id at most, never a key.
+        log.error("api.crypto_error", error=str(exc), path=request.path)
+        return error_response(500, "encryption_key", str(exc))
+    except StorageError as exc:
+        log.error("api.storage_error", error=str(exc), path=request.path)
+        return error_response(503, "storage_unavailable", "the database cannot be used right now")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = (exc.reason or "error").lower().replace(" ", "_")
+        return error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
+    except Exception as exc:  # a boundary: answer, and log the cause
+        log.exception("api.error", error=str(exc), path=request.path)
+        return error_response(500, "internal", "internal error; see the daemon's log")
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    # Compare digests, so neither the content nor the length of a key leaks through
+    # timing, and compare against every key without stopping at the first match.
+    # surrogateescape: aiohttp hands undecodable header bytes over as lone surrogates.
+    given = hashlib.sha256(presented.strip().encode("utf-8", "surrogateescape")).digest()
+    ok = False
+    for key in request.app[SERVICES].config.api.keys:
+        ok |= hmac.compare_digest(given, hashlib.sha256(key.reveal().encode()).digest())
+    if not ok or scheme.lower() != "bearer" or not presented.strip():
+        raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer ...)")
+    return await handler(request)
+
+
+# -- handlers -------------------------------------------------------------------
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, checks = await request.app[SERVICES].readiness()
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    # Gauges read at scrape time: the daemon's own update runs only every STATUS_INTERVAL.
+    try:
+        counts = await services.storage.status_counts()
+        services.metrics.set_accounts({s.value: counts.get(s.value, 0) for s in AccountStatus})
+    except StorageError as exc:  # still serve the rest, qbo_up included
+        log.warning("metrics.accounts_stale", error=str(exc))
+    services.metrics.set_next_due(services.scheduler.next_due_in())
+    body, content_type = services.metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+async def _list_accounts(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    accounts = await services.storage.list_accounts()
+    return web.json_response({"accounts": [_account_json(services, a) for a in accounts]})
+
+
+async def _show_account(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    account = await services.storage.get_account(_account_id(request))
+    return web.json_response(_account_json(services, account))
+
+
+async def _authorize_url(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    url = await services.connect.authorize_url(_account_id(request))
+    return web.json_response({"url": url}, headers=_NO_STORE)
+
+
+async def _token(request: web.Request) -> web.Response:
+    token = await request.app[SERVICES].tokens.get(_account_id(request))
+    return web.json_response(
+        {
+            "access_token": token.access_token,
+            "realm_id": token.realm_id,
+            "expires_at": iso(token.expires_at),
+        },
+        headers=_NO_STORE,
+    )
+
+
+async def _refresh(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    account_id = _account_id(request)
+    await services.storage.get_account(account_id)  # 404 before anything else
+    outcome = await services.scheduler.refresh(account_id)
+    if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
+        return web.json_response(_account_json(services, outcome.account))
+    if outcome.kind is OutcomeKind.INVALID_CLIENT:
+        raise ApiError(503, "invalid_client", "Intuit refused the daemon's client credentials")
+    if outcome.kind is OutcomeKind.TRANSIENT:
+        detail = str(outcome.error) if outcome.error else (outcome.message or "refresh failed")
+        raise ApiError(503, "unavailable", f"refresh failed, will be retried: {detail}")
+    account = await services.storage.get_account(account_id)
+    if account.status.scheduled:  # replaced meanwhile (reconnected or imported): it is fresh
+        return web.json_response(_account_json(services, account))
+    reconnect = f"send the user to the URL from POST /v1/accounts/{account_id}/authorize-url"
+    if account.status is AccountStatus.DISCONNECTED:
+        raise ApiError(409, "disconnected", f"account {account_id!r} is disconnected; {reconnect}")
+    raise ApiError(
+        409,
+        "needs_reconnect",
+        f"the user must reconnect QuickBooks ({account.last_error}): {reconnect}",
+    )
+
+
+async def _import_tokens(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    account_id = _account_id(request)
+    body = await _json_object(request, MAX_BODY)
+    item = parse_item(body, now=services.clock.now(), account_id=account_id)
+    existed = await services.storage.find_account(account_id) is not None
+    [account] = await services.accounts.import_tokens([item])
+    return web.json_response(_account_json(services, account), status=200 if existed else 201)
+
+
+async def _import_batch(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await _json_object(request, MAX_IMPORT_BODY)
+    _only(body, {"accounts", "replace", "dry_run"})
+    rows = body.get("accounts")
+    if not isinstance(rows, list):
+        raise ApiError(400, "invalid_field", "accounts: expected a list of objects", "accounts")
+    if len(rows) > MAX_IMPORT_ROWS:
+        raise ApiError(
+            400, "invalid_field", f"accounts: at most {MAX_IMPORT_ROWS} per import", "accounts"
+        )
+    replace = _flag(body, "replace")
+    dry_run = _flag(body, "dry_run")
+    good, bad = check_batch(enumerate(rows), now=services.clock.now())
+    existing = {account.account_id for account in await services.storage.list_accounts()}
+    if not replace:
+        clash = [c for c in good if c.item.account_id in existing]
+        good = [c for c in good if c.item.account_id not in existing]
+        bad.extend(
+            Rejected(c.position, c.item.account_id, "account_id", "already exists; not replaced")
+            for c in clash
+        )
+        bad.sort(key=lambda r: r.position)
+    stored: list[Account] = []
+    if good and not dry_run:
+        stored = await services.accounts.import_tokens([c.item for c in good])
+    now = services.clock.now()
+    imported = []
+    for index, checked in enumerate(good):
+        entry: dict[str, Any] = {
+            "index": checked.position,
+            "account_id": checked.item.account_id,
+            "replaced": checked.item.account_id in existing,
+        }
+        if stored:
+            account = stored[index]
+            due = account.reconnect_token_at
+            entry["refreshing_now"] = due is not None and due <= now
+            entry["next_refresh_at"] = iso(due)
+        imported.append(entry)
+    skipped = [
+        {"index": r.position, "account_id": r.account_id, "field": r.field, "reason": r.reason}
+        for r in bad
+    ]
+    return web.json_response({"imported": imported, "skipped": skipped, "dry_run": dry_run})
+
+
+async def _disconnect(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    result = await services.accounts.disconnect(_account_id(request))
+    data = _account_json(services, result.account)
+    data["revoke"] = result.revoke.value
+    return web.json_response(data)
+
+
+async def _rotate_keys(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await _json_object(request, MAX_BODY, allow_empty=True)
+    _only(body, {"batch", "expected_key_id"})
+    batch = body.get("batch", 500)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_ROTATE_BATCH:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"batch: expected an integer from 1 to {MAX_ROTATE_BATCH}",
+            "batch",
+        )
+    expected = body.get("expected_key_id")
+    if expected is not None and not isinstance(expected, str):
+        raise ApiError(
+            400, "invalid_field", "expected_key_id: expected a string", "expected_key_id"
+        )
+    primary = services.storage.cipher.primary_key_id
+    if expected is not None and expected != primary:
+        raise ApiError(
+            409,
+            "key_mismatch",
+            f"the daemon encrypts with key id {primary}, not {expected}: it has not read the "
+            "new [storage] encryption_keys yet; reload it (systemctl reload qbo-daemon, or "
+            "SIGHUP) or restart it, then rotate again",
+        )
+    done, remaining = await services.accounts.rotate_keys(batch)
+    log.info("keys.rotated_batch", reencrypted=done, remaining=remaining, key_id=primary)
+    return web.json_response(
+        {"reencrypted": done, "remaining": remaining, "primary_key_id": primary}
+    )
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _account_id(request: web.Request) -> str:
+    account_id = request.match_info["account_id"]
+    if not valid_account_id(account_id):
+        raise ApiError(
+            400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
+        )
+    return account_id
+
+
+def _account_json(services: Services, account: Account) -> dict[str, Any]:
+    data = account.public_dict()
+    now = services.clock.now()
+    expires = account.token_expires_at
+    if account.status is AccountStatus.ACTIVE and expires is not None and expires <= now:
+        # The row says active until the next attempt writes; the access token is dead now.
+        data["status"] = AccountStatus.EXPIRED.value
+    data["next_refresh_at"] = iso(services.scheduler.due_at(account.account_id))
+    hard = account.refresh_token_hard_expires_at
+    warn = services.config.refresh.hard_expiry_warning
+    data["hard_expiry_soon"] = hard is not None and hard - now <= warn
+    return data
+
+
+async def _json_object(
+    request: web.Request, limit: int, *, allow_empty: bool = False
+) -> dict[str, Any]:
+    raw = await _read_body(request, limit)
+    if not raw.strip() and allow_empty:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: "[[[[..." nested past the interpreter's limit fits in a body.
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    return data
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes."""
+    too_large = ApiError(413, "too_large", f"the request body is limited to {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, "invalid_field", f"{unknown[0]}: unknown field", unknown[0])
+
+
+def _flag(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, "invalid_field", f"{field}: expected true or false", field)
+    return value

@@ -1,0 +1,1 @@
+"""The Intuit OAuth client and its strict parsing of Intuit's answers."""

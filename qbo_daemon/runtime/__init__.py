@@ -1,0 +1,1 @@
+"""The running daemon: wiring, lifecycle, systemd, logs, webhooks."""

@@ -1,0 +1,1 @@
+"""Storage: the SQLite repository, schema and migrations, the lock, encryption at rest."""

@@ -1,0 +1,399 @@
+"""SQLite storage: accounts, OAuth states and refresh attempts in one file.
+
+:class:`Storage` is what the rest of the daemon calls. Beside it: ``database.py``
+(the two connections, ``BEGIN IMMEDIATE`` under ``synchronous=FULL``, the group
+commit, batched reads), ``rows.py`` (rows as values, secrets encrypted bound to
+their place), ``account_upsert.py`` (a connection or import replacing the
+credentials), ``oauth_states.py``, ``schema.py`` (migrations) and ``dblock.py``.
+
+Token writes are compare-and-swap on ``version`` through the group commit: each
+returns only once its transaction is on disk, and a stale write fails alone with
+:class:`StaleWriteError`. A new connection or an import replaces the credentials
+on purpose, in its own transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from qbo_daemon.core.errors import AccountNotFoundError, MissingKeyError, StaleWriteError
+from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso, reconnect_at
+from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.lock import DatabaseLock
+from qbo_daemon.store.rows import (
+    ACCOUNT_COLUMNS,
+    Attempt,
+    ScheduleEntry,
+    account_from_row,
+    attempt_from_row,
+    attempt_statements,
+    encrypt_secrets,
+    schedule_entries_from,
+)
+from qbo_daemon.store.sqlite import Database, ReadBatcher
+from qbo_daemon.store.states import OAuthStates, StateRecord
+from qbo_daemon.store.upsert import (
+    NEW_ACCOUNT_INSERT,
+    ImportItem,
+    imported_tokens,
+    new_account_rows,
+    upsert_account,
+)
+
+__all__ = [
+    "Attempt",
+    "DatabaseLock",
+    "ImportItem",
+    "ScheduleEntry",
+    "StateRecord",
+    "Storage",
+]
+
+# Rows per query when the scheduler loads every account at start-up.
+_SCHEDULE_CHUNK = 5000
+
+
+class Storage:
+    """Accounts, OAuth states and refresh attempts in one SQLite file."""
+
+    def __init__(self, path: Path, database: Database, cipher: Cipher) -> None:
+        self.path = path
+        self._db = database
+        self.cipher = cipher
+        self._states = OAuthStates(database)
+        self._account_reads = ReadBatcher(self._account_rows, key="account_id")
+
+    @classmethod
+    async def open(cls, path: Path, cipher: Cipher, *, attempts_keep: int = 100_000) -> Storage:
+        """Open (creating or migrating) the database at ``path``."""
+        return cls(path, await Database.open(path, attempts_keep=attempts_keep), cipher)
+
+    async def close(self) -> None:
+        """Commit what is queued, then close both connections."""
+        await self._db.close()
+
+    # -- reading -----------------------------------------------------------
+
+    async def get_account(self, account_id: str) -> Account:
+        """The account with its secrets decrypted."""
+        row = await self._account_reads.get(account_id)
+        if row is None:
+            raise AccountNotFoundError(account_id)
+        return account_from_row(self.cipher, row, tokens=True)
+
+    async def _account_rows(self, account_ids: list[str]) -> list[sqlite3.Row]:
+        return await self._db.fetchall(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
+            f"WHERE account_id IN ({', '.join('?' * len(account_ids))})",
+            account_ids,
+        )
+
+    async def find_account(self, account_id: str) -> Account | None:
+        try:
+            return await self.get_account(account_id)
+        except AccountNotFoundError:
+            return None
+
+    async def list_accounts(self) -> list[Account]:
+        """Every account, ordered by ``account_id``; tokens are not decrypted (they are None)."""
+        rows = await self._db.fetchall(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY account_id"
+        )
+        return [account_from_row(self.cipher, row, tokens=False) for row in rows]
+
+    async def schedule_entries(self) -> list[ScheduleEntry]:
+        """Every account the scheduler should time: active or expired, with times.
+
+        Read a chunk of rows at a time: with 100,000 accounts, all the rows at once
+        would hold ~55 MB of row objects beside the entries made from them.
+        """
+        entries = []
+        last_id = 0
+        while True:
+            # "+status": walk the primary key from last_id; the status index would make
+            # every chunk scan and sort all the rows after it.
+            rows = await self._db.fetchall(
+                "SELECT id, account_id, status, reconnect_token_at, token_expires_at, "
+                "refresh_token_expires_at, refresh_token_hard_expires_at FROM accounts "
+                "WHERE +status IN ('active', 'expired') AND refresh_token IS NOT NULL "
+                "AND id > ? ORDER BY id LIMIT ?",
+                (last_id, _SCHEDULE_CHUNK),
+            )
+            entries.extend(schedule_entries_from(rows))
+            if len(rows) < _SCHEDULE_CHUNK:
+                return entries
+            last_id = rows[-1]["id"]
+
+    async def status_counts(self) -> dict[str, int]:
+        rows = await self._db.fetchall("SELECT status, COUNT(*) AS n FROM accounts GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+    async def attempts(self, account_id: str | None = None, limit: int = 100) -> list[Attempt]:
+        """The newest attempts first, of one account or of all."""
+        where, params = ("WHERE account_id = ?", (account_id,)) if account_id else ("", ())
+        rows = await self._db.fetchall(
+            "SELECT account_id, started_at, outcome, duration_ms, intuit_tid, error "
+            f"FROM refresh_attempts {where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [attempt_from_row(row) for row in rows]
+
+    async def verify_keys(self, cipher: Cipher | None = None) -> None:
+        """Fail fast when a stored secret cannot be decrypted with the configured keys.
+
+        Checks every key id in use is configured, and decrypts one row per key id.
+        With ``cipher`` (a reload's new keys, not yet in use) only the key ids are
+        checked: an id is derived from its key, so a known id is the same key.
+        """
+        rows = await self._db.fetchall(
+            "SELECT key_id, MIN(account_id) AS sample FROM accounts "
+            "WHERE key_id IS NOT NULL GROUP BY key_id"
+        )
+        for row in rows:
+            if row["key_id"] not in (cipher or self.cipher).key_ids:
+                raise MissingKeyError(row["key_id"])
+            if cipher is None:
+                await self.get_account(row["sample"])
+
+    async def ping(self) -> None:
+        await self._db.fetchone("SELECT 1", ())
+
+    # -- token writes --------------------------------------------------------
+
+    async def save_connection(
+        self, account_id: str, realm_id: str, tokens: TokenSet, *, lead: timedelta, now: datetime
+    ) -> Account:
+        """Store a new connection, or replace the tokens of an existing account (reconnect)."""
+        async with self._db.transaction() as conn:
+            return await upsert_account(
+                conn, self.cipher, account_id, realm_id, tokens, lead=lead, now=now
+            )
+
+    async def import_accounts(
+        self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
+    ) -> list[Account]:
+        """Store every item in one transaction: all or nothing.
+
+        An access token without a known future expiry is treated as dead, so the
+        account is due for a refresh at once.
+        """
+        async with self._db.transaction() as conn:
+            stored = []
+            for item in items:
+                tokens = imported_tokens(item, now)
+                stored.append(
+                    await upsert_account(
+                        conn,
+                        self.cipher,
+                        item.account_id,
+                        item.realm_id,
+                        tokens,
+                        lead=lead,
+                        now=now,
+                    )
+                )
+            return stored
+
+    async def insert_accounts(
+        self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
+    ) -> int:
+        """Store new accounts in one transaction and one statement: all or nothing.
+
+        The bulk path (the benchmark loads 100,000 accounts through it): the same
+        rows as :meth:`import_accounts`, without its round trip per row, but an
+        existing ``account_id`` fails the whole batch instead of being replaced.
+        Returns how many accounts were stored.
+        """
+        rows = new_account_rows(self.cipher, items, lead=lead, now=now)
+        async with self._db.transaction() as conn:
+            await conn.executemany(NEW_ACCOUNT_INSERT, rows)
+        return len(rows)
+
+    async def save_refresh(
+        self,
+        account: Account,
+        tokens: TokenSet,
+        *,
+        lead: timedelta,
+        now: datetime,
+        attempt: Attempt | None = None,
+    ) -> Account:
+        """Persist a refresh's tokens and times if the row is still at ``account.version``.
+
+        Durable when this returns; raises :class:`StaleWriteError` when the row
+        changed meanwhile.
+        """
+        key_id = self.cipher.primary_key_id
+        due = reconnect_at(tokens.token_expires_at, lead, tokens.obtained_at)
+        hard = tokens.refresh_token_hard_expires_at or account.refresh_token_hard_expires_at
+        updated = replace(
+            account,
+            status=AccountStatus.ACTIVE,
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            token_expires_at=tokens.token_expires_at,
+            reconnect_token_at=due,
+            refresh_token_expires_at=tokens.refresh_token_expires_at,
+            refresh_token_hard_expires_at=hard,
+            failure_count=0,
+            last_error=None,
+            last_refreshed_at=now,
+            version=account.version + 1,
+            updated_at=now,
+        )
+        enc = encrypt_secrets(self.cipher, updated)
+        statements = [
+            (
+                "UPDATE accounts SET status = ?, realm_id = ?, access_token = ?, "
+                "refresh_token = ?, key_id = ?, token_expires_at = ?, reconnect_token_at = ?, "
+                "refresh_token_expires_at = ?, refresh_token_hard_expires_at = ?, "
+                "failure_count = 0, last_error = NULL, last_refreshed_at = ?, "
+                "version = version + 1, updated_at = ? WHERE account_id = ? AND version = ?",
+                (
+                    updated.status.value,
+                    enc["realm_id"],
+                    enc["access_token"],
+                    enc["refresh_token"],
+                    key_id,
+                    iso(updated.token_expires_at),
+                    iso(due),
+                    iso(updated.refresh_token_expires_at),
+                    iso(hard),
+                    iso(now),
+                    iso(now),
+                    account.account_id,
+                    account.version,
+                ),
+            )
+        ]
+        statements.extend(attempt_statements(attempt))
+        await self._db.write(statements, cas=(account.account_id, account.version))
+        return updated
+
+    async def record_failure(
+        self,
+        account: Account,
+        *,
+        status: AccountStatus,
+        error: str,
+        now: datetime,
+        attempt: Attempt | None = None,
+    ) -> Account:
+        """Note a failed refresh (and the status it leaves) if the row is still at its version."""
+        updated = replace(
+            account,
+            status=status,
+            failure_count=account.failure_count + 1,
+            last_error=error,
+            version=account.version + 1,
+            updated_at=now,
+        )
+        statements = [
+            (
+                "UPDATE accounts SET status = ?, failure_count = failure_count + 1, "
+                "last_error = ?, version = version + 1, updated_at = ? "
+                "WHERE account_id = ? AND version = ?",
+                (status.value, error, iso(now), account.account_id, account.version),
+            )
+        ]
+        statements.extend(attempt_statements(attempt))
+        await self._db.write(statements, cas=(account.account_id, account.version))
+        return updated
+
+    async def record_attempt(self, attempt: Attempt) -> None:
+        """Record an attempt that changes no account (for example ``invalid_client``)."""
+        await self._db.write(attempt_statements(attempt), cas=None)
+
+    async def forget_tokens(self, account: Account, *, now: datetime) -> Account:
+        """Disconnect: drop every token, keep a tombstone row marked ``disconnected``."""
+        updated = replace(
+            account,
+            status=AccountStatus.DISCONNECTED,
+            access_token=None,
+            refresh_token=None,
+            reconnect_token_at=None,
+            version=account.version + 1,
+            updated_at=now,
+        )
+        await self._db.write(
+            [
+                (
+                    "UPDATE accounts SET status = 'disconnected', access_token = NULL, "
+                    "refresh_token = NULL, reconnect_token_at = NULL, version = version + 1, "
+                    "updated_at = ? WHERE account_id = ? AND version = ?",
+                    (iso(now), account.account_id, account.version),
+                )
+            ],
+            cas=(account.account_id, account.version),
+        )
+        return updated
+
+    async def reencrypt(self, *, batch: int = 500) -> tuple[int, int]:
+        """Re-encrypt up to ``batch`` rows not yet under the primary key.
+
+        Returns (rows re-encrypted now, rows still to do). Each row is a
+        compare-and-swap: a row a refresh rewrote meanwhile is simply left for
+        the next call (the refresh already wrote it under the primary key).
+        """
+        primary = self.cipher.primary_key_id
+        rows = await self._db.fetchall(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE key_id IS NOT NULL AND key_id != ? "
+            "LIMIT ?",
+            (primary, batch),
+        )
+        done = 0
+        for row in rows:
+            account = account_from_row(self.cipher, row, tokens=True)
+            enc = encrypt_secrets(self.cipher, account)
+            try:
+                await self._db.write(
+                    [
+                        (
+                            "UPDATE accounts SET realm_id = ?, access_token = ?, "
+                            "refresh_token = ?, key_id = ?, version = version + 1 "
+                            "WHERE account_id = ? AND version = ?",
+                            (
+                                enc["realm_id"],
+                                enc["access_token"],
+                                enc["refresh_token"],
+                                primary,
+                                account.account_id,
+                                account.version,
+                            ),
+                        )
+                    ],
+                    cas=(account.account_id, account.version),
+                )
+                done += 1
+            except StaleWriteError:
+                continue
+        remaining = await self._db.fetchone(
+            "SELECT COUNT(*) AS n FROM accounts WHERE key_id IS NOT NULL AND key_id != ?",
+            (primary,),
+        )
+        return done, int(remaining["n"]) if remaining else 0
+
+    # -- OAuth states --------------------------------------------------------
+
+    async def create_state(
+        self, state: str, account_id: str, *, now: datetime, ttl: timedelta
+    ) -> None:
+        await self._states.create(state, account_id, now=now, ttl=ttl)
+
+    async def consume_state(self, state: str, *, now: datetime) -> str:
+        """Mark ``state`` used and return the account it was issued for.
+
+        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired`` or
+        ``used``; a failed check changes nothing.
+        """
+        return await self._states.consume(state, now=now)
+
+    async def finish_state(self, state: str, outcome: str) -> None:
+        await self._states.finish(state, outcome)
+
+    async def get_state(self, state: str) -> StateRecord | None:
+        return await self._states.get(state)

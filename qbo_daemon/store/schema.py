@@ -1,0 +1,102 @@
+"""The database schema as a list of migrations, keyed on ``PRAGMA user_version``.
+
+Migration N brings a database from version N-1 to N. Each runs in its own
+transaction together with the ``user_version`` bump (that pragma is
+transactional), so a crash mid-migration leaves the previous version intact.
+Never edit a released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from qbo_daemon.core.errors import StorageError
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: accounts, pending OAuth states, refresh attempts.
+    (
+        """
+        CREATE TABLE accounts (
+            id INTEGER PRIMARY KEY,
+            account_id TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            realm_id TEXT,
+            access_token TEXT,
+            refresh_token TEXT,
+            key_id TEXT,
+            token_expires_at TEXT,
+            reconnect_token_at TEXT,
+            refresh_token_expires_at TEXT,
+            failure_count INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            last_refreshed_at TEXT,
+            version INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX accounts_status ON accounts (status)",
+        """
+        CREATE TABLE oauth_states (
+            state TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT
+        )
+        """,
+        """
+        CREATE TABLE refresh_attempts (
+            id INTEGER PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            duration_ms REAL NOT NULL,
+            intuit_tid TEXT,
+            error TEXT
+        )
+        """,
+    ),
+    # 2: Intuit's 5-year hard expiry of refresh tokens (introduced 2025), and the
+    # outcome of a used OAuth state so a double-fired callback can show it.
+    (
+        "ALTER TABLE accounts ADD COLUMN refresh_token_hard_expires_at TEXT",
+        "ALTER TABLE oauth_states ADD COLUMN outcome TEXT",
+        "CREATE INDEX refresh_attempts_account ON refresh_attempts (account_id, id)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    """Bring the database at ``path`` to :data:`SCHEMA_VERSION`, one migration at a time."""
+    cursor = await conn.execute("PRAGMA user_version")
+    row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"database {path} has schema version {version}, newer than this qbo-daemon "
+            f"understands ({SCHEMA_VERSION}); upgrade qbo-daemon"
+        )
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            for statement in MIGRATIONS[number - 1]:
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number}")
+            await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise StorageError(
+                f"migrating database {path} to version {number} failed: {exc}"
+            ) from exc
+    # The database holds encrypted secrets and realm ids: keep it private.
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)

@@ -1,0 +1,355 @@
+"""One SQLite file through two connections: durable transactions, group commit, batched reads.
+
+Two aiosqlite connections share the file in WAL mode: one writes, one reads, so
+a read never sees another coroutine's uncommitted transaction and reads don't
+queue behind the writer. Every write starts with ``BEGIN IMMEDIATE`` and
+commits under ``synchronous=FULL``: a write that returned is on disk.
+
+Compare-and-swap writes go through a group-commit queue: writes finishing
+together share one transaction and one fsync, and each caller returns only
+after that commit (a stale write fails alone, the others commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from qbo_daemon.core.errors import StaleWriteError, StorageError
+from qbo_daemon.store.schema import migrate
+
+# One SQL statement and its parameters.
+Statement = tuple[str, tuple[Any, ...]]
+
+# How many attempt rows may be written between two trims of the attempts table.
+_TRIM_EVERY = 1000
+# How rows.attempt_statements begins: besides a job's compare-and-swap, the only
+# statement a batch may group (see _run_grouped), and what the trim counts.
+_ATTEMPT_INSERT = "INSERT INTO refresh_attempts"
+# Keys per query when concurrent reads are served together.
+_READ_BATCH = 500
+
+
+@dataclass
+class _Job:
+    statements: list[Statement]
+    cas: tuple[str, int] | None
+    future: asyncio.Future[None]
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is durable once it returns, even across power loss.
+        await conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        # An unclosed aiosqlite connection keeps its worker thread (and the process) alive.
+        await conn.close()
+        raise
+    return conn
+
+
+class Database:
+    """The writer and reader connections of one SQLite file, and the writer's queue.
+
+    The writer also trims the append-only ``refresh_attempts`` table to its newest
+    ``attempts_keep`` rows, in a batch's transaction, as it counts the attempts it writes.
+    """
+
+    def __init__(
+        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, attempts_keep: int
+    ) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._attempts_keep = attempts_keep
+        # Start due for a trim: the count is not persisted, and a daemon restarted before
+        # every _TRIM_EVERY attempts would otherwise never trim the table.
+        self._attempts_since_trim = _TRIM_EVERY
+        self._tx_lock = asyncio.Lock()
+        self._queue: list[_Job] = []
+        self._queued = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @classmethod
+    async def open(cls, path: Path, *, attempts_keep: int) -> Database:
+        """Open (creating or migrating) the database at ``path``; start the writer."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Create a new database owner-only: SQLite gives the -wal and -shm files
+            # the main file's mode, and a later chmod would not reach them.
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+            writer = await _connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
+        try:
+            await migrate(writer, path)
+            reader = await _connect(path)
+        except BaseException:
+            await writer.close()
+            raise
+        database = cls(writer, reader, attempts_keep=attempts_keep)
+        database._writer_task = asyncio.create_task(database._write_loop(), name="storage-writer")
+        return database
+
+    async def close(self) -> None:
+        """Commit what is queued, then close both connections."""
+        self._closing = True
+        if self._writer_task is not None:
+            self._queued.set()
+            await self._writer_task
+            self._writer_task = None
+        async with self._tx_lock:  # let an open transaction finish first
+            await self._reader.close()
+            await self._writer.close()
+
+    # -- reading -----------------------------------------------------------
+
+    async def fetchone(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        # One round trip to the reader thread (execute, fetch and close would be three,
+        # each waiting for a turn of a busy event loop).
+        try:
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
+        except sqlite3.Error as exc:
+            raise StorageError(f"database read failed: {exc}") from exc
+        return list(rows)
+
+    # -- writing -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction on the writer, committed on a clean exit."""
+        async with self._tx_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"database write failed: {exc}") from exc
+            try:
+                yield self._writer
+                await self._writer.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"database write failed: {exc}") from exc
+                raise
+
+    async def write(self, statements: list[Statement], *, cas: tuple[str, int] | None) -> None:
+        """Run ``statements`` in the next group commit; return once it committed.
+
+        With ``cas=(account_id, version)`` the first statement is a compare-and-swap:
+        when it changes no row, nothing of this call is written and
+        :class:`StaleWriteError` is raised.
+        """
+        if self._closing or self._writer_task is None or self._writer_task.done():
+            raise StorageError("storage is closed")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller cancelled meanwhile never reads its outcome; read it here so
+        # asyncio does not report an exception "never retrieved".
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.append(_Job(statements, cas, future))
+        self._queued.set()
+        # Shielded: a caller cancelled at shutdown must not leave its write half-known;
+        # the write still commits with its batch.
+        await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            jobs, self._queue = self._queue, []
+            if jobs:
+                async with self._tx_lock:
+                    await self._commit_batch(jobs)
+            if self._closing and not self._queue:
+                return
+
+    async def _commit_batch(self, jobs: list[_Job]) -> None:
+        """Run many callers' writes in one transaction and one fsync."""
+        batch = [(job.statements, job.cas[0] if job.cas else None) for job in jobs]
+        try:
+            stale, attempts, trimmed = await _on_writer_thread(
+                self._writer,
+                partial(
+                    _write_batch,
+                    jobs=batch,
+                    trim_after=_TRIM_EVERY - self._attempts_since_trim,
+                    keep=self._attempts_keep,
+                ),
+            )
+        except Exception as exc:  # the writer must outlive any failure, or callers hang
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(StorageError(f"database write failed: {exc}"))
+            return
+        self._attempts_since_trim = 0 if trimmed else self._attempts_since_trim + attempts
+        for index, job in enumerate(jobs):
+            if job.future.done():
+                continue
+            if index in stale and job.cas is not None:
+                job.future.set_exception(StaleWriteError(*job.cas))
+            else:
+                job.future.set_result(None)
+
+
+class ReadBatcher:
+    """Reads of one row by key that arrive together, served by one query.
+
+    In a storm dozens of refreshes read their row at once: one query and one
+    round trip to the reader thread serve all of them, where one each would
+    queue behind each other and wait a turn of the busy event loop apiece.
+    Every read still sees what was committed when it was asked for, or later.
+    """
+
+    def __init__(
+        self, query: Callable[[list[str]], Awaitable[list[sqlite3.Row]]], *, key: str
+    ) -> None:
+        self._query = query  # the rows of these keys (at most _READ_BATCH of them)
+        self._key = key  # the column that holds a row's key
+        self._wanted: dict[str, list[asyncio.Future[sqlite3.Row | None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, key: str) -> sqlite3.Row | None:
+        """The row of ``key``, or None when there is none."""
+        future: asyncio.Future[sqlite3.Row | None] = asyncio.get_running_loop().create_future()
+        self._wanted.setdefault(key, []).append(future)
+        if self._task is None:
+            self._task = asyncio.create_task(self._read_wanted_rows(), name="storage-reader")
+        return await future
+
+    async def _read_wanted_rows(self) -> None:
+        """Read every row asked for, many per query, until no one waits."""
+        wanted: dict[str, list[asyncio.Future[sqlite3.Row | None]]] = {}
+        try:
+            while self._wanted:
+                wanted, self._wanted = self._wanted, {}
+                keys = list(wanted)
+                try:
+                    rows: list[sqlite3.Row] = []
+                    for start in range(0, len(keys), _READ_BATCH):
+                        rows += await self._query(keys[start : start + _READ_BATCH])
+                except Exception as exc:  # each asker gets the failure as its own read would
+                    for futures in wanted.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                found = {row[self._key]: row for row in rows}
+                for key, futures in wanted.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found.get(key))
+        finally:
+            self._task = None
+            for futures in (*wanted.values(), *self._wanted.values()):
+                for future in futures:
+                    future.cancel()  # a no-op for the answered ones
+
+
+# A queued job as the writer thread sees it: its statements, and the account of its
+# compare-and-swap (the first statement) or None.
+_Batched = tuple[list[Statement], str | None]
+_T = TypeVar("_T")
+
+
+async def _on_writer_thread(
+    conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], _T]
+) -> _T:
+    """Run ``fn`` with ``conn``'s sqlite3 connection on its own thread: one round trip.
+
+    A group commit as separate ``execute`` calls costs a round trip per statement,
+    and each waits for a turn of the busy event loop (milliseconds in a storm).
+    aiosqlite has no public call for this; ``_execute`` and ``_conn`` are what its
+    own cursors use.
+    """
+    result: _T = await conn._execute(fn, conn._conn)  # type: ignore[no-untyped-call]
+    return result
+
+
+def _write_batch(
+    db: sqlite3.Connection, *, jobs: list[_Batched], trim_after: int, keep: int
+) -> tuple[set[int], int, bool]:
+    """The group commit's transaction, on the writer thread.
+
+    ``jobs`` holds each job's statements and, when the first is a
+    compare-and-swap, the account it is on. Returns the indexes of the stale jobs, the attempts
+    written, and whether the attempts table was trimmed (once ``trim_after``
+    attempts are written).
+    """
+    stale: set[int] = set()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        attempts = _run_grouped(db, jobs)
+        if attempts is None:
+            db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            attempts = _run_one_by_one(db, jobs, stale)
+        trimmed = attempts >= trim_after
+        if trimmed:
+            db.execute(
+                "DELETE FROM refresh_attempts WHERE id <= "
+                "(SELECT MAX(id) FROM refresh_attempts) - ?",
+                (keep,),
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return stale, attempts, trimmed
+
+
+def _run_grouped(db: sqlite3.Connection, jobs: list[_Batched]) -> int | None:
+    """Run the batch as one ``executemany`` per distinct statement; the attempts written.
+
+    Taken only when it cannot change the outcome: every compare-and-swap is on a
+    different account and everything else only appends attempts (in job order),
+    so the grouped statements write what job-by-job ones would. Returns None when
+    that does not hold (nothing run), or when a compare-and-swap failed (the
+    caller rolls back and runs job by job, so the stale write fails alone).
+    """
+    keys = [account_id for _, account_id in jobs if account_id is not None]
+    if len(set(keys)) != len(keys):
+        return None
+    groups: dict[tuple[str, bool], list[tuple[Any, ...]]] = {}
+    for statements, account_id in jobs:
+        for position, (sql, params) in enumerate(statements):
+            cas = account_id is not None and position == 0
+            if not cas and not sql.startswith(_ATTEMPT_INSERT):
+                return None
+            groups.setdefault((sql, cas), []).append(params)
+    for (sql, cas), rows in groups.items():
+        cursor = db.executemany(sql, rows)
+        if cas and cursor.rowcount != len(rows):
+            return None
+    return sum(len(rows) for (_, cas), rows in groups.items() if not cas)
+
+
+def _run_one_by_one(db: sqlite3.Connection, jobs: list[_Batched], stale: set[int]) -> int:
+    """Run each job's statements in turn; a failed compare-and-swap skips its job."""
+    attempts = 0
+    for index, (statements, account_id) in enumerate(jobs):
+        for position, (sql, params) in enumerate(statements):
+            cursor = db.execute(sql, params)
+            if position == 0 and account_id is not None and cursor.rowcount != 1:
+                stale.add(index)
+                break
+            if sql.startswith(_ATTEMPT_INSERT):
+                attempts += 1
+    return attempts
