@@ -23,6 +23,7 @@ from qbo_daemon.config.render import render_config
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
 from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.runtime.logs import configure_logging
+from qbo_daemon.runtime.loop import loop_factory
 from qbo_daemon.store.crypto import generate_key
 
 log = structlog.get_logger("qbo_daemon.cli.main")
@@ -119,7 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     require_credentials(config)
     configure_logging(config.log.format, config.log.level)
     path: Path | None = args.config
-    return asyncio.run(serve(config, lambda: load_config(path, os.environ)))
+    name, factory = loop_factory()
+    log.info("loop.selected", loop=name)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(config, lambda: load_config(path, os.environ)))
 
 
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
