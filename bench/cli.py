@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from bench.dataset import build_database, mint_grants
-from bench.lab import BenchSettings, Lab
+from bench.lab import BenchSettings, Lab, available_loops
 from bench.phases import ceiling, cron, startup_and_lateness, storm
 from bench.procs import load_average
 from bench.report import goals, machine, table
@@ -78,6 +78,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cron-seconds", type=float, default=d.cron_seconds, help="length of each cron batch"
     )
     p.add_argument(
+        "--cron-workers",
+        type=int,
+        nargs="+",
+        default=list(d.cron_workers),
+        help="threads of the cron batch (1: the classic job)",
+    )
+    p.add_argument(
+        "--loops",
+        choices=("asyncio", "uvloop"),
+        nargs="+",
+        default=list(available_loops()),
+        help="event loops the 0 ms storms run on (default: every one installed)",
+    )
+    p.add_argument(
         "--only", choices=PHASES, nargs="+", default=list(PHASES), help="run only these phases"
     )
     p.add_argument("--out", type=Path, default=None, help="the JSON file to write")
@@ -102,6 +116,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         concurrencies=tuple(args.concurrency),
         latencies=tuple(args.latency),
         cron_seconds=args.cron_seconds,
+        cron_workers=tuple(args.cron_workers),
+        loops=tuple(args.loops),
     )
 
 
@@ -137,13 +153,21 @@ async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict
                 if latency > 0 and settings.slow_overdue is not None:
                     count = settings.slow_overdue
                 if "storms" in phases:
+                    # Our overhead shows at 0 ms, so that is where the loops are compared.
+                    loops = settings.loops if latency == 0 else settings.loops[:1]
                     for concurrency in settings.concurrencies:
-                        results["storms"].append(await storm(lab, latency, concurrency, count))
+                        for loop in loops:
+                            results["storms"].append(
+                                await storm(lab, latency, concurrency, count, loop)
+                            )
+                            _progress(
+                                f"storm at {latency * 1000:g} ms, concurrency {concurrency}, {loop}"
+                            )
                         results["ceilings"].append(await ceiling(lab, latency, concurrency, count))
-                        _progress(f"storm at {latency * 1000:g} ms, concurrency {concurrency}")
                 if "cron" in phases:
-                    results["crons"].append(await cron(lab, latency, count))
-                    _progress(f"cron at {latency * 1000:g} ms")
+                    for workers in settings.cron_workers:
+                        results["crons"].append(await cron(lab, latency, count, workers))
+                        _progress(f"cron at {latency * 1000:g} ms, {workers} worker(s)")
         finally:
             await lab.simulator.stop()
     results["load_average_end"] = load_average()

