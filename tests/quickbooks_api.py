@@ -1,0 +1,91 @@
+"""A stand-in for the QuickBooks Accounting API, on 127.0.0.1, for host-app client tests.
+
+It accepts a bearer token exactly when the Intuit simulator says the token is
+live (issued, unexpired, its connection not revoked), as QuickBooks does for
+Intuit's tokens, and answers 401 with Intuit's fault body otherwise. A realm in
+``unknown_realms`` is refused with 401 whatever the token (a token used on
+another company). Every request is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from qbo_daemon.simulator import IntuitSimulator
+
+_FAULT = {
+    "Fault": {
+        "Error": [
+            {
+                "Message": "message=AuthenticationFailed; errorCode=003200; statusCode=401",
+                "code": "3200",
+            }
+        ],
+        "type": "AUTHENTICATION",
+    }
+}
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str
+    access_token: str
+    body: bytes
+    status: int
+
+
+@dataclass
+class QuickBooksApi:
+    simulator: IntuitSimulator
+    url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    unknown_realms: set[str] = field(default_factory=set)
+
+    def tokens_presented(self) -> list[str]:
+        return [s.access_token for s in self.seen]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        realm = request.match_info["realm"]
+        ok = (
+            scheme == "Bearer"
+            and realm not in self.unknown_realms
+            and self.simulator.is_access_token_valid(token)
+        )
+        status = 200 if ok else 401
+        self.seen.append(Seen(request.method, request.path, token, body, status))
+        if not ok:
+            return web.json_response(_FAULT, status=401)
+        if request.method == "POST":
+            return web.json_response({"Invoice": {"Id": str(len(self.seen))}})
+        return web.json_response({"CompanyInfo": {"CompanyName": f"Company {realm}"}})
+
+    def company_info_url(self, realm: str) -> str:
+        return f"{self.url}/v3/company/{realm}/companyinfo/{realm}"
+
+    def invoice_url(self, realm: str) -> str:
+        return f"{self.url}/v3/company/{realm}/invoice"
+
+
+@contextlib.asynccontextmanager
+async def serve_quickbooks(simulator: IntuitSimulator) -> AsyncIterator[QuickBooksApi]:
+    api = QuickBooksApi(simulator)
+    app = web.Application()
+    app.router.add_get("/v3/company/{realm}/companyinfo/{other}", api.handle)
+    app.router.add_post("/v3/company/{realm}/invoice", api.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        api.url = f"http://{host}:{port}"
+        yield api
+    finally:
+        await runner.cleanup()
