@@ -3,7 +3,7 @@
 Every test runs twice: with the blocking ``TokenClient`` (in a worker thread,
 while the daemon serves on this loop) and its ``requests`` auth, and with the
 ``AsyncTokenClient`` and its aiohttp middleware. A stand-in QuickBooks API
-(tests/quickbooks_api.py) accepts exactly the tokens the simulator says are
+(tests/host_app.py) accepts exactly the tokens the simulator says are
 live. Each error is met by putting the account really into that state.
 """
 
@@ -40,13 +40,17 @@ from qbo_daemon.client import (
 from qbo_daemon.client.errors import error_from_answer, parse_retry_after
 from qbo_daemon.demo import free_port
 from qbo_daemon.logs import configure_logging
-from qbo_daemon.models import iso
 from qbo_daemon.simulator import IntuitSimulator
 from tests.conftest import StartDaemon
 from tests.harness import RunningDaemon, wait_for
-from tests.quickbooks_api import QuickBooksApi, serve_quickbooks
-
-STALE = "stale-access-token-from-the-old-table"
+from tests.host_app import (
+    STALE,
+    QuickBooksApi,
+    browse,
+    import_account,
+    import_stale,
+    serve_quickbooks,
+)
 
 
 class Shifted:
@@ -149,34 +153,9 @@ async def quickbooks(simulator: IntuitSimulator) -> AsyncIterator[QuickBooksApi]
         yield api
 
 
-async def import_account(
-    running: RunningDaemon, account_id: str = "acme", **fields: Any
-) -> dict[str, Any]:
-    """A real connection minted at the simulator, imported; returns the grant."""
-    grant = running.simulator.grant()
-    body = {"refresh_token": grant["refresh_token"], "realm_id": grant["realm_id"], **fields}
-    status, answer = await running.api("PUT", f"/v1/accounts/{account_id}/tokens", json=body)
-    assert status == 201, answer
-    return grant
-
-
-async def import_stale(running: RunningDaemon, account_id: str = "acme") -> dict[str, Any]:
-    """An import whose access token QuickBooks no longer takes, though it has 50 min left."""
-    expires = datetime.now(UTC) + timedelta(minutes=50)
-    return await import_account(
-        running, account_id, access_token=STALE, token_expires_at=iso(expires)
-    )
-
-
 def refreshes(running: RunningDaemon) -> int:
     log = running.simulator.request_log
     return sum(1 for e in log if e.endpoint == "token" and e.grant_type == "refresh_token")
-
-
-async def browse(url: str) -> int:
-    """The user's browser following an authorization URL to the daemon's callback page."""
-    async with aiohttp.ClientSession() as browser, browser.get(url) as page:
-        return page.status
 
 
 # -- tokens and the cache -----------------------------------------------------------

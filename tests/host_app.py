@@ -1,10 +1,12 @@
-"""A stand-in for the QuickBooks Accounting API, on 127.0.0.1, for host-app client tests.
+"""What a host app meets, for the client and host-app docs tests.
 
-It accepts a bearer token exactly when the Intuit simulator says the token is
-live (issued, unexpired, its connection not revoked), as QuickBooks does for
-Intuit's tokens, and answers 401 with Intuit's fault body otherwise. A realm in
+A stand-in for the QuickBooks Accounting API on 127.0.0.1 accepts a bearer
+token exactly when the Intuit simulator says the token is live (issued,
+unexpired, its connection not revoked), as QuickBooks does for Intuit's
+tokens, and answers 401 with Intuit's fault body otherwise. A realm in
 ``unknown_realms`` is refused with 401 whatever the token (a token used on
-another company). Every request is recorded.
+another company). Every request is recorded. Accounts are imported from
+connections minted at the simulator.
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from qbo_daemon.models import iso
 from qbo_daemon.simulator import IntuitSimulator
+from tests.harness import RunningDaemon
+
+STALE = "stale-access-token-from-the-old-table"
 
 _FAULT = {
     "Fault": {
@@ -89,3 +98,28 @@ async def serve_quickbooks(simulator: IntuitSimulator) -> AsyncIterator[QuickBoo
         yield api
     finally:
         await runner.cleanup()
+
+
+async def import_account(
+    running: RunningDaemon, account_id: str = "acme", **fields: Any
+) -> dict[str, Any]:
+    """A real connection minted at the simulator, imported; returns the grant."""
+    grant = running.simulator.grant()
+    body = {"refresh_token": grant["refresh_token"], "realm_id": grant["realm_id"], **fields}
+    status, answer = await running.api("PUT", f"/v1/accounts/{account_id}/tokens", json=body)
+    assert status == 201, answer
+    return grant
+
+
+async def import_stale(running: RunningDaemon, account_id: str = "acme") -> dict[str, Any]:
+    """An import whose access token QuickBooks no longer takes, though it has 50 min left."""
+    expires = datetime.now(UTC) + timedelta(minutes=50)
+    return await import_account(
+        running, account_id, access_token=STALE, token_expires_at=iso(expires)
+    )
+
+
+async def browse(url: str) -> int:
+    """The user's browser following an authorization URL to the daemon's callback page."""
+    async with aiohttp.ClientSession() as browser, browser.get(url) as page:
+        return page.status
