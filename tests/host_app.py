@@ -60,10 +60,10 @@ class QuickBooksApi:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = _bearer(request)
         realm = request.match_info["realm"]
         ok = (
-            scheme == "Bearer"
+            token
             and realm not in self.unknown_realms
             and self.simulator.is_access_token_valid(token)
         )
@@ -75,11 +75,27 @@ class QuickBooksApi:
             return web.json_response({"Invoice": {"Id": str(len(self.seen))}})
         return web.json_response({"CompanyInfo": {"CompanyName": f"Company {realm}"}})
 
+    async def moved(self, request: web.Request) -> web.Response:
+        """A redirect to the same server under another origin (localhost, not 127.0.0.1)."""
+        self.seen.append(Seen("GET", request.path, _bearer(request), b"", 302))
+        realm = request.match_info["realm"]
+        port = request.url.port
+        location = f"http://localhost:{port}/v3/company/{realm}/companyinfo/{realm}"
+        raise web.HTTPFound(location)
+
+    def moved_url(self, realm: str) -> str:
+        return f"{self.url}/v3/company/{realm}/moved"
+
     def company_info_url(self, realm: str) -> str:
         return f"{self.url}/v3/company/{realm}/companyinfo/{realm}"
 
     def invoice_url(self, realm: str) -> str:
         return f"{self.url}/v3/company/{realm}/invoice"
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token if scheme == "Bearer" else ""
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +104,7 @@ async def serve_quickbooks(simulator: IntuitSimulator) -> AsyncIterator[QuickBoo
     app = web.Application()
     app.router.add_get("/v3/company/{realm}/companyinfo/{other}", api.handle)
     app.router.add_post("/v3/company/{realm}/invoice", api.handle)
+    app.router.add_get("/v3/company/{realm}/moved", api.moved)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     try:

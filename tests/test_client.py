@@ -38,6 +38,7 @@ from qbo_daemon.client import (
     UnknownAccount,
 )
 from qbo_daemon.client.errors import error_from_answer, parse_retry_after
+from qbo_daemon.client.tokens import QUICKBOOKS_API_BASES
 from qbo_daemon.demo import free_port
 from qbo_daemon.logs import configure_logging
 from qbo_daemon.simulator import IntuitSimulator
@@ -94,10 +95,17 @@ class Client:
         *,
         body: Any = None,
         with_authorize_url: bool = False,
+        api_base: str | tuple[str, ...] | None = None,
     ) -> tuple[int, Any]:
-        """A QuickBooks call through the auth helper: requests, or aiohttp's middleware."""
+        """A QuickBooks call through the auth helper: requests, or aiohttp's middleware.
+
+        ``api_base`` is the origin of ``url`` (the stand-in) unless given.
+        """
+        base = api_base or url
         if self.sync is not None:
-            auth = self.sync.requests_auth(account_id, with_authorize_url=with_authorize_url)
+            auth = self.sync.requests_auth(
+                account_id, with_authorize_url=with_authorize_url, api_base=base
+            )
 
             def go() -> tuple[int, Any]:
                 with requests.Session() as http:
@@ -106,7 +114,9 @@ class Client:
 
             return await asyncio.to_thread(go)
         assert self.aio is not None
-        middleware = self.aio.aiohttp_auth(account_id, with_authorize_url=with_authorize_url)
+        middleware = self.aio.aiohttp_auth(
+            account_id, with_authorize_url=with_authorize_url, api_base=base
+        )
         async with (
             aiohttp.ClientSession() as http,
             http.request(method, url, json=body, middlewares=(middleware,)) as answer,
@@ -417,6 +427,26 @@ async def test_a_revoked_connection_raises_needs_reconnect_from_the_call(
         )
     assert caught.value.authorize_url is not None
     assert quickbooks.tokens_presented() == [token.access_token]  # not sent again
+
+
+async def test_the_token_goes_only_to_quickbooks(
+    running: RunningDaemon, client_for: Any, quickbooks: QuickBooksApi
+) -> None:
+    client: Client = client_for(running)
+    realm = (await import_account(running))["realm_id"]
+    token = await client.token("acme")
+
+    # Redirected to another origin (localhost is not 127.0.0.1): no token there.
+    status, _ = await client.send("GET", quickbooks.moved_url(realm), "acme")
+    assert status == 401
+    assert quickbooks.tokens_presented() == [token.access_token, ""]
+
+    # By default the token goes to Intuit's API only, not to this stand-in.
+    url = quickbooks.company_info_url(realm)
+    status, _ = await client.send("GET", url, "acme", api_base=QUICKBOOKS_API_BASES)
+    assert status == 401
+    assert quickbooks.tokens_presented() == [token.access_token, "", ""]  # nor retried
+    assert refreshes(running) == 1  # the import's own
 
 
 # -- pieces without a daemon ------------------------------------------------------------

@@ -21,6 +21,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import pytest
 from aiohttp import web
 
 import qbo_daemon.client
-from qbo_daemon.client import ClientError
+from qbo_daemon.client import DEFAULT_MARGIN, DEFAULT_RETRY_AFTER, ClientError
 from qbo_daemon.webhooks import EVENTS, WebhookNotifier
 from tests.conftest import StartDaemon
 from tests.harness import RunningDaemon, wait_for
@@ -180,8 +181,12 @@ async def test_the_ruby_token_snippet(running: RunningDaemon, tmp_path: Path) ->
     assert (await running.api("GET", "/v1/accounts/doc-2/token"))[0] == 200
 
 
-def test_every_client_error_is_in_the_table() -> None:
+def test_the_client_section_matches_the_client() -> None:
     text = (ROOT / "docs" / "host-apps.md").read_text(encoding="utf-8")
+    flat = " ".join(text.split())
+    minutes = DEFAULT_MARGIN / timedelta(minutes=1)
+    assert f"keeps each tenant's token until {minutes:g} minutes before its `expires_at`" in flat
+    assert f"client's advice: {DEFAULT_RETRY_AFTER:g} seconds unless you pass" in flat
     errors = [
         name
         for name in qbo_daemon.client.__all__

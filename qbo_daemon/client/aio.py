@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -20,12 +21,15 @@ from qbo_daemon.client.errors import (
 from qbo_daemon.client.tokens import (
     DEFAULT_MARGIN,
     DEFAULT_TIMEOUT,
+    QUICKBOOKS_API_BASES,
     Now,
     Token,
     TokenCache,
     account_path,
     base_url,
     json_object,
+    origin,
+    origins,
     parse_token,
     utc_now,
 )
@@ -136,9 +140,17 @@ class AsyncTokenClient:
         """Drop the cached token of ``account_id`` (of every account when None)."""
         self._cache.drop(account_id)
 
-    def aiohttp_auth(self, account_id: str, *, with_authorize_url: bool = False) -> AiohttpAuth:
+    def aiohttp_auth(
+        self,
+        account_id: str,
+        *,
+        with_authorize_url: bool = False,
+        api_base: str | Iterable[str] = QUICKBOOKS_API_BASES,
+    ) -> AiohttpAuth:
         """An aiohttp client middleware that sends this account's token (:class:`AiohttpAuth`)."""
-        return AiohttpAuth(self, account_id, with_authorize_url=with_authorize_url)
+        return AiohttpAuth(
+            self, account_id, with_authorize_url=with_authorize_url, api_base=api_base
+        )
 
     # -- internals ------------------------------------------------------------------
 
@@ -201,16 +213,29 @@ class AiohttpAuth:
     for a better token (:meth:`AsyncTokenClient.replace_rejected`) and sends the
     request again; a second 401 is returned as it is, and so is a 401 to a body
     that cannot be sent twice (a stream). Client errors propagate from the call.
+
+    The token goes only to ``api_base`` (Intuit's production and sandbox API
+    by default; give your own for a stand-in or a proxy). aiohttp runs the
+    middleware again for each redirect: a hop to any other origin is sent as
+    it is, without a token.
     """
 
     def __init__(
-        self, client: AsyncTokenClient, account_id: str, *, with_authorize_url: bool = False
+        self,
+        client: AsyncTokenClient,
+        account_id: str,
+        *,
+        with_authorize_url: bool = False,
+        api_base: str | Iterable[str] = QUICKBOOKS_API_BASES,
     ) -> None:
         self.client = client
         self.account_id = account_id
         self.with_authorize_url = with_authorize_url
+        self.origins = origins(api_base)
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        if origin(str(request.url)) not in self.origins:
+            return await handler(request)
         token = await self.client.token(self.account_id, with_authorize_url=self.with_authorize_url)
         request.headers[hdrs.AUTHORIZATION] = token.authorization
         response = await handler(request)

@@ -6,6 +6,7 @@ import http.client
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,15 @@ from qbo_daemon.client.errors import (
 from qbo_daemon.client.tokens import (
     DEFAULT_MARGIN,
     DEFAULT_TIMEOUT,
+    QUICKBOOKS_API_BASES,
     Now,
     Token,
     TokenCache,
     account_path,
     base_url,
     json_object,
+    origin,
+    origins,
     parse_token,
     utc_now,
 )
@@ -133,9 +137,17 @@ class TokenClient:
         with self._lock:
             self._cache.drop(account_id)
 
-    def requests_auth(self, account_id: str, *, with_authorize_url: bool = False) -> RequestsAuth:
+    def requests_auth(
+        self,
+        account_id: str,
+        *,
+        with_authorize_url: bool = False,
+        api_base: str | Iterable[str] = QUICKBOOKS_API_BASES,
+    ) -> RequestsAuth:
         """An auth for ``requests`` that sends this account's token (see :class:`RequestsAuth`)."""
-        return RequestsAuth(self, account_id, with_authorize_url=with_authorize_url)
+        return RequestsAuth(
+            self, account_id, with_authorize_url=with_authorize_url, api_base=api_base
+        )
 
     # -- internals ------------------------------------------------------------------
 
@@ -200,30 +212,44 @@ class RequestsAuth:
     (:meth:`TokenClient.replace_rejected`) and sends the request again; a second
     401 is returned as it is. A body that cannot be rewound (a generator) is
     not sent again: the 401 is returned. Client errors (``NeedsReconnect``, …)
-    propagate from the ``requests`` call. ``requests`` itself is not imported
-    here: it calls this object with the prepared request.
+    propagate from the ``requests`` call.
+
+    The token goes only to ``api_base`` (Intuit's production and sandbox API
+    by default; give your own for a stand-in or a proxy): a request to any
+    other origin is sent as it is, without a token. ``requests`` itself is
+    not imported here: it calls this object with the prepared request.
     """
 
     def __init__(
-        self, client: TokenClient, account_id: str, *, with_authorize_url: bool = False
+        self,
+        client: TokenClient,
+        account_id: str,
+        *,
+        with_authorize_url: bool = False,
+        api_base: str | Iterable[str] = QUICKBOOKS_API_BASES,
     ) -> None:
         self.client = client
         self.account_id = account_id
         self.with_authorize_url = with_authorize_url
+        self.origins = origins(api_base)
 
     def __call__(self, request: PreparedRequest) -> PreparedRequest:
+        if origin(str(request.url)) not in self.origins:
+            return request
         token = self.client.token(self.account_id, with_authorize_url=self.with_authorize_url)
         request.headers["Authorization"] = token.authorization
         request.hooks["response"].append(self._on_response)
         return request
 
     def _on_response(self, response: Response, **send_options: Any) -> Response:
-        if response.status_code != 401:
-            return response
         request = response.request
-        rejected = str(request.headers.get("Authorization", "")).removeprefix("Bearer ")
-        if not _rewind(request):
+        header = str(request.headers.get("Authorization", ""))
+        # A redirect elsewhere lost the header (requests strips it): never add it back there.
+        if response.status_code != 401 or not header.startswith("Bearer "):
             return response
+        if origin(str(request.url)) not in self.origins or not _rewind(request):
+            return response
+        rejected = header.removeprefix("Bearer ")
         _ = response.content  # read it, so the connection can be reused
         response.close()
         token = self.client.replace_rejected(

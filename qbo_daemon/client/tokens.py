@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from qbo_daemon.client.errors import DaemonError
 
@@ -16,6 +16,12 @@ from qbo_daemon.client.errors import DaemonError
 DEFAULT_MARGIN = timedelta(minutes=2)
 # Longer than the daemon's longest wait for a refresh ([refresh] token_wait, 30 s).
 DEFAULT_TIMEOUT = 60.0
+# Where the auth helpers send a token: Intuit's Accounting API, production and sandbox.
+QUICKBOOKS_API_BASES = (
+    "https://quickbooks.api.intuit.com",
+    "https://sandbox-quickbooks.api.intuit.com",
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Now = Callable[[], datetime]
 
@@ -123,3 +129,24 @@ def json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DaemonError(200, "malformed", "the daemon's answer is not a JSON object")
     return data
+
+
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, lower case, without a default port."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    port = parts.port
+    return f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS.get(scheme)) else f":{port}")
+
+
+def origins(api_base: str | Iterable[str]) -> frozenset[str]:
+    """The origins an auth helper may send a token to."""
+    bases = [api_base] if isinstance(api_base, str) else list(api_base)
+    if not bases:
+        raise ValueError("api_base must name at least one QuickBooks API base URL")
+    for base in bases:
+        base_url(base)  # http(s) only
+    return frozenset(origin(base) for base in bases)
