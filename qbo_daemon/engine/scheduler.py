@@ -37,6 +37,7 @@ from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, TokenSet, iso
 from qbo_daemon.engine.refresher import Outcome, OutcomeKind, Refresher
+from qbo_daemon.intuit.parse import after
 from qbo_daemon.store.repository import ScheduleEntry, Storage
 
 log = structlog.get_logger("qbo_daemon.engine.scheduler")
@@ -313,7 +314,17 @@ class Scheduler:
             self._probing = False
             self._retry_later(account_id, None, reason=str(exc))
             return Outcome(OutcomeKind.TRANSIENT, None, message=str(exc))
-        self._after(account_id, outcome)
+        try:
+            self._after(account_id, outcome)
+        except Exception as exc:  # a boundary: the timer must outlive a bug in its aftermath
+            log.error(
+                "refresh.reschedule_failed",
+                account_id=account_id,
+                error=type(exc).__name__,
+                exc_info=True,
+                detail="retrying at the backoff cap",
+            )
+            self.schedule(account_id, after(self._clock.now(), self.backoff_max))
         return outcome
 
     def _after(self, account_id: str, outcome: Outcome) -> None:
@@ -384,9 +395,10 @@ class Scheduler:
             delay = self._rng.uniform(0, cap)
         retry_after = outcome.retry_after if outcome else None
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            # A floor under the backoff, but never past its cap: Intuit's word is not law.
+            delay = max(delay, min(retry_after, self.backoff_max))
         delay = max(delay, _MIN_RETRY_DELAY)
-        due = now + timedelta(seconds=delay)
+        due = after(now, delay)
         if account and account.refresh_token_expires_at and due > account.refresh_token_expires_at:
             # The last chance is just before the refresh token dies; at that instant
             # the refresher marks the account needs_reconnect without calling Intuit.

@@ -13,10 +13,13 @@ can help:
   unexpected 4xx. Giving up on a connection is only ever decided by
   ``invalid_grant``.
 
-A 200 whose tokens are sound but whose lifetimes are garbled is accepted:
-the refresh token in it may be a rotated one, and the old may already be
-dead. Garbled lifetimes read as absent (the refresh token's) or as five
-minutes (the access token's), with a warning.
+Every value in an answer is read by :mod:`qbo_daemon.intuit.parse`: numbers
+are ASCII digits, lifetimes are clamped to what Intuit documents, words are
+printable ASCII, and nothing it reads can raise. A 200 whose tokens are sound
+is accepted whatever its lifetimes say: the refresh token in it may be a
+rotated one, and the old may already be dead. Garbled lifetimes read as
+absent (the refresh token's) or as five minutes (the access token's), with a
+warning; out-of-range ones are clamped.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -44,8 +46,8 @@ from qbo_daemon.core.models import (
     DEFAULT_ACCESS_TOKEN_LIFETIME,
     DEFAULT_REFRESH_TOKEN_LIFETIME,
     TokenSet,
-    utc,
 )
+from qbo_daemon.intuit import parse
 
 log = structlog.get_logger("qbo_daemon.intuit.client")
 # The access token's assumed life when Intuit's expires_in cannot be read.
@@ -149,9 +151,11 @@ class IntuitClient:
             async with self._session.post(
                 url, data=data, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
-                body = await response.read()
-                tid = response.headers.get("intuit_tid")
-                retry_after = _retry_after(response.headers.get("Retry-After"), self._clock.now())
+                tid = parse.intuit_tid(response.headers.get("intuit_tid"))
+                body = await _read_body(response, tid)
+                retry_after = parse.retry_after(
+                    response.headers.get("Retry-After"), self._clock.now()
+                )
                 return response.status, body, tid, retry_after
         except TimeoutError:
             raise TransientIntuitError(
@@ -160,15 +164,33 @@ class IntuitClient:
             ) from None
         except aiohttp.ClientError as exc:
             raise TransientIntuitError(
-                f"cannot reach Intuit: {type(exc).__name__}: {_safe(str(exc))}",
+                f"cannot reach Intuit: {type(exc).__name__}: {parse.text(str(exc))}",
                 code="connection_error",
             ) from None
+
+
+async def _read_body(response: aiohttp.ClientResponse, tid: str | None) -> bytes:
+    """The answer's body, refused past :data:`parse.MAX_BODY_BYTES` (no one reads a gigabyte)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > parse.MAX_BODY_BYTES:
+            raise TransientIntuitError(
+                f"Intuit answered HTTP {response.status} with a body over "
+                f"{parse.MAX_BODY_BYTES} bytes",
+                status=response.status,
+                code="body_too_large",
+                intuit_tid=tid,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse_tokens(
     body: bytes, tid: str | None, obtained_at: datetime, previous_refresh_token: str | None
 ) -> TokenSet:
-    data = _json_object(body)
+    data = parse.json_object(body)
     if data is None:
         raise TransientIntuitError(
             "Intuit answered 200 with a body that is not a JSON object",
@@ -176,16 +198,22 @@ def _parse_tokens(
             code="malformed_body",
             intuit_tid=tid,
         )
-    access_token = data.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
+    access_token = parse.token(data.get("access_token"))
+    if access_token is None:
         raise TransientIntuitError(
-            "Intuit answered 200 without an access_token",
+            "Intuit answered 200 without a usable access_token",
             status=200,
             code="no_access_token",
             intuit_tid=tid,
         )
-    refresh_token = data.get("refresh_token")
-    if not isinstance(refresh_token, str) or not refresh_token:
+    refresh_token = parse.token(data.get("refresh_token"))
+    if refresh_token is None:
+        if data.get("refresh_token") not in (None, ""):
+            # Not a token Intuit could have issued (a space, a control character, a
+            # lone surrogate): read as absent, as a garbled lifetime is.
+            log.warning(
+                "intuit.invalid_field", field="refresh_token", intuit_tid=tid, detail="ignored"
+            )
         if previous_refresh_token is None:
             raise TransientIntuitError(
                 "Intuit answered the code exchange without a refresh_token",
@@ -198,47 +226,44 @@ def _parse_tokens(
     if "expires_in" in data:
         # Garbled, it still must not throw away a rotated refresh token: assume a short
         # life, so the next refresh (which brings a sound one) comes soon.
-        expires_in = _advisory_seconds(data, "expires_in", tid) or _GARBLED_ACCESS_LIFETIME
+        expires_in = (
+            _lifetime(data, "expires_in", parse.ACCESS_TOKEN_MAX_LIFETIME, tid)
+            or _GARBLED_ACCESS_LIFETIME
+        )
     else:
         expires_in = DEFAULT_ACCESS_TOKEN_LIFETIME
     # The refresh token's lifetimes are advisory: a garbled one must not throw away
     # a rotated refresh token (the old one may already be dead), so it reads as absent.
     refresh_in = (
-        _advisory_seconds(data, "x_refresh_token_expires_in", tid) or DEFAULT_REFRESH_TOKEN_LIFETIME
+        _lifetime(data, "x_refresh_token_expires_in", parse.REFRESH_TOKEN_MAX_LIFETIME, tid)
+        or DEFAULT_REFRESH_TOKEN_LIFETIME
     )
-    hard_in = _advisory_seconds(data, "x_refresh_token_hard_expires_in", tid)
+    hard_in = _lifetime(
+        data, "x_refresh_token_hard_expires_in", parse.HARD_EXPIRY_MAX_LIFETIME, tid
+    )
     return TokenSet(
         access_token=access_token,
         refresh_token=refresh_token,
         obtained_at=obtained_at,
-        token_expires_at=obtained_at + expires_in,
-        refresh_token_expires_at=obtained_at + refresh_in,
-        refresh_token_hard_expires_at=obtained_at + hard_in if hard_in is not None else None,
+        token_expires_at=parse.after(obtained_at, expires_in.total_seconds()),
+        refresh_token_expires_at=parse.after(obtained_at, refresh_in.total_seconds()),
+        refresh_token_hard_expires_at=(
+            parse.after(obtained_at, hard_in.total_seconds()) if hard_in is not None else None
+        ),
     )
 
 
-def _advisory_seconds(data: dict[str, Any], field: str, tid: str | None) -> timedelta | None:
-    try:
-        return _seconds(data, field, tid)
-    except TransientIntuitError:
-        log.warning("intuit.invalid_field", field=field, intuit_tid=tid, detail="taken as absent")
-        return None
-
-
-def _seconds(data: dict[str, Any], field: str, tid: str | None) -> timedelta | None:
+def _lifetime(
+    data: dict[str, Any], field: str, maximum: timedelta, tid: str | None
+) -> timedelta | None:
+    """A lifetime field, clamped to ``maximum``; ``None`` when absent or garbled (logged)."""
     value = data.get(field)
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise TransientIntuitError(
-            f"Intuit answered with an invalid {field}",
-            status=200,
-            code="malformed_body",
-            intuit_tid=tid,
-        )
-    return timedelta(seconds=value)
+    life = parse.lifetime(value, maximum)
+    if life is None:
+        log.warning("intuit.invalid_field", field=field, intuit_tid=tid, detail="taken as absent")
+    return life
 
 
 def _classify(
@@ -250,14 +275,13 @@ def _classify(
     what: str,
     conceal: str | None = None,
 ) -> IntuitError:
-    data = _json_object(body)
-    code = data.get("error") if data else None
-    code = code if isinstance(code, str) else None
+    data = parse.json_object(body)
+    code = parse.error_code(data.get("error")) if data else None
     description = data.get("error_description") if data else None
     if isinstance(description, str) and conceal:
         # A server (or a proxy) may echo what it was sent: never repeat the token or code.
         description = description.replace(conceal, "[redacted]")
-    detail = f": {_safe(description)}" if isinstance(description, str) and description else ""
+    detail = f": {parse.text(description)}" if isinstance(description, str) and description else ""
     if code == "invalid_grant":
         return InvalidGrantError(
             f"Intuit refused the grant (invalid_grant{detail})",
@@ -285,37 +309,6 @@ def _classify(
         intuit_tid=tid,
         retry_after=retry_after,
     )
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _retry_after(value: str | None, now: datetime) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return seconds if seconds >= 0 and seconds == seconds and seconds != float("inf") else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max((utc(when) - now).total_seconds(), 0.0)
-
-
-def _safe(text: str, limit: int = 200) -> str:
-    """Intuit's own words, trimmed to one short line for logs and errors."""
-    return " ".join(text.split())[:limit]
 
 
 __all__ = ["HARD_EXPIRY_HEADER", "IntuitClient", "TokenResult"]

@@ -6,9 +6,10 @@ counting down between rotations, the opt-in ``x_refresh_token_hard_expires_in``,
 a refresh token that rotates after ``rotate_after`` seconds and whose old value
 dies at once, ``invalid_grant`` for every dead token or code, and an
 ``intuit_tid`` header on every answer. Faults (5xx, nginx HTML pages, 429,
-hangs, dropped connections, garbled bodies) are injected per endpoint, in
-process or over the ``/_sim/`` control API. The tests, ``qbo-daemon demo``, the
-benchmark and ``qbo-daemon simulator --port N`` all run it.
+hangs, dropped connections, garbled bodies, or any exact answer: ``raw``) are
+injected per endpoint, in process or over the ``/_sim/`` control API. The
+tests, ``qbo-daemon demo``, the benchmark and ``qbo-daemon simulator --port N``
+all run it.
 
 It keeps and shows test secrets in plain text (the request log and the control
 API return them): never give it a real client secret.
@@ -49,7 +50,9 @@ from qbo_daemon.simulator.faults import (
     ENDPOINTS,
     FAULT_KINDS,
     HANG_SECONDS,
+    RAW_KIND,
     FaultPlan,
+    RawAnswer,
 )
 from qbo_daemon.simulator.grants import Grants
 from qbo_daemon.simulator.log import DEFAULT_LOG_LIMIT, RequestLog, RequestLogEntry
@@ -63,8 +66,10 @@ __all__ = [
     "FAULT_KINDS",
     "HANG_SECONDS",
     "MAX_BULK_GRANTS",
+    "RAW_KIND",
     "SIMULATOR_KEY",
     "IntuitSimulator",
+    "RawAnswer",
     "RequestLogEntry",
     "SimulatorSettings",
     "serve_simulator",
@@ -197,9 +202,13 @@ class IntuitSimulator:
         *,
         endpoint: str = "token",
         retry_after: float | None = None,
+        raw: RawAnswer | None = None,
     ) -> None:
-        """Answer the next ``count`` calls of ``endpoint`` with fault ``kind``."""
-        self._faults.inject(kind, count, endpoint, retry_after)
+        """Answer the next ``count`` calls of ``endpoint`` with fault ``kind``.
+
+        Kind ``raw`` answers with exactly ``raw`` (see :class:`RawAnswer`).
+        """
+        self._faults.inject(kind, count, endpoint, retry_after, raw)
 
     def deny_next_authorization(self) -> None:
         """The next authorization is declined by the user (``error=access_denied``)."""

@@ -14,6 +14,7 @@ from typing import Any, Final, Protocol
 
 from aiohttp import web
 
+from qbo_daemon.simulator.faults import RAW_KIND, RawAnswer
 from qbo_daemon.simulator.log import RequestLogEntry
 from qbo_daemon.simulator.settings import SimulatorSettings
 
@@ -44,6 +45,7 @@ class ControlTarget(Protocol):
         *,
         endpoint: str = "token",
         retry_after: float | None = None,
+        raw: RawAnswer | None = None,
     ) -> None: ...
 
     def deny_next_authorization(self) -> None: ...
@@ -82,12 +84,21 @@ class _ControlAPI:
 
     async def faults(self, request: web.Request) -> web.Response:
         data = await _json_object(request)
-        _only(data, {"kind", "count", "endpoint", "retry_after"})
+        kind = _require_str(data, "kind")
+        allowed = {"kind", "count", "endpoint", "retry_after"}
+        raw = None
+        if kind == RAW_KIND:
+            # {"kind": "raw", "status": 200, "headers": {...}, "body": "..."}: exactly that.
+            allowed = {"kind", "count", "endpoint", "status", "headers", "body", "body_base64"}
+            _only(data, allowed)
+            raw = RawAnswer.from_json(data)
+        _only(data, allowed)
         self._target.inject(
-            _require_str(data, "kind"),
+            kind,
             data.get("count", 1),
             endpoint=data.get("endpoint", "token"),
             retry_after=data.get("retry_after"),
+            raw=raw,
         )
         return web.json_response({"pending_faults": self._target.stats()["pending_faults"]})
 

@@ -2,14 +2,21 @@
 
 A fault answers in place of the endpoint and changes no state. Declined
 authorizations (``access_denied``) are queued here too.
+
+Besides the canned kinds (:data:`FAULT_KINDS`), a ``raw`` fault answers with
+exactly the status, headers and body it was given (:class:`RawAnswer`): how
+tests play a careless or hostile Intuit (``Retry-After: 1e12``, ``"expires_in":
+"²"``, any status) without a new kind for each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
+import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,8 +29,10 @@ __all__ = [
     "ENDPOINTS",
     "FAULT_KINDS",
     "HANG_SECONDS",
+    "RAW_KIND",
     "Fault",
     "FaultPlan",
+    "RawAnswer",
     "fault_response",
 ]
 
@@ -43,6 +52,8 @@ FAULT_KINDS: Final = frozenset(
         "reset",
     }
 )
+# Answers with exactly the status, headers and body given (a RawAnswer).
+RAW_KIND: Final = "raw"
 DEFAULT_RETRY_AFTER: Final = 2.0
 HANG_SECONDS: Final = 3600.0
 _HANG_POLL: Final = 0.05
@@ -55,11 +66,97 @@ _NGINX_PAGE: Final = (
 _MALFORMED_BODY: Final = '{"access_token":"sim-at-garbled","refresh_token":"sim-rt-gar'
 
 
+# A header name is an HTTP token; these would break the framing of the answer.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FRAMING_HEADERS: Final = frozenset({"content-length", "transfer-encoding", "connection"})
+_MAX_RAW_BODY: Final = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """An exact answer: any final status (200-999), any headers, any body.
+
+    Build it with :meth:`make`, which refuses what HTTP cannot carry: a 1xx
+    status (not a final answer), a header name that is not a token, a value
+    with CR, LF or NUL or that is not text, and the headers that frame the
+    answer (``Content-Length``, ``Transfer-Encoding``, ``Connection``).
+    Without a ``Content-Type`` aiohttp sends ``application/octet-stream``;
+    without an ``intuit_tid`` the simulator stamps its own, as on every answer.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    @classmethod
+    def make(
+        cls,
+        status: object,
+        headers: Iterable[tuple[object, object]] | None = None,
+        body: bytes | str = b"",
+    ) -> RawAnswer:
+        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 999:
+            raise ValueError(f"status must be an integer from 200 to 999, not {status!r}")
+        checked: list[tuple[str, str]] = []
+        for name, value in headers or ():
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if name.lower() in _FRAMING_HEADERS:
+                raise ValueError(f"header {name!r} frames the answer; the simulator sets it")
+            if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} must be text without CR, LF or NUL")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"header {name!r} is not encodable text") from None
+            checked.append((name, value))
+        if isinstance(body, str):
+            try:
+                body = body.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("body is not encodable text; use body_base64") from None
+        if len(body) > _MAX_RAW_BODY:
+            raise ValueError(f"body is longer than {_MAX_RAW_BODY} bytes")
+        return cls(status, tuple(checked), body)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RawAnswer:
+        """From the control API: ``status``, ``headers`` (an object or a list of
+        ``[name, value]`` pairs, so a name may repeat), ``body`` (text) or
+        ``body_base64`` (bytes)."""
+        headers = data.get("headers") or {}
+        if isinstance(headers, dict):
+            pairs = list(headers.items())
+        elif isinstance(headers, list) and all(
+            isinstance(p, list) and len(p) == 2 for p in headers
+        ):
+            pairs = [(p[0], p[1]) for p in headers]
+        else:
+            raise ValueError("headers must be an object or a list of [name, value] pairs")
+        if "body" in data and "body_base64" in data:
+            raise ValueError("give either body or body_base64, not both")
+        body: bytes | str = b""
+        if "body_base64" in data:
+            encoded = data["body_base64"]
+            if not isinstance(encoded, str):
+                raise ValueError("body_base64 must be a string")
+            try:
+                body = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                raise ValueError("body_base64 is not base64") from None
+        elif "body" in data:
+            if not isinstance(data["body"], str):
+                raise ValueError("body must be a string (or give body_base64)")
+            body = data["body"]
+        return cls.make(data.get("status"), pairs, body)
+
+
 @dataclass(slots=True)
 class Fault:
     kind: str
     remaining: int
     retry_after: float | None
+    raw: RawAnswer | None = None
 
 
 class FaultPlan:
@@ -69,9 +166,24 @@ class FaultPlan:
         self.denials = 0
         self._queues: dict[str, deque[Fault]] = {e: deque() for e in ENDPOINTS}
 
-    def inject(self, kind: str, count: int, endpoint: str, retry_after: float | None) -> None:
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(FAULT_KINDS)}")
+    def inject(
+        self,
+        kind: str,
+        count: int,
+        endpoint: str,
+        retry_after: float | None,
+        raw: RawAnswer | None = None,
+    ) -> None:
+        if kind == RAW_KIND:
+            if raw is None:
+                raise ValueError("a raw fault needs its answer (status, headers, body)")
+            if retry_after is not None:
+                raise ValueError("a raw fault sends its own headers; give Retry-After there")
+        elif kind not in FAULT_KINDS:
+            known = sorted(FAULT_KINDS | {RAW_KIND})
+            raise ValueError(f"unknown fault kind {kind!r}; one of {known}")
+        elif raw is not None:
+            raise ValueError(f"only a raw fault takes an answer, not {kind!r}")
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}; one of {list(ENDPOINTS)}")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -83,7 +195,7 @@ class FaultPlan:
             or retry_after < 0
         ):
             raise ValueError(f"retry_after must be a number >= 0, not {retry_after!r}")
-        self._queues[endpoint].append(Fault(kind, count, retry_after))
+        self._queues[endpoint].append(Fault(kind, count, retry_after, raw))
 
     def take(self, endpoint: str) -> Fault | None:
         """The fault for this call of ``endpoint``, if one is pending."""
@@ -108,10 +220,7 @@ class FaultPlan:
 
     def pending(self) -> dict[str, list[dict[str, Any]]]:
         return {
-            endpoint: [
-                {"kind": f.kind, "count": f.remaining, "retry_after": f.retry_after} for f in queue
-            ]
-            for endpoint, queue in self._queues.items()
+            endpoint: [_pending_json(f) for f in queue] for endpoint, queue in self._queues.items()
         }
 
     def clear(self) -> None:
@@ -119,6 +228,17 @@ class FaultPlan:
         for queue in self._queues.values():
             queue.clear()
         self.denials = 0
+
+
+def _pending_json(fault: Fault) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "kind": fault.kind,
+        "count": fault.remaining,
+        "retry_after": fault.retry_after,
+    }
+    if fault.raw is not None:
+        data["status"] = fault.raw.status
+    return data
 
 
 async def fault_response(
@@ -134,8 +254,17 @@ async def fault_response(
 
     ``presented`` is echoed by ``no_token``; a hang ends early once ``closing()``.
     """
-    headers = {"intuit_tid": tid}
     kind = fault.kind
+    if fault.raw is not None:
+        # Exactly as given; the tid the log names, unless the headers carry their own.
+        raw = web.Response(status=fault.raw.status, body=fault.raw.body)
+        raw.headers.popall("Content-Type", None)
+        for name, value in fault.raw.headers:
+            raw.headers.add(name, value)
+        if "intuit_tid" not in raw.headers:
+            raw.headers["intuit_tid"] = tid
+        return raw
+    headers = {"intuit_tid": tid}
     if kind == "500":
         body = {"error": "internal_server_error", "error_description": "simulated fault"}
         return web.json_response(body, status=500, headers=headers)

@@ -403,7 +403,8 @@ async def test_transient_faults_are_retried_with_growing_capped_delays_then_succ
 async def test_retry_after_is_honoured(
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs, kind: str
 ) -> None:
-    running = await start(backoff_initial="1s", backoff_max="20s")
+    # Retry-After is a floor under the backoff up to its cap (backoff_max).
+    running = await start(backoff_initial="1s", backoff_max="5m")
     due = await connected(running, clock, "acme")
     intuit.sim.inject(kind, retry_after=120)
 

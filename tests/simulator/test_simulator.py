@@ -18,7 +18,9 @@ from yarl import URL
 from qbo_daemon.simulator.app import (
     FAULT_KINDS,
     MAX_BULK_GRANTS,
+    RAW_KIND,
     IntuitSimulator,
+    RawAnswer,
     SimulatorSettings,
     serve_simulator,
 )
@@ -648,6 +650,79 @@ def test_inject_rejects_what_it_cannot_do() -> None:
     with pytest.raises(ValueError, match="retry_after"):
         sim.inject("503", retry_after=-1)
     assert sim.stats()["pending_faults"] == {"authorize": [], "token": [], "revoke": []}
+
+
+async def test_a_raw_fault_answers_exactly_what_it_was_given_and_changes_nothing(
+    http: aiohttp.ClientSession, sim: IntuitSimulator
+) -> None:
+    sim.settings.rotate_after = 0  # so that a rotation would show
+    rt = sim.grant()["refresh_token"]
+    body = '{"access_token":"at","refresh_token":"rt","expires_in":"\u00b2"}'
+    answer = RawAnswer.make(
+        200, [("Retry-After", "1e12"), ("Retry-After", "7"), ("X-Odd", "caf\u00e9")], body
+    )
+    sim.inject(RAW_KIND, raw=answer)
+    sim.inject(RAW_KIND, raw=RawAnswer.make(599, [("intuit_tid", "tid-of-its-own")], b"\xff\x00"))
+    form = {"grant_type": "refresh_token", "refresh_token": rt}
+    headers = {"Authorization": basic()}
+
+    async with http.post(sim.token_endpoint, data=form, headers=headers) as first:
+        assert (first.status, await first.read()) == (200, body.encode())
+        assert first.headers.getall("Retry-After") == ["1e12", "7"]
+        assert first.headers["X-Odd"] == "caf\u00e9"
+        assert first.headers["Content-Type"] == "application/octet-stream"
+        assert first.headers["intuit_tid"] == sim.request_log[-1].intuit_tid
+    async with http.post(sim.token_endpoint, data=form, headers=headers) as second:
+        assert (second.status, await second.read()) == (599, b"\xff\x00")
+        assert second.headers.getall("intuit_tid") == ["tid-of-its-own"]
+    assert [(e.fault, e.status) for e in sim.request_log] == [(RAW_KIND, 200), (RAW_KIND, 599)]
+    # The presented token is still the live one: the raw answers rotated nothing.
+    assert (await refresh(http, sim, rt)).status == 200
+
+
+async def test_a_raw_fault_over_the_control_api(
+    http: aiohttp.ClientSession, sim: IntuitSimulator
+) -> None:
+    rt = sim.grant()["refresh_token"]
+    raw = {
+        "kind": "raw",
+        "status": 503,
+        "headers": [["Retry-After", "1e12"], ["Content-Type", "text/html"]],
+        "body_base64": base64.b64encode(b"<html>\xfe</html>").decode(),
+    }
+    assert (await control(http, sim, "POST", "faults", raw)).status == 200
+    pending = sim.stats()["pending_faults"]["token"]
+    assert pending == [{"kind": "raw", "count": 1, "retry_after": None, "status": 503}]
+    form = {"grant_type": "refresh_token", "refresh_token": rt}
+    async with http.post(sim.token_endpoint, data=form, headers={"Authorization": basic()}) as got:
+        assert (got.status, await got.read()) == (503, b"<html>\xfe</html>")
+        assert (got.headers["Retry-After"], got.headers["Content-Type"]) == ("1e12", "text/html")
+
+    text = {"kind": "raw", "status": 200, "headers": {"A": "1"}, "body": "{}", "count": 2}
+    assert (await control(http, sim, "POST", "faults", text)).status == 200
+    assert [(await refresh(http, sim, rt)).text for _ in range(2)] == ["{}", "{}"]
+
+    for bad in (
+        {"kind": "raw"},
+        {"kind": "raw", "status": 199},
+        {"kind": "raw", "status": 1000},
+        {"kind": "raw", "status": True},
+        {"kind": "raw", "status": 200, "headers": {"Content-Length": "5"}},
+        {"kind": "raw", "status": 200, "headers": {"Transfer-Encoding": "chunked"}},
+        {"kind": "raw", "status": 200, "headers": {"X": "a\r\nInjected: 1"}},
+        {"kind": "raw", "status": 200, "headers": {"bad name": "1"}},
+        {"kind": "raw", "status": 200, "headers": {"X": 5}},
+        {"kind": "raw", "status": 200, "headers": [["X"]]},
+        {"kind": "raw", "status": 200, "body": "a", "body_base64": "YQ=="},
+        {"kind": "raw", "status": 200, "body_base64": "not base64!"},
+        {"kind": "raw", "status": 200, "body": 5},
+        {"kind": "raw", "status": 200, "retry_after": 5},
+        {"kind": "500", "status": 200},
+    ):
+        answer = await control(http, sim, "POST", "faults", bad)
+        assert answer.status == 400, bad
+        assert answer.json()["error"] == "invalid_request"
+    assert sim.stats()["pending_faults"]["token"] == []
 
 
 def test_every_documented_fault_kind_is_known() -> None:
