@@ -43,6 +43,7 @@ from qbo_daemon.rows import (
     encrypt_secrets,
     schedule_entries_from,
 )
+from qbo_daemon.status_queries import StatusQueries
 
 __all__ = [
     "Attempt",
@@ -66,6 +67,8 @@ class Storage:
         self.cipher = cipher
         self._states = OAuthStates(database)
         self._account_reads = ReadBatcher(self._account_rows, key="account_id")
+        # The status page's reads (no token column), with whichever keys are current.
+        self.status_page = StatusQueries(database, lambda: self.cipher)
 
     @classmethod
     async def open(cls, path: Path, cipher: Cipher, *, attempts_keep: int = 100_000) -> Storage:
@@ -295,9 +298,9 @@ class Storage:
         statements = [
             (
                 "UPDATE accounts SET status = ?, failure_count = failure_count + 1, "
-                "last_error = ?, version = version + 1, updated_at = ? "
+                "last_error = ?, last_failure_at = ?, version = version + 1, updated_at = ? "
                 "WHERE account_id = ? AND version = ?",
-                (status.value, error, iso(now), account.account_id, account.version),
+                (status.value, error, iso(now), iso(now), account.account_id, account.version),
             )
         ]
         statements.extend(attempt_statements(attempt))

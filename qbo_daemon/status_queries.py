@@ -1,0 +1,332 @@
+"""The status page's reads: counts, time windows and a paginated account listing.
+
+No token column is ever selected here: what these queries return may be shown
+on a page. The listing pages by keyset (the last row's sort key and id), over
+the indexes of migration 3, so the first page costs the same at 100,000
+accounts as at ten, and so does the thousandth.
+
+An active account whose access token has died reads ``expired`` here, as in the
+API (:func:`qbo_daemon.models.shown_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from qbo_daemon.crypto import Cipher
+from qbo_daemon.database import Database
+from qbo_daemon.errors import AccountNotFoundError, CryptoError
+from qbo_daemon.models import AccountStatus, iso, parse_iso, shown_status
+from qbo_daemon.schema import LAST_FAILURE_KEY, NEXT_REFRESH_KEY
+
+# The columns a page may show: no token, and the realm id decrypted one row at a time.
+_COLUMNS = (
+    "id, account_id, status, realm_id, token_expires_at, reconnect_token_at, "
+    "refresh_token_expires_at, refresh_token_hard_expires_at, failure_count, last_error, "
+    "last_refreshed_at, last_failure_at, created_at, updated_at"
+)
+# Rows decrypted per chunk of a realm search; the loop gets a turn between chunks.
+_REALM_CHUNK = 2000
+
+
+class Sort(StrEnum):
+    """The listing's orders: each is (key expression, descending)."""
+
+    NEXT_REFRESH = "next_refresh"
+    LAST_FAILURE = "last_failure"
+    FAILURES = "failures"
+
+    @property
+    def key(self) -> str:
+        return {
+            Sort.NEXT_REFRESH: NEXT_REFRESH_KEY,
+            Sort.LAST_FAILURE: LAST_FAILURE_KEY,
+            Sort.FAILURES: "failure_count",
+        }[self]
+
+    @property
+    def descending(self) -> bool:
+        return self is not Sort.NEXT_REFRESH
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """An account as the status page shows it: times and bookkeeping, never a token."""
+
+    id: int
+    account_id: str
+    status: AccountStatus  # as reported (see shown_status)
+    realm_id: str | None
+    token_expires_at: datetime | None
+    reconnect_token_at: datetime | None
+    refresh_token_expires_at: datetime | None
+    refresh_token_hard_expires_at: datetime | None
+    failure_count: int
+    last_error: str | None
+    last_refreshed_at: datetime | None
+    last_failure_at: datetime | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    sort_key: str | int  # this row's value of the listing's sort key, for the cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A place in a listing: the sort key and id of the row a page starts after."""
+
+    key: str | int
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    status: AccountStatus | None = None
+    search: str = ""
+    sort: Sort = Sort.NEXT_REFRESH
+    after: Cursor | None = None  # the page after this row...
+    before: Cursor | None = None  # ...or the page before this one
+    limit: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[AccountRow]
+    total: int  # accounts matching the filter and search, on every page
+    next: Cursor | None
+    previous: Cursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCount:
+    minute: datetime  # the start of the minute, UTC
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteOutcomes:
+    minute: datetime
+    succeeded: int
+    failed: int
+
+
+class StatusQueries:
+    """Read-only queries over the accounts and attempts tables, for the status page."""
+
+    def __init__(self, database: Database, cipher: Callable[[], Cipher]) -> None:
+        self._db = database
+        # The cipher is read at each use: a reload may swap the storage's keys.
+        self._cipher = cipher
+
+    async def status_counts(self, now: datetime) -> dict[AccountStatus, int]:
+        """Accounts per status as reported; every status is present."""
+        rows = await self._db.fetchall(
+            "SELECT status, token_expires_at <= ? AS dead, COUNT(*) AS n FROM accounts "
+            "GROUP BY status, dead",
+            (iso(now),),
+        )
+        counts = dict.fromkeys(AccountStatus, 0)
+        for row in rows:
+            stored = AccountStatus(row["status"])
+            shown = AccountStatus.EXPIRED if row["dead"] and stored.scheduled else stored
+            counts[shown] += row["n"]
+        return counts
+
+    async def due_per_minute(self, now: datetime, within: timedelta) -> list[MinuteCount]:
+        """Scheduled refreshes per minute from ``now`` to ``now + within`` (minutes with any)."""
+        rows = await self._db.fetchall(
+            f"SELECT substr({NEXT_REFRESH_KEY}, 1, 16) AS minute, COUNT(*) AS n FROM accounts "
+            f"WHERE {NEXT_REFRESH_KEY} >= ? AND {NEXT_REFRESH_KEY} < ? GROUP BY minute",
+            (iso(now), iso(now + within)),
+        )
+        return [MinuteCount(_minute(row["minute"]), row["n"]) for row in rows]
+
+    async def overdue(self, now: datetime) -> int:
+        """Scheduled accounts whose refresh time has passed: retrying, or being caught up."""
+        row = await self._db.fetchone(
+            f"SELECT COUNT(*) AS n FROM accounts WHERE {NEXT_REFRESH_KEY} < ?", (iso(now),)
+        )
+        return int(row["n"]) if row else 0
+
+    async def next_due(self, now: datetime, limit: int) -> list[AccountRow]:
+        """The next ``limit`` accounts to refresh from ``now`` on, soonest first."""
+        rows = await self._db.fetchall(
+            f"SELECT {_COLUMNS}, {NEXT_REFRESH_KEY} AS sort_key FROM accounts "
+            f"WHERE {NEXT_REFRESH_KEY} >= ? AND {NEXT_REFRESH_KEY} < '~' "
+            f"ORDER BY {NEXT_REFRESH_KEY}, id LIMIT ?",
+            (iso(now), limit),
+        )
+        return [self._row(row, now) for row in rows]
+
+    async def attempts_per_minute(self, since: datetime) -> list[MinuteOutcomes]:
+        """Refresh attempts per minute since ``since``: succeeded and failed (minutes with any)."""
+        rows = await self._db.fetchall(
+            "SELECT substr(started_at, 1, 16) AS minute, "
+            "SUM(outcome = 'success') AS ok, SUM(outcome != 'success') AS failed "
+            "FROM refresh_attempts WHERE started_at >= ? GROUP BY minute ORDER BY minute",
+            (iso(since),),
+        )
+        return [MinuteOutcomes(_minute(row["minute"]), row["ok"], row["failed"]) for row in rows]
+
+    async def near_hard_expiry(
+        self, now: datetime, within: timedelta, limit: int
+    ) -> tuple[int, list[AccountRow]]:
+        """Connected accounts whose refresh token meets Intuit's 5-year limit within ``within``:
+        how many, and the first ``limit`` of them, soonest first."""
+        where = (
+            "WHERE refresh_token_hard_expires_at <= ? "
+            "AND refresh_token_hard_expires_at IS NOT NULL AND status != 'disconnected'"
+        )
+        params = (iso(now + within),)
+        count = await self._db.fetchone(f"SELECT COUNT(*) AS n FROM accounts {where}", params)
+        rows = await self._db.fetchall(
+            f"SELECT {_COLUMNS}, 0 AS sort_key FROM accounts {where} "
+            "ORDER BY refresh_token_hard_expires_at, id LIMIT ?",
+            (*params, limit),
+        )
+        return (int(count["n"]) if count else 0), [self._row(row, now) for row in rows]
+
+    async def account(self, account_id: str, now: datetime) -> AccountRow:
+        row = await self._db.fetchone(
+            f"SELECT {_COLUMNS}, 0 AS sort_key FROM accounts WHERE account_id = ?", (account_id,)
+        )
+        if row is None:
+            raise AccountNotFoundError(account_id)
+        return self._row(row, now)
+
+    async def page(self, request: PageRequest, now: datetime) -> Page:
+        """One page of the listing, filtered, searched and sorted."""
+        where, params = self._filter(request.status, now)
+        if request.search:
+            search_sql, search_params = await self._search(request.search)
+            where, params = [*where, search_sql], [*params, *search_params]
+        sort = request.sort
+        backward = request.before is not None
+        cursor = request.before if backward else request.after
+        # Walking backward is walking the reversed order forward, then turning the page.
+        descending = sort.descending != backward
+        page_where = list(where)
+        page_params = list(params)
+        if cursor is not None:
+            page_where.append(f"({sort.key}, id) {'<' if descending else '>'} (?, ?)")
+            page_params.extend((cursor.key, cursor.id))
+        order = "DESC" if descending else "ASC"
+        rows = await self._db.fetchall(
+            f"SELECT {_COLUMNS}, {sort.key} AS sort_key FROM accounts {_where(page_where)} "
+            f"ORDER BY {sort.key} {order}, id {order} LIMIT ?",
+            (*page_params, request.limit + 1),
+        )
+        more = len(rows) > request.limit
+        found = [self._row(row, now) for row in rows[: request.limit]]
+        if backward:
+            found.reverse()
+        counted = await self._db.fetchone(
+            f"SELECT COUNT(*) AS n FROM accounts {_where(where)}", params
+        )
+        first, last = (_cursor(found[0]), _cursor(found[-1])) if found else (None, None)
+        if backward:
+            previous, following = (first if more else None), last
+        else:
+            previous, following = (first if cursor is not None else None), (last if more else None)
+        return Page(
+            rows=found,
+            total=int(counted["n"]) if counted else 0,
+            next=following,
+            previous=previous,
+        )
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _filter(self, status: AccountStatus | None, now: datetime) -> tuple[list[str], list[Any]]:
+        if status is AccountStatus.ACTIVE:
+            return ["status = 'active' AND (token_expires_at IS NULL OR token_expires_at > ?)"], [
+                iso(now)
+            ]
+        if status is AccountStatus.EXPIRED:
+            return ["(status = 'expired' OR (status = 'active' AND token_expires_at <= ?))"], [
+                iso(now)
+            ]
+        if status is not None:
+            return ["status = ?"], [status.value]
+        return [], []
+
+    async def _search(self, text: str) -> tuple[str, list[Any]]:
+        """Accounts whose id starts with ``text``, or whose realm id is ``text``.
+
+        Realm ids are encrypted with a fresh nonce each, so no index can find one:
+        the search decrypts every realm, a chunk at a time.
+        """
+        ids = await self._realm_matches(text)
+        prefix = "account_id >= ? AND account_id < ?"
+        params: list[Any] = [text, text + "\U0010ffff"]
+        if not ids:
+            return f"({prefix})", params
+        return f"({prefix} OR id IN ({', '.join('?' * len(ids))}))", [*params, *ids]
+
+    async def _realm_matches(self, realm: str) -> list[int]:
+        found: list[int] = []
+        last_id = 0
+        while True:
+            rows = await self._db.fetchall(
+                "SELECT id, account_id, realm_id FROM accounts "
+                "WHERE id > ? AND realm_id IS NOT NULL ORDER BY id LIMIT ?",
+                (last_id, _REALM_CHUNK),
+            )
+            cipher = self._cipher()
+            for row in rows:
+                if _realm(cipher, row) == realm:
+                    found.append(row["id"])
+            if len(rows) < _REALM_CHUNK:
+                return found
+            last_id = rows[-1]["id"]
+            await asyncio.sleep(0)  # decrypting is CPU work: let timers run between chunks
+
+    def _row(self, row: sqlite3.Row, now: datetime) -> AccountRow:
+        token_expires_at = parse_iso(row["token_expires_at"])
+        return AccountRow(
+            id=row["id"],
+            account_id=row["account_id"],
+            status=shown_status(AccountStatus(row["status"]), token_expires_at, now),
+            realm_id=_realm(self._cipher(), row),
+            token_expires_at=token_expires_at,
+            reconnect_token_at=parse_iso(row["reconnect_token_at"]),
+            refresh_token_expires_at=parse_iso(row["refresh_token_expires_at"]),
+            refresh_token_hard_expires_at=parse_iso(row["refresh_token_hard_expires_at"]),
+            failure_count=row["failure_count"],
+            last_error=row["last_error"],
+            last_refreshed_at=parse_iso(row["last_refreshed_at"]),
+            last_failure_at=parse_iso(row["last_failure_at"]),
+            created_at=parse_iso(row["created_at"]),
+            updated_at=parse_iso(row["updated_at"]),
+            sort_key=row["sort_key"],
+        )
+
+
+def _realm(cipher: Cipher, row: sqlite3.Row) -> str | None:
+    value = row["realm_id"]
+    if value is None:
+        return None
+    try:
+        return cipher.decrypt(value, table="accounts", column="realm_id", row_key=row["account_id"])
+    except CryptoError:
+        # One unreadable row must not take the page down; start-up already checked the keys.
+        return None
+
+
+def _where(conditions: list[str]) -> str:
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+def _cursor(row: AccountRow) -> Cursor:
+    return Cursor(row.sort_key, row.id)
+
+
+def _minute(text: str) -> datetime:
+    parsed = parse_iso(text + ":00")
+    assert parsed is not None
+    return parsed
