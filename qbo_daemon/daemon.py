@@ -38,6 +38,7 @@ from qbo_daemon.services import Services
 from qbo_daemon.storage import DatabaseLock, Storage
 from qbo_daemon.systemd import SystemdNotifier
 from qbo_daemon.tokens import TokenService
+from qbo_daemon.ui.app import mount_ui
 from qbo_daemon.webhooks import WebhookNotifier
 
 log = structlog.get_logger("qbo_daemon.daemon")
@@ -213,8 +214,10 @@ class Daemon:
 
     async def _start_listeners(self, services: Services) -> list[web.AppRunner]:
         config = services.config
+        api = make_api_app(services)
+        mount_ui(api, services)
         apps = [
-            (make_api_app(services), config.api.host, config.api.port),
+            (api, config.api.host, config.api.port),
             (
                 make_callback_app(
                     services.connect, config.callback.path, config.callback.success_redirect

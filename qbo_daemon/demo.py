@@ -190,7 +190,9 @@ def _banner(
 ) -> str:
     return f"""
 qbo-daemon demo: the daemon runs against an embedded Intuit simulator.
-  token API   {api_url}   (demo API key: {api_key})
+  status page {api_url}/ui/   (open it in a browser; sign in with the key below)
+  sign-in key {api_key}   (also the token API's key)
+  token API   {api_url}
   simulator   {simulator.base_url}
   database    {data_dir / "qbo-daemon.sqlite3"}
   config      {config_path}
