@@ -201,28 +201,17 @@ class StatusQueries:
 
     async def page(self, request: PageRequest, now: datetime) -> Page:
         """One page of the listing, filtered, searched and sorted."""
-        where, params = self._filter(request.status, now)
+        where, params = status_filter(request.status, now)
+        page_where, page_params = status_filter(request.status, now, for_page=True)
         if request.search:
             search_sql, search_params = await self._search(request.search)
             where, params = [*where, search_sql], [*params, *search_params]
-        sort = request.sort
-        backward = request.before is not None
-        cursor = request.before if backward else request.after
-        # Walking backward is walking the reversed order forward, then turning the page.
-        descending = sort.descending != backward
-        page_where = list(where)
-        page_params = list(params)
-        if cursor is not None:
-            page_where.append(f"({sort.key}, id) {'<' if descending else '>'} (?, ?)")
-            page_params.extend((cursor.key, cursor.id))
-        order = "DESC" if descending else "ASC"
-        rows = await self._db.fetchall(
-            f"SELECT {_COLUMNS}, {sort.key} AS sort_key FROM accounts {_where(page_where)} "
-            f"ORDER BY {sort.key} {order}, id {order} LIMIT ?",
-            (*page_params, request.limit + 1),
-        )
+            page_where, page_params = [*page_where, search_sql], [*page_params, *search_params]
+        sql, page_params = page_query(request, page_where, page_params)
+        rows = await self._db.fetchall(sql, page_params)
         more = len(rows) > request.limit
         found = [self._row(row, now) for row in rows[: request.limit]]
+        backward = request.before is not None
         if backward:
             found.reverse()
         counted = await self._db.fetchone(
@@ -232,7 +221,8 @@ class StatusQueries:
         if backward:
             previous, following = (first if more else None), last
         else:
-            previous, following = (first if cursor is not None else None), (last if more else None)
+            came_from = request.after is not None
+            previous, following = (first if came_from else None), (last if more else None)
         return Page(
             rows=found,
             total=int(counted["n"]) if counted else 0,
@@ -241,19 +231,6 @@ class StatusQueries:
         )
 
     # -- helpers ---------------------------------------------------------------
-
-    def _filter(self, status: AccountStatus | None, now: datetime) -> tuple[list[str], list[Any]]:
-        if status is AccountStatus.ACTIVE:
-            return ["status = 'active' AND (token_expires_at IS NULL OR token_expires_at > ?)"], [
-                iso(now)
-            ]
-        if status is AccountStatus.EXPIRED:
-            return ["(status = 'expired' OR (status = 'active' AND token_expires_at <= ?))"], [
-                iso(now)
-            ]
-        if status is not None:
-            return ["status = ?"], [status.value]
-        return [], []
 
     async def _search(self, text: str) -> tuple[str, list[Any]]:
         """Accounts whose id starts with ``text``, or whose realm id is ``text``.
@@ -316,6 +293,58 @@ def _realm(cipher: Cipher, row: sqlite3.Row) -> str | None:
     except CryptoError:
         # One unreadable row must not take the page down; start-up already checked the keys.
         return None
+
+
+def status_filter(
+    status: AccountStatus | None, now: datetime, *, for_page: bool = False
+) -> tuple[list[str], list[Any]]:
+    """The conditions selecting accounts shown with ``status`` (any status for None).
+
+    ``for_page``: the conditions of a page, which must walk its sort's index in order
+    rather than collect the status's rows through the status index and sort them
+    (``+status`` keeps SQLite from choosing that index). A count wants the status index.
+    """
+    column = "+status" if for_page else "status"
+    if status is AccountStatus.ACTIVE:
+        return [f"{column} = 'active' AND (token_expires_at IS NULL OR token_expires_at > ?)"], [
+            iso(now)
+        ]
+    if status is AccountStatus.EXPIRED:
+        return [f"({column} = 'expired' OR ({column} = 'active' AND token_expires_at <= ?))"], [
+            iso(now)
+        ]
+    if status is not None:
+        return [f"{column} = ?"], [status.value]
+    return [], []
+
+
+def page_query(request: PageRequest, where: list[str], params: list[Any]) -> tuple[str, list[Any]]:
+    """The SQL of one page: the conditions, then a keyset step in the sort's index order.
+
+    One row more than the page is asked for, to know whether another page follows.
+    """
+    sort = request.sort
+    backward = request.before is not None
+    cursor = request.before if backward else request.after
+    # Walking backward is walking the reversed order forward, then turning the page.
+    descending = sort.descending != backward
+    conditions, values = list(where), list(params)
+    if sort is Sort.NEXT_REFRESH and request.status is not None and not request.status.scheduled:
+        # Unscheduled accounts all sort last: seek there rather than walk past every other
+        # (">=" rather than "=": with "=" SQLite sorts the matches instead of walking in order).
+        conditions.append(f"{NEXT_REFRESH_KEY} >= '~'")
+    if cursor is not None:
+        # The bound on the key alone lets SQLite seek to the cursor in an expression index;
+        # the row value alone would walk the index from its start.
+        side = "<" if descending else ">"
+        conditions.append(f"{sort.key} {side}= ? AND ({sort.key}, id) {side} (?, ?)")
+        values.extend((cursor.key, cursor.key, cursor.id))
+    order = "DESC" if descending else "ASC"
+    sql = (
+        f"SELECT {_COLUMNS}, {sort.key} AS sort_key FROM accounts {_where(conditions)} "
+        f"ORDER BY {sort.key} {order}, id {order} LIMIT ?"
+    )
+    return sql, [*values, request.limit + 1]
 
 
 def _where(conditions: list[str]) -> str:
