@@ -89,7 +89,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"CREATE INDEX accounts_last_failure ON accounts ({LAST_FAILURE_KEY})",
         "CREATE INDEX accounts_failure_count ON accounts (failure_count)",
         "CREATE INDEX accounts_hard_expiry ON accounts (refresh_token_hard_expires_at)",
-        "CREATE INDEX refresh_attempts_started ON refresh_attempts (started_at)",
+        # Counting by status, and by whether the access token has died, from the index alone.
+        "CREATE INDEX accounts_status_expiry ON accounts (status, token_expires_at)",
+        "DROP INDEX accounts_status",
+        "CREATE INDEX refresh_attempts_started ON refresh_attempts (started_at, outcome)",
     ),
 )
 

@@ -262,7 +262,7 @@ async def test_attempts_per_minute_split_success_from_failure(storage: Storage) 
         await storage.record_attempt(
             Attempt("acct-0000", NOW + timedelta(seconds=seconds), outcome, 120.0)
         )
-    minutes = await storage.status_page.attempts_per_minute(NOW - timedelta(hours=1))
+    minutes = await storage.status_page.attempts_per_minute(NOW - timedelta(hours=1), NOW)
     assert [(m.minute.strftime("%H:%M"), m.succeeded, m.failed) for m in minutes] == [
         ("11:58", 1, 2),
         ("12:00", 2, 0),

@@ -64,7 +64,7 @@ async def overview(request: web.Request) -> web.Response:
         raise Refused(400, "Bad link", f"history must be one of {', '.join(HISTORY_WINDOWS)}")
     ready, checks = await services.readiness()
     counts = await queries.status_counts(now)
-    attempts = await queries.attempts_per_minute(now - window)
+    attempts = await queries.attempts_per_minute(now - window, now)
     due = await queries.due_per_minute(now, DUE_WINDOW)
     near_count, near = await queries.near_hard_expiry(
         now, services.config.refresh.hard_expiry_warning, 8
