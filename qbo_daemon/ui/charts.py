@@ -143,7 +143,8 @@ def durations_chart(attempts: Sequence[Attempt]) -> Chart:
     if ordered:
         ticks.append(Tick(0, ordered[0].started_at.strftime("%H:%M:%S"), "start"))
         last_x = (len(ordered) - 1) * slot + slot / 2
-        ticks.append(Tick(last_x, ordered[-1].started_at.strftime("%H:%M:%S"), "middle"))
+        if last_x > 120:  # room for both labels
+            ticks.append(Tick(last_x, ordered[-1].started_at.strftime("%H:%M:%S"), "middle"))
     return Chart(
         bars=bars,
         ticks=_inside(ticks, WIDE),
