@@ -68,7 +68,7 @@ async def _shoot(address: str, key: str, out: Path, width: int) -> None:
         await page.fill("#key", key)
         await page.click("form[action='/ui/login'] button[type=submit]")
         await page.wait_for_selector("#stats")
-        await page.goto(address + "?history=1h")
+        await page.goto(address + "?history=15m")
         await page.wait_for_timeout(1500)
         await page.screenshot(path=str(out), full_page=True)
         await browser.close()

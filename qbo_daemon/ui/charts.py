@@ -79,8 +79,10 @@ def outcomes_chart(minutes: Sequence[MinuteOutcomes], *, end: datetime, window: 
     t = _ceil_to(start, every)
     while t <= end:
         offset = (t - start).total_seconds() / 60
-        ticks.append(Tick(offset * slot, t.strftime("%H:%M")))
+        if offset * slot < WIDTH - 60:  # leave room for "now" at the right end
+            ticks.append(Tick(offset * slot, t.strftime("%H:%M")))
         t += every
+    ticks.append(Tick(WIDTH, "now", "end"))
     return Chart(
         bars=bars,
         ticks=_inside(ticks),
@@ -179,6 +181,8 @@ def _floor_minute(when: datetime) -> datetime:
 
 def _tick_every(window: timedelta) -> timedelta:
     hours = window.total_seconds() / 3600
+    if hours <= 0.25:
+        return timedelta(minutes=5)
     if hours <= 1:
         return timedelta(minutes=15)
     if hours <= 3:

@@ -28,7 +28,12 @@ E = TypeVar("E", bound=StrEnum)
 
 PAGE_SIZE = 50
 DUE_WINDOW = timedelta(hours=1)
-HISTORY_WINDOWS = {"1h": timedelta(hours=1), "3h": timedelta(hours=3), "12h": timedelta(hours=12)}
+HISTORY_WINDOWS = {
+    "15m": timedelta(minutes=15),
+    "1h": timedelta(hours=1),
+    "3h": timedelta(hours=3),
+    "12h": timedelta(hours=12),
+}
 ATTEMPTS_SHOWN = 40
 MAX_SEARCH = 128
 SORT_LABELS = {
