@@ -27,7 +27,7 @@ from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
 from qbo_daemon.store.crypto import generate_key
 
-log = structlog.get_logger("qbo_daemon.cli.demo")
+log = structlog.get_logger("qbo_daemon.cli.main.demo")
 # Shown to the reader as a way to look at the rows; the demo never runs it.
 _PEEK_QUERY = "SELECT account_id, status, reconnect_token_at FROM accounts"
 
@@ -190,7 +190,9 @@ def _banner(
 ) -> str:
     return f"""
 qbo-daemon demo: the daemon runs against an embedded Intuit simulator.
-  token API   {api_url}   (demo API key: {api_key})
+  status page {api_url}/ui/   (open it in a browser; sign in with the key below)
+  sign-in key {api_key}   (also the token API's key)
+  token API   {api_url}
   simulator   {simulator.base_url}
   database    {data_dir / "qbo-daemon.sqlite3"}
   config      {config_path}

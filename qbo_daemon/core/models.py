@@ -128,6 +128,18 @@ class Account:
         }
 
 
+def shown_status(
+    status: AccountStatus, token_expires_at: datetime | None, now: datetime
+) -> AccountStatus:
+    """The status to report: an active row whose access token has died reads expired.
+
+    The row says active until the next attempt writes; the access token is dead now.
+    """
+    if status is AccountStatus.ACTIVE and token_expires_at is not None and token_expires_at <= now:
+        return AccountStatus.EXPIRED
+    return status
+
+
 def reconnect_at(token_expires_at: datetime, lead: timedelta, obtained_at: datetime) -> datetime:
     """When the next refresh is due: ``lead`` before expiry, never before the token was got.
 

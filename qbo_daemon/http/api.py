@@ -19,7 +19,14 @@ import structlog
 from aiohttp import web
 
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
-from qbo_daemon.core.models import ACCOUNT_ID_RULE, Account, AccountStatus, iso, valid_account_id
+from qbo_daemon.core.models import (
+    ACCOUNT_ID_RULE,
+    Account,
+    AccountStatus,
+    iso,
+    shown_status,
+    valid_account_id,
+)
 from qbo_daemon.engine.imports import FieldError, Rejected, check_batch, parse_item
 from qbo_daemon.engine.refresher import OutcomeKind
 from qbo_daemon.engine.services import Services
@@ -33,6 +40,8 @@ MAX_IMPORT_BODY = 32 * 1024 * 1024
 MAX_IMPORT_ROWS = 100_000
 MAX_ROTATE_BATCH = 10_000
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
+# The status page (qbo_daemon.http.ui) signs people in with its own session cookie.
+UI_PREFIX = "/ui"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 log = structlog.get_logger("qbo_daemon.http.api")
@@ -110,7 +119,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    path = request.path
+    if path in PUBLIC_PATHS or path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
         return await handler(request)
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     # Compare digests, so neither the content nor the length of a key leaks through
@@ -324,10 +334,7 @@ def _account_id(request: web.Request) -> str:
 def _account_json(services: Services, account: Account) -> dict[str, Any]:
     data = account.public_dict()
     now = services.clock.now()
-    expires = account.token_expires_at
-    if account.status is AccountStatus.ACTIVE and expires is not None and expires <= now:
-        # The row says active until the next attempt writes; the access token is dead now.
-        data["status"] = AccountStatus.EXPIRED.value
+    data["status"] = shown_status(account.status, account.token_expires_at, now).value
     data["next_refresh_at"] = iso(services.scheduler.due_at(account.account_id))
     hard = account.refresh_token_hard_expires_at
     warn = services.config.refresh.hard_expiry_warning

@@ -32,6 +32,7 @@ from qbo_daemon.engine.services import Services
 from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.http.api import make_api_app
 from qbo_daemon.http.callback import make_callback_app
+from qbo_daemon.http.ui.app import mount_ui
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.runtime.logs import AccessLogger, configure_logging
 from qbo_daemon.runtime.systemd import SystemdNotifier
@@ -185,8 +186,10 @@ class Daemon:
 
     async def _start_listeners(self, services: Services) -> list[web.AppRunner]:
         config = services.config
+        api = make_api_app(services)
+        mount_ui(api, services)
         apps = [
-            (make_api_app(services), config.api.host, config.api.port),
+            (api, config.api.host, config.api.port),
             (
                 make_callback_app(
                     services.connect, config.callback.path, config.callback.success_redirect

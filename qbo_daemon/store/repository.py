@@ -36,6 +36,7 @@ from qbo_daemon.store.rows import (
 )
 from qbo_daemon.store.sqlite import Database, ReadBatcher
 from qbo_daemon.store.states import OAuthStates, StateRecord
+from qbo_daemon.store.status_queries import StatusQueries
 from qbo_daemon.store.upsert import (
     NEW_ACCOUNT_INSERT,
     ImportItem,
@@ -66,6 +67,8 @@ class Storage:
         self.cipher = cipher
         self._states = OAuthStates(database)
         self._account_reads = ReadBatcher(self._account_rows, key="account_id")
+        # The status page's reads (no token column), with whichever keys are current.
+        self.status_page = StatusQueries(database, lambda: self.cipher)
 
     @classmethod
     async def open(cls, path: Path, cipher: Cipher, *, attempts_keep: int = 100_000) -> Storage:
@@ -295,9 +298,9 @@ class Storage:
         statements = [
             (
                 "UPDATE accounts SET status = ?, failure_count = failure_count + 1, "
-                "last_error = ?, version = version + 1, updated_at = ? "
+                "last_error = ?, last_failure_at = ?, version = version + 1, updated_at = ? "
                 "WHERE account_id = ? AND version = ?",
-                (status.value, error, iso(now), account.account_id, account.version),
+                (status.value, error, iso(now), iso(now), account.account_id, account.version),
             )
         ]
         statements.extend(attempt_statements(attempt))

@@ -17,6 +17,15 @@ import aiosqlite
 
 from qbo_daemon.core.errors import StorageError
 
+# Sort keys of the status page, indexed as written here: a query uses an expression
+# index only when it repeats the expression exactly. An account the scheduler does not
+# time sorts after every time ("~" follows the digits); one that never failed, last.
+NEXT_REFRESH_KEY = (
+    "CASE WHEN status IN ('active', 'expired') AND reconnect_token_at IS NOT NULL "
+    "THEN reconnect_token_at ELSE '~' END"
+)
+LAST_FAILURE_KEY = "COALESCE(last_failure_at, '')"
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: accounts, pending OAuth states, refresh attempts.
     (
@@ -68,6 +77,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE accounts ADD COLUMN refresh_token_hard_expires_at TEXT",
         "ALTER TABLE oauth_states ADD COLUMN outcome TEXT",
         "CREATE INDEX refresh_attempts_account ON refresh_attempts (account_id, id)",
+    ),
+    # 3: what the status page sorts and counts by (qbo_daemon/store/status_queries.py): when an
+    # account last failed, and indexes for its orders and time windows.
+    (
+        "ALTER TABLE accounts ADD COLUMN last_failure_at TEXT",
+        "UPDATE accounts SET last_failure_at = (SELECT MAX(started_at) FROM refresh_attempts "
+        "WHERE refresh_attempts.account_id = accounts.account_id AND outcome != 'success') "
+        "WHERE failure_count > 0",
+        f"CREATE INDEX accounts_next_refresh ON accounts ({NEXT_REFRESH_KEY})",
+        f"CREATE INDEX accounts_last_failure ON accounts ({LAST_FAILURE_KEY})",
+        "CREATE INDEX accounts_failure_count ON accounts (failure_count)",
+        "CREATE INDEX accounts_hard_expiry ON accounts (refresh_token_hard_expires_at)",
+        # Counting by status, and by whether the access token has died, from the index alone.
+        "CREATE INDEX accounts_status_expiry ON accounts (status, token_expires_at)",
+        "DROP INDEX accounts_status",
+        "CREATE INDEX refresh_attempts_started ON refresh_attempts (started_at, outcome)",
     ),
 )
 

@@ -1,0 +1,363 @@
+"""The status page's reads against a real SQLite file: counts, windows, the paginated listing."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qbo_daemon.core.models import AccountStatus, iso
+from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
+from qbo_daemon.store.repository import Attempt, ImportItem, Storage
+from qbo_daemon.store.schema import MIGRATIONS
+from qbo_daemon.store.status_queries import (
+    AccountRow,
+    Cursor,
+    PageRequest,
+    Sort,
+    page_query,
+    status_filter,
+)
+
+NOW = datetime(2026, 11, 29, 12, 0, 30, tzinfo=UTC)
+LEAD = timedelta(minutes=10)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "status.sqlite3"
+
+
+@pytest.fixture
+async def storage(db_path: Path) -> AsyncIterator[Storage]:
+    opened = await Storage.open(db_path, Cipher([EncryptionKey.from_text(generate_key())]))
+    yield opened
+    await opened.close()
+
+
+def execute(path: Path, sql: str, params: Any = ()) -> None:
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(sql, params)
+
+
+def executemany(path: Path, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.executemany(sql, rows)
+
+
+async def add(storage: Storage, count: int, prefix: str = "acct") -> list[str]:
+    ids = [f"{prefix}-{n:04d}" for n in range(count)]
+    items = [
+        ImportItem(
+            account_id=account_id,
+            realm_id=f"9130{n:012d}",
+            refresh_token=f"refresh-{account_id}",
+            access_token=f"access-{account_id}",
+            token_expires_at=NOW + timedelta(minutes=30),
+        )
+        for n, account_id in enumerate(ids)
+    ]
+    await storage.insert_accounts(items, lead=LEAD, now=NOW)
+    return ids
+
+
+async def test_counts_report_an_active_row_with_a_dead_token_as_expired(
+    storage: Storage, db_path: Path
+) -> None:
+    await add(storage, 6)
+    dead = iso(NOW - timedelta(seconds=1))
+    execute(
+        db_path, "UPDATE accounts SET token_expires_at = ? WHERE account_id = 'acct-0000'", (dead,)
+    )
+    execute(db_path, "UPDATE accounts SET status = 'expired' WHERE account_id = 'acct-0001'")
+    execute(
+        db_path, "UPDATE accounts SET status = 'needs_reconnect' WHERE account_id = 'acct-0002'"
+    )
+    execute(
+        db_path,
+        "UPDATE accounts SET status = 'disconnected', token_expires_at = ? "
+        "WHERE account_id = 'acct-0003'",
+        (dead,),  # a tombstone's old expiry does not make it expired
+    )
+    counts = await storage.status_page.status_counts(NOW)
+    assert counts == {
+        AccountStatus.ACTIVE: 2,
+        AccountStatus.EXPIRED: 2,
+        AccountStatus.NEEDS_RECONNECT: 1,
+        AccountStatus.DISCONNECTED: 1,
+    }
+    for status, expected in counts.items():
+        page = await storage.status_page.page(PageRequest(status=status), NOW)
+        assert page.total == expected
+        assert {row.status for row in page.rows} == {status}
+    row = await storage.status_page.account("acct-0000", NOW)
+    assert row.status is AccountStatus.EXPIRED
+
+
+def _scatter(db_path: Path, ids: list[str], seed: int) -> dict[str, dict[str, Any]]:
+    """Give every account a random status, due time, failure count and last failure."""
+    rng = random.Random(seed)
+    truth = {}
+    rows = []
+    for account_id in ids:
+        status = rng.choice(["active", "active", "active", "expired", "needs_reconnect"])
+        due = iso(NOW + timedelta(seconds=rng.randrange(-600, 7200)))
+        failures = rng.choice([0, 0, 0, 1, 2, 5])
+        failed_at = iso(NOW - timedelta(seconds=rng.randrange(0, 3600))) if failures else None
+        # Ties on purpose: the id must break them, across page boundaries too.
+        if rng.random() < 0.2:
+            due = iso(NOW + timedelta(minutes=20))
+        truth[account_id] = {"status": status, "due": due, "failures": failures, "at": failed_at}
+        rows.append((status, due, failures, failed_at, account_id))
+    executemany(
+        db_path,
+        "UPDATE accounts SET status = ?, reconnect_token_at = ?, failure_count = ?, "
+        "last_failure_at = ? WHERE account_id = ?",
+        rows,
+    )
+    return truth
+
+
+def _expected_order(
+    truth: dict[str, dict[str, Any]], ids: list[str], sort: Sort, status: str | None
+) -> list[str]:
+    number = {account_id: n for n, account_id in enumerate(ids)}  # insert order is id order
+    chosen = [a for a in ids if status is None or truth[a]["status"] == status]
+    if sort is Sort.NEXT_REFRESH:
+
+        def next_key(a: str) -> tuple[str, int]:
+            scheduled = truth[a]["status"] in ("active", "expired")
+            return (truth[a]["due"] if scheduled else "~", number[a])
+
+        return sorted(chosen, key=next_key)
+    if sort is Sort.FAILURES:
+        return sorted(chosen, key=lambda a: (truth[a]["failures"], number[a]), reverse=True)
+    return sorted(chosen, key=lambda a: (truth[a]["at"] or "", number[a]), reverse=True)
+
+
+async def _walk(storage: Storage, request: PageRequest) -> list[list[AccountRow]]:
+    pages = []
+    page = await storage.status_page.page(request, NOW)
+    pages.append(page.rows)
+    while page.next is not None:
+        request = PageRequest(request.status, request.search, request.sort, page.next, None, 7)
+        page = await storage.status_page.page(request, NOW)
+        pages.append(page.rows)
+    return pages
+
+
+@pytest.mark.parametrize("sort", list(Sort))
+@pytest.mark.parametrize("status", [None, "active", "needs_reconnect"])
+async def test_paging_forward_and_back_visits_every_row_once_in_order(
+    storage: Storage, db_path: Path, sort: Sort, status: str | None
+) -> None:
+    ids = await add(storage, 60)
+    truth = _scatter(db_path, ids, seed=3)
+    wanted = _expected_order(truth, ids, sort, status)
+    shown = AccountStatus(status) if status else None
+    pages = await _walk(storage, PageRequest(shown, "", sort, None, None, 7))
+    assert [row.account_id for rows in pages for row in rows] == wanted
+    assert all(len(rows) == 7 for rows in pages[:-1])
+    # Back from the last page to the first, page by page, through "previous".
+    last = await storage.status_page.page(
+        PageRequest(shown, "", sort, _cursor_before(pages), None, 7), NOW
+    )
+    assert [r.account_id for r in last.rows] == [r.account_id for r in pages[-1]]
+    back = [last.rows]
+    page = last
+    while page.previous is not None:
+        page = await storage.status_page.page(
+            PageRequest(shown, "", sort, None, page.previous, 7), NOW
+        )
+        back.append(page.rows)
+    assert [[r.account_id for r in rows] for rows in reversed(back)] == [
+        [r.account_id for r in rows] for rows in pages
+    ]
+    first = await storage.status_page.page(PageRequest(shown, "", sort, None, None, 7), NOW)
+    assert first.previous is None
+    assert first.total == len(wanted)
+
+
+def _cursor_before(pages: list[list[AccountRow]]) -> Cursor | None:
+    """The cursor after which the last page starts (the last row of the page before)."""
+    if len(pages) < 2:
+        return None
+    row = pages[-2][-1]
+    return Cursor(row.sort_key, row.id)
+
+
+async def test_search_finds_an_account_id_prefix_or_an_exact_realm(storage: Storage) -> None:
+    await add(storage, 30, prefix="north")
+    await add(storage, 5, prefix="south")
+    page = await storage.status_page.page(PageRequest(search="south-"), NOW)
+    assert [row.account_id for row in page.rows] == [f"south-{n:04d}" for n in range(5)]
+    page = await storage.status_page.page(PageRequest(search="north-002"), NOW)
+    assert page.total == 10
+    realm = (await storage.status_page.account("north-0017", NOW)).realm_id
+    assert realm is not None
+    page = await storage.status_page.page(PageRequest(search=realm), NOW)
+    assert [row.account_id for row in page.rows] == ["north-0017"]
+    page = await storage.status_page.page(PageRequest(search=realm[:-1]), NOW)
+    assert page.rows == []  # a realm matches whole, never by prefix
+    page = await storage.status_page.page(PageRequest(search="nobody"), NOW)
+    assert page.total == 0
+
+
+async def test_due_per_minute_overdue_and_next_due(storage: Storage, db_path: Path) -> None:
+    ids = await add(storage, 8)
+    times = {
+        "acct-0000": NOW - timedelta(minutes=3),  # overdue
+        "acct-0001": NOW + timedelta(seconds=10),
+        "acct-0002": NOW + timedelta(seconds=20),
+        "acct-0003": NOW + timedelta(minutes=5, seconds=1),
+        "acct-0004": NOW + timedelta(minutes=59),
+        "acct-0005": NOW + timedelta(minutes=61),  # beyond the hour
+        "acct-0006": NOW + timedelta(minutes=5),  # not scheduled: needs a reconnect
+    }
+    for account_id, due in times.items():
+        execute(
+            db_path,
+            "UPDATE accounts SET reconnect_token_at = ? WHERE account_id = ?",
+            (iso(due), account_id),
+        )
+    execute(
+        db_path, "UPDATE accounts SET status = 'needs_reconnect' WHERE account_id = 'acct-0006'"
+    )
+    execute(
+        db_path,
+        "UPDATE accounts SET status = 'disconnected', reconnect_token_at = NULL "
+        "WHERE account_id = 'acct-0007'",
+    )
+    queries = storage.status_page
+    minutes = await queries.due_per_minute(NOW, timedelta(hours=1))
+    assert [
+        (m.minute.strftime("%H:%M"), m.count) for m in sorted(minutes, key=lambda m: m.minute)
+    ] == [
+        ("12:00", 2),
+        ("12:05", 1),
+        ("12:59", 1),
+    ]
+    assert await queries.overdue(NOW) == 1
+    upcoming = await queries.next_due(NOW, 3)
+    assert [row.account_id for row in upcoming] == ["acct-0001", "acct-0002", "acct-0003"]
+    assert ids
+
+
+async def test_attempts_per_minute_split_success_from_failure(storage: Storage) -> None:
+    await add(storage, 1)
+    for seconds, outcome in [
+        (-7200, "success"),
+        (-130, "success"),
+        (-125, "transient"),
+        (-120, "invalid_grant"),
+        (-5, "success"),
+        (-4, "success"),
+    ]:
+        await storage.record_attempt(
+            Attempt("acct-0000", NOW + timedelta(seconds=seconds), outcome, 120.0)
+        )
+    minutes = await storage.status_page.attempts_per_minute(NOW - timedelta(hours=1), NOW)
+    assert [(m.minute.strftime("%H:%M"), m.succeeded, m.failed) for m in minutes] == [
+        ("11:58", 1, 2),
+        ("12:00", 2, 0),
+    ]
+
+
+async def test_near_hard_expiry_lists_connected_accounts_soonest_first(
+    storage: Storage, db_path: Path
+) -> None:
+    await add(storage, 5)
+    hard = {
+        "acct-0000": NOW + timedelta(days=40),
+        "acct-0001": NOW + timedelta(days=3),
+        "acct-0002": NOW + timedelta(days=20),
+        "acct-0003": NOW + timedelta(days=1),  # disconnected: nothing left to expire
+    }
+    for account_id, when in hard.items():
+        execute(
+            db_path,
+            "UPDATE accounts SET refresh_token_hard_expires_at = ? WHERE account_id = ?",
+            (iso(when), account_id),
+        )
+    execute(db_path, "UPDATE accounts SET status = 'disconnected' WHERE account_id = 'acct-0003'")
+    count, rows = await storage.status_page.near_hard_expiry(NOW, timedelta(days=30), 1)
+    assert count == 2
+    assert [row.account_id for row in rows] == ["acct-0001"]
+
+
+async def test_a_failure_note_stamps_last_failure_and_a_success_keeps_it(
+    storage: Storage,
+) -> None:
+    await add(storage, 1)
+    account = await storage.get_account("acct-0000")
+    later = NOW + timedelta(minutes=1)
+    await storage.record_failure(account, status=AccountStatus.ACTIVE, error="HTTP 503", now=later)
+    row = await storage.status_page.account("acct-0000", NOW)
+    assert row.last_failure_at == later
+    assert row.failure_count == 1
+    assert row.last_error == "HTTP 503"
+
+
+async def test_migration_3_backfills_the_last_failure_from_the_attempts(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        for account_id, failures in (("sick", 2), ("well", 0)):
+            conn.execute(
+                "INSERT INTO accounts (account_id, status, failure_count, created_at, updated_at) "
+                "VALUES (?, 'active', ?, ?, ?)",
+                (account_id, failures, iso(NOW), iso(NOW)),
+            )
+        for account_id, at, outcome in (
+            ("sick", NOW - timedelta(minutes=9), "transient"),
+            ("sick", NOW - timedelta(minutes=4), "transient"),
+            ("sick", NOW - timedelta(minutes=1), "success"),
+            ("well", NOW - timedelta(minutes=2), "transient"),  # healed since
+        ):
+            conn.execute(
+                "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms) "
+                "VALUES (?, ?, ?, 1.0)",
+                (account_id, iso(at), outcome),
+            )
+    storage = await Storage.open(db_path, Cipher([EncryptionKey.from_text(generate_key())]))
+    try:
+        sick = await storage.status_page.account("sick", NOW)
+        well = await storage.status_page.account("well", NOW)
+    finally:
+        await storage.close()
+    assert sick.last_failure_at == NOW - timedelta(minutes=4)
+    assert well.last_failure_at is None
+
+
+@pytest.mark.parametrize("sort", list(Sort))
+@pytest.mark.parametrize("status", [None, *AccountStatus])
+def test_every_page_query_walks_an_index_in_order(
+    db_path: Path, sort: Sort, status: AccountStatus | None
+) -> None:
+    """No page sorts the table: each walks its sort's index, first page or later, either way."""
+    with closing(sqlite3.connect(db_path)) as conn:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                conn.execute(statement)
+        where, params = status_filter(status, NOW, for_page=True)
+        for after, before in ((None, None), (Cursor("x", 5), None), (None, Cursor("x", 5))):
+            request = PageRequest(status, "", sort, after, before, 50)
+            sql, values = page_query(request, where, params)
+            plan = " / ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", values))
+            assert "TEMP B-TREE" not in plan, plan
+            if after or before:
+                assert plan.startswith("SEARCH accounts USING"), plan  # seeks, never walks
+            index = {
+                Sort.NEXT_REFRESH: "accounts_next_refresh",
+                Sort.LAST_FAILURE: "accounts_last_failure",
+                Sort.FAILURES: "accounts_failure_count",
+            }[sort]
+            assert index in plan, plan
