@@ -9,6 +9,7 @@ Never edit a released migration: append a new one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 from pathlib import Path
@@ -69,6 +70,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE oauth_states ADD COLUMN outcome TEXT",
         "CREATE INDEX refresh_attempts_account ON refresh_attempts (account_id, id)",
     ),
+    # 3: the connect flow bound end to end. OAuth states kept only as SHA-256 hashes
+    # (pending ones are carried over, hashed), with a hash of the first callback's
+    # answer, the PKCE verifier (encrypted) and the realm-change permission; and per
+    # account whether Intuit confirmed its realm, plus a keyed digest of the realm to
+    # find the accounts of one company. Rows from before count as confirmed; the
+    # digests are filled in by Storage.open, which has the keys.
+    (
+        """
+        CREATE TABLE oauth_states_v3 (
+            state_hash TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT,
+            outcome TEXT,
+            answer_hash TEXT,
+            code_verifier TEXT,
+            allow_realm_change INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        "INSERT INTO oauth_states_v3 (state_hash, account_id, created_at, expires_at, used_at, "
+        "outcome) SELECT qbo_sha256(state), account_id, created_at, expires_at, used_at, outcome "
+        "FROM oauth_states",
+        "DROP TABLE oauth_states",
+        "ALTER TABLE oauth_states_v3 RENAME TO oauth_states",
+        "CREATE INDEX oauth_states_account ON oauth_states (account_id, created_at)",
+        "ALTER TABLE accounts ADD COLUMN realm_verified INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE accounts ADD COLUMN realm_digest TEXT",
+        "CREATE INDEX accounts_realm_digest ON accounts (realm_digest)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -84,6 +115,8 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
             f"database {path} has schema version {version}, newer than this qbo-daemon "
             f"understands ({SCHEMA_VERSION}); upgrade qbo-daemon"
         )
+    # Migration 3 hashes the OAuth states it carries over.
+    await conn.create_function("qbo_sha256", 1, sha256_hex, deterministic=True)
     for number in range(version + 1, SCHEMA_VERSION + 1):
         try:
             await conn.execute("BEGIN IMMEDIATE")
@@ -100,3 +133,8 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
     # The database holds encrypted secrets and realm ids: keep it private.
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)
+
+
+def sha256_hex(text: str) -> str:
+    """How an OAuth state is kept (store.states), and how migration 3 hashes the old ones."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
