@@ -103,6 +103,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+_HASHED_STATES = 3  # the migration after which no OAuth state is kept in clear
 
 
 async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
@@ -115,8 +116,12 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
             f"database {path} has schema version {version}, newer than this qbo-daemon "
             f"understands ({SCHEMA_VERSION}); upgrade qbo-daemon"
         )
-    # Migration 3 hashes the OAuth states it carries over.
+    # Migration 3 hashes the OAuth states it carries over, and drops the clear ones:
+    # zero their pages instead of only freeing them (then checkpoint, below).
     await conn.create_function("qbo_sha256", 1, sha256_hex, deterministic=True)
+    scrub = version < _HASHED_STATES
+    if scrub:
+        await conn.execute("PRAGMA secure_delete = ON")
     for number in range(version + 1, SCHEMA_VERSION + 1):
         try:
             await conn.execute("BEGIN IMMEDIATE")
@@ -130,6 +135,11 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
             raise StorageError(
                 f"migrating database {path} to version {number} failed: {exc}"
             ) from exc
+    if scrub:
+        # Copy the zeroed pages into the main file and empty the WAL, so no clear
+        # state is left in either.
+        await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await conn.execute("PRAGMA secure_delete = OFF")
     # The database holds encrypted secrets and realm ids: keep it private.
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)
