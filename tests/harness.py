@@ -66,7 +66,13 @@ class RunningDaemon:
             return response.status, await response.text()
 
     async def connect(self, account_id: str) -> int:
-        """The whole connect flow as a browser does it; returns the callback page's status."""
+        """The whole connect flow as a browser does it; returns the callback page's status.
+
+        A reconnect picks the company the account already has, as a user would.
+        """
+        existing = await self.services.storage.find_account(account_id)
+        if existing is not None and existing.realm_id is not None:
+            self.simulator.choose_realm(existing.realm_id)
         status, body = await self.api("POST", f"/v1/accounts/{account_id}/authorize-url")
         assert status == 200, body
         async with aiohttp.ClientSession() as browser, browser.get(body["url"]) as page:

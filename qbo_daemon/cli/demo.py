@@ -52,8 +52,13 @@ def simulator_config_text(
     log_level: str = "info",
     success_redirect: str = "",
     extra: str = "",
+    pkce: str = "true",
 ) -> str:
-    """A complete configuration pointing the daemon at ``simulator``."""
+    """A complete configuration pointing the daemon at ``simulator``.
+
+    ``pkce`` (TOML, "true" or "false") is on by default: the simulator honours
+    it, while Intuit's own support is undocumented.
+    """
     settings = simulator.settings
     redirect = f'success_redirect = "{success_redirect}"\n' if success_redirect else ""
     return f"""\
@@ -65,7 +70,9 @@ redirect_uri = "http://127.0.0.1:{callback_port}/accounts/oauth2_callback"
 authorization_endpoint = "{simulator.authorization_endpoint}"
 token_endpoint = "{simulator.token_endpoint}"
 revocation_endpoint = "{simulator.revocation_endpoint}"
+api_base = "{simulator.api_base}"
 timeout = "10s"
+pkce = {pkce}
 
 [callback]
 listen = "127.0.0.1:{callback_port}"

@@ -84,8 +84,14 @@ def register(sub: Any, keys_sub: Any) -> None:
     command(accounts_sub, "list", cmd_list, "every account: status, expiry, next refresh, errors")
     with_account(command(accounts_sub, "show", cmd_show, "one account in detail"))
     with_account(command(sub, "refresh", cmd_refresh, "refresh an account's tokens now"))
-    with_account(
-        command(sub, "connect", cmd_connect, "print the Intuit authorization URL for an account")
+    connect = command(
+        sub, "connect", cmd_connect, "print the Intuit authorization URL for an account"
+    )
+    with_account(connect)
+    connect.add_argument(
+        "--allow-realm-change",
+        action="store_true",
+        help="let this connection move the account to another QuickBooks company",
     )
     with_account(
         command(
@@ -141,7 +147,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_connect(args: argparse.Namespace) -> int:
     account_id = _account_id(args)
-    answer = _client(args).call("POST", f"/v1/accounts/{account_id}/authorize-url")
+    body = {"allow_realm_change": True} if args.allow_realm_change else None
+    answer = _client(args).call("POST", f"/v1/accounts/{account_id}/authorize-url", body)
     if args.json:
         return _print_json(answer)
     print(answer["url"])

@@ -84,6 +84,13 @@ def accounts_table(accounts: Sequence[Mapping[str, Any]], now: datetime) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _realm(account: Mapping[str, Any]) -> str:
+    realm = str(account.get("realm_id") or "-")
+    if account.get("realm_verified") is False:
+        return f"{realm}  (not yet confirmed by Intuit; checked again after each refresh)"
+    return realm
+
+
 def account_details(account: Mapping[str, Any], now: datetime) -> str:
     """``accounts show``: one field a line, times both relative and exact."""
 
@@ -94,7 +101,7 @@ def account_details(account: Mapping[str, Any], now: datetime) -> str:
     fields = [
         ("account", str(account["account_id"])),
         ("status", str(account["status"])),
-        ("realm id", str(account.get("realm_id") or "-")),
+        ("realm id", _realm(account)),
         (
             "access token",
             f"expires {when('token_expires_at')}" if account.get("token_expires_at") else "-",

@@ -45,6 +45,7 @@ from qbo_daemon.core.errors import ConfigError
 from qbo_daemon.core.models import Secret
 
 __all__ = [
+    "DEFAULT_API_BASES",
     "DEFAULT_ENDPOINTS",
     "ENV_CLIENT_ID",
     "ENV_CLIENT_SECRET",
@@ -75,6 +76,11 @@ DEFAULT_ENDPOINTS: Mapping[str, Mapping[str, str]] = {
     "production": _INTUIT_ENDPOINTS,
     "sandbox": _INTUIT_ENDPOINTS,
 }
+# The Accounting API differs: the realm check calls {api_base}/v3/company/{realm}/companyinfo/...
+DEFAULT_API_BASES: Mapping[str, str] = {
+    "production": "https://quickbooks.api.intuit.com",
+    "sandbox": "https://sandbox-quickbooks.api.intuit.com",
+}
 
 _SCHEMA: Mapping[str, tuple[str, ...]] = {
     "intuit": (
@@ -88,9 +94,11 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "authorization_endpoint",
         "token_endpoint",
         "revocation_endpoint",
+        "api_base",
         "timeout",
+        "pkce",
     ),
-    "callback": ("listen", "success_redirect"),
+    "callback": ("listen", "success_redirect", "allow_shared_realm"),
     "api": ("listen", "keys", "key_file"),
     "storage": ("path", "encryption_keys", "key_file", "attempts_keep"),
     "refresh": (
@@ -115,7 +123,9 @@ class IntuitConfig:
 
     The endpoints are resolved: the override if set, else the environment's
     default. ``client_id`` and ``client_secret`` are ``""`` when not configured
-    (see :func:`require_credentials`).
+    (see :func:`require_credentials`). ``api_base`` is the Accounting API's
+    base URL, without a trailing ``/``; ``pkce`` adds an S256 code challenge to
+    every authorization (off by default: Intuit does not document it).
     """
 
     environment: Literal["production", "sandbox"]
@@ -127,6 +137,8 @@ class IntuitConfig:
     token_endpoint: str
     revocation_endpoint: str
     timeout: timedelta
+    api_base: str = DEFAULT_API_BASES["production"]
+    pkce: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +149,8 @@ class CallbackConfig:
     port: int
     success_redirect: str | None
     path: str  # the path part of intuit.redirect_uri
+    # Whether one QuickBooks company may be connected under several account ids.
+    allow_shared_realm: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +320,9 @@ def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
     client_secret = _secret(section, "client_secret", sources, ENV_CLIENT_SECRET, "client_secret")
     defaults = DEFAULT_ENDPOINTS[environment]
     endpoints = {name: section.url(name, default) for name, default in defaults.items()}
+    api_base = section.url("api_base", DEFAULT_API_BASES[environment])
+    if urlsplit(api_base).query:
+        raise section.fail("api_base", "must not have a ?query")
     return IntuitConfig(
         environment=cast(Literal["production", "sandbox"], environment),
         client_id=client_id.reveal() if client_id else "",
@@ -316,6 +333,8 @@ def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
         token_endpoint=endpoints["token_endpoint"],
         revocation_endpoint=endpoints["revocation_endpoint"],
         timeout=section.duration("timeout", "30s", positive=True),
+        api_base=api_base.rstrip("/"),
+        pkce=section.boolean("pkce", False),
     )
 
 
@@ -326,6 +345,7 @@ def _callback(section: _Section, redirect_uri: str) -> CallbackConfig:
         port=port,
         success_redirect=section.optional_url("success_redirect"),
         path=urlsplit(redirect_uri).path or "/",
+        allow_shared_realm=section.boolean("allow_shared_realm", False),
     )
 
 

@@ -10,12 +10,16 @@ from qbo_daemon.config.load import _SCHEMA, Config
 from qbo_daemon.config.values import MASK, _toml_string, format_duration
 from qbo_daemon.core.models import Secret
 
-_Renderable = str | int | timedelta | Path | Secret | tuple[str, ...] | tuple[Secret, ...] | None
+_Renderable = (
+    bool | str | int | timedelta | Path | Secret | tuple[str, ...] | tuple[Secret, ...] | None
+)
 
 
 def _toml_value(value: _Renderable) -> str:
     if isinstance(value, Secret):
         return _toml_string(MASK if value else "")
+    if isinstance(value, bool):  # before int: a bool is one
+        return "true" if value else "false"
     if isinstance(value, tuple):
         items = (_toml_value(item) for item in value)
         return "[" + ", ".join(items) + "]"
@@ -63,11 +67,14 @@ def render_config(config: Config) -> str:
             "authorization_endpoint": i.authorization_endpoint,
             "token_endpoint": i.token_endpoint,
             "revocation_endpoint": i.revocation_endpoint,
+            "api_base": i.api_base,
             "timeout": i.timeout,
+            "pkce": i.pkce,
         },
         "callback": {
             "listen": _listen_text(c.host, c.port),
             "success_redirect": c.success_redirect,
+            "allow_shared_realm": c.allow_shared_realm,
         },
         "api": {"listen": _listen_text(a.host, a.port), "keys": a.keys},
         "storage": {

@@ -205,6 +205,14 @@ class _Section:
             raise self.fail(key, f"must be between {low} and {high}, got {number}")
         return number
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.table.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_describe(value)}")
+        return value
+
     def duration(self, key: str, default: str, *, positive: bool = False) -> timedelta:
         try:
             value = _duration(self.table.get(key, default))

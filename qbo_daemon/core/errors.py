@@ -82,6 +82,20 @@ class OAuthStateError(QboDaemonError):
         self.reason = reason
 
 
+class RealmConflictError(QboDaemonError):
+    """A new connection's company clashes with what is stored; nothing was written.
+
+    ``reason`` is ``shared`` (another account id, ``holder``, holds this company)
+    or ``changed`` (the account held another company, and changing it was not
+    asked for). The message is for the operator's log; the browser gets its own words.
+    """
+
+    def __init__(self, reason: str, message: str, *, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.holder = holder
+
+
 class IntuitError(QboDaemonError):
     """A call to Intuit failed. ``intuit_tid`` identifies the request for Intuit support."""
 

@@ -102,6 +102,9 @@ class Account:
     version: int
     created_at: datetime
     updated_at: datetime
+    # False while Intuit has not yet confirmed that the tokens belong to realm_id
+    # (the check failed transiently at connect time); re-checked after each refresh.
+    realm_verified: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -115,6 +118,7 @@ class Account:
             "account_id": self.account_id,
             "status": self.status.value,
             "realm_id": self.realm_id,
+            "realm_verified": self.realm_verified,
             "token_expires_at": iso(self.token_expires_at),
             "reconnect_token_at": iso(self.reconnect_token_at),
             "refresh_token_expires_at": iso(self.refresh_token_expires_at),

@@ -37,6 +37,7 @@ from qbo_daemon.core.errors import (
 )
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso
+from qbo_daemon.engine.realm_check import RealmCheck
 from qbo_daemon.intuit.client import IntuitClient, TokenResult
 from qbo_daemon.store.repository import Attempt, Storage
 
@@ -84,8 +85,11 @@ class Refresher:
         *,
         lead: timedelta,
         concurrency: int,
+        realm_check: RealmCheck | None = None,
     ) -> None:
         self._storage = storage
+        # Re-checks an unverified realm after each committed refresh (engine.realm_check).
+        self.realm_check = realm_check
         self._intuit = intuit
         self._clock = clock
         self._metrics = metrics
@@ -161,6 +165,18 @@ class Refresher:
         self._metrics.refresh_attempt("success", duration)
         if saved is None:
             return await self._replaced(account_id)
+        if self.realm_check is not None:
+            checked = await self.realm_check.after_refresh(saved)
+            if checked.refused is not None:
+                # The tokens are not the stored company's: as final as a dead grant.
+                return Outcome(
+                    OutcomeKind.INVALID_GRANT,
+                    checked.account,
+                    message=checked.refused,
+                    duration=duration,
+                    intuit_tid=result.intuit_tid,
+                )
+            saved = checked.account
         return Outcome(OutcomeKind.SUCCESS, saved, duration=duration, intuit_tid=result.intuit_tid)
 
     async def _replaced(self, account_id: str) -> Outcome:

@@ -180,7 +180,11 @@ async def _show_account(request: web.Request) -> web.Response:
 
 async def _authorize_url(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    url = await services.connect.authorize_url(_account_id(request))
+    account_id = _account_id(request)
+    body = await _json_object(request, MAX_BODY, allow_empty=True)
+    _only(body, {"allow_realm_change"})
+    allow_realm_change = _flag(body, "allow_realm_change")
+    url = await services.connect.authorize_url(account_id, allow_realm_change=allow_realm_change)
     return web.json_response({"url": url}, headers=_NO_STORE)
 
 

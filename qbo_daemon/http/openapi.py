@@ -102,6 +102,12 @@ _SCHEMAS: dict[str, Any] = {
                 "enum": ["active", "expired", "needs_reconnect", "disconnected"],
             },
             "realm_id": {"type": ["string", "null"], "description": "The QuickBooks company."},
+            "realm_verified": {
+                "type": "boolean",
+                "description": "Whether Intuit confirmed that the tokens belong to `realm_id`; "
+                "false while a transient failure kept the check from finishing (it is "
+                "repeated after each refresh).",
+            },
             "token_expires_at": _time("When the access token dies."),
             "reconnect_token_at": _time("When the next refresh is due."),
             "refresh_token_expires_at": _time("When the refresh token dies."),
@@ -125,6 +131,16 @@ _SCHEMAS: dict[str, Any] = {
         }
     ),
     "AuthorizeUrl": _object({"url": {"type": "string", "format": "uri"}}),
+    "AuthorizeRequest": _object(
+        {
+            "allow_realm_change": {
+                "type": "boolean",
+                "description": "Let this connection move the account to another QuickBooks "
+                "company (emits `account.realm_changed`); without it such a connect is refused.",
+            }
+        },
+        required=[],
+    ),
     "ImportTokens": _object(
         {
             "refresh_token": {"type": "string", "minLength": 1},
@@ -274,7 +290,12 @@ _PATHS: dict[str, Any] = {
     "/v1/accounts/{account_id}/authorize-url": {
         "post": _protected(
             "An Intuit authorization URL with a fresh state bound to this account",
-            {"200": _json("Send the user's browser here.", _ref("AuthorizeUrl")), "400": _BAD_ID},
+            {
+                "200": _json("Send the user's browser here.", _ref("AuthorizeUrl")),
+                "400": _BAD_ID,
+                "413": _TOO_LARGE,
+            },
+            body={"required": False, "content": {JSON: {"schema": _ref("AuthorizeRequest")}}},
         )
     },
     "/v1/accounts/{account_id}/token": {

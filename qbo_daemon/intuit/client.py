@@ -75,30 +75,32 @@ class IntuitClient:
         self.config = config
         self._clock = clock
 
-    def authorization_url(self, state: str) -> str:
-        query = urlencode(
-            {
-                "client_id": self.config.client_id,
-                "response_type": "code",
-                "scope": " ".join(self.config.scopes),
-                "redirect_uri": self.config.redirect_uri,
-                "state": state,
-            },
-            quote_via=quote,
-        )
+    def authorization_url(self, state: str, *, code_challenge: str | None = None) -> str:
+        """Intuit's consent page for ``state``; with a PKCE S256 ``code_challenge`` if given."""
+        params = {
+            "client_id": self.config.client_id,
+            "response_type": "code",
+            "scope": " ".join(self.config.scopes),
+            "redirect_uri": self.config.redirect_uri,
+            "state": state,
+        }
+        if code_challenge is not None:
+            params["code_challenge"] = code_challenge
+            params["code_challenge_method"] = "S256"
+        query = urlencode(params, quote_via=quote)
         separator = "&" if "?" in self.config.authorization_endpoint else "?"
         return f"{self.config.authorization_endpoint}{separator}{query}"
 
-    async def exchange_code(self, code: str) -> TokenResult:
-        """Trade an authorization code (single use) for a token set."""
-        return await self._token_call(
-            {
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": self.config.redirect_uri,
-            },
-            previous_refresh_token=None,
-        )
+    async def exchange_code(self, code: str, *, code_verifier: str | None = None) -> TokenResult:
+        """Trade an authorization code (single use) for a token set; PKCE's verifier if any."""
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.config.redirect_uri,
+        }
+        if code_verifier is not None:
+            form["code_verifier"] = code_verifier
+        return await self._token_call(form, previous_refresh_token=None)
 
     async def refresh(self, refresh_token: str) -> TokenResult:
         """Refresh; the answer's refresh token, or ``refresh_token`` when it has none."""

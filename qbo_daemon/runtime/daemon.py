@@ -26,6 +26,7 @@ from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
 from qbo_daemon.engine.connect import ConnectFlow
+from qbo_daemon.engine.realm_check import RealmCheck
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.engine.services import Services
@@ -34,6 +35,7 @@ from qbo_daemon.http.api import make_api_app
 from qbo_daemon.http.callback import make_callback_app
 from qbo_daemon.http.ui.app import mount_ui
 from qbo_daemon.intuit.client import IntuitClient
+from qbo_daemon.intuit.company import CompanyInfoClient
 from qbo_daemon.runtime.logs import AccessLogger, configure_logging
 from qbo_daemon.runtime.systemd import SystemdNotifier
 from qbo_daemon.runtime.webhooks import WebhookNotifier
@@ -151,8 +153,15 @@ class Daemon:
         clock = self.clock
         refresh = config.refresh
         intuit = IntuitClient(session, config.intuit, clock)
+        realm_check = RealmCheck(storage, CompanyInfoClient(session, intuit), intuit, clock)
         refresher = Refresher(
-            storage, intuit, clock, metrics, lead=refresh.lead, concurrency=refresh.concurrency
+            storage,
+            intuit,
+            clock,
+            metrics,
+            lead=refresh.lead,
+            concurrency=refresh.concurrency,
+            realm_check=realm_check,
         )
         scheduler = Scheduler(
             refresher,
@@ -174,7 +183,15 @@ class Daemon:
             refresher=refresher,
             scheduler=scheduler,
             connect=ConnectFlow(
-                storage, intuit, scheduler, clock, metrics, events, lead=refresh.lead
+                storage,
+                intuit,
+                scheduler,
+                clock,
+                metrics,
+                events,
+                realm_check,
+                lead=refresh.lead,
+                allow_shared_realm=config.callback.allow_shared_realm,
             ),
             tokens=TokenService(
                 storage, scheduler, clock, wait=refresh.token_wait, lead=refresh.lead
@@ -300,6 +317,7 @@ class Daemon:
             )
             services.scheduler.hard_expiry_warning = config.refresh.hard_expiry_warning
             services.tokens.wait = config.refresh.token_wait
+            services.connect.allow_shared_realm = config.callback.allow_shared_realm
             services.scheduler.resume()
             if config.notify != old.notify and self._relay is not None and self._session:
                 previous = self._relay.target
@@ -309,7 +327,9 @@ class Daemon:
             config = replace(
                 config,
                 api=replace(config.api, host=old.api.host, port=old.api.port),
-                callback=old.callback,
+                callback=replace(
+                    old.callback, allow_shared_realm=config.callback.allow_shared_realm
+                ),
                 storage=replace(
                     config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
                 ),

@@ -64,6 +64,7 @@ _SECRET_NAMES: Final = frozenset(
         "token",
         "tokens",
         "code",
+        "code_verifier",
         "client_secret",
         "secret",
         "secrets",
@@ -94,7 +95,8 @@ _STRUCTURAL_KEYS: Final = frozenset(
     {"event", "level", "logger", "timestamp", "exc_info", "exception", "stack", "_record"}
 )
 _SECRET_QUERY: Final = re.compile(
-    r"(?i)([?&;](?:code|state|token|access_token|refresh_token|id_token|client_secret"
+    r"(?i)([?&;](?:code|code_verifier|state|token|access_token|refresh_token|id_token"
+    r"|client_secret"
     r"|api_key|password)=)[^&;#\s\"']*"
 )
 _CREDENTIAL: Final = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/-]{16,}=*")

@@ -1,7 +1,10 @@
 """Account events: always logged, optionally POSTed (signed) to the host app.
 
 Events: ``account.connected``, ``account.needs_reconnect``,
-``account.recovered``, ``account.disconnected``, ``account.hard_expiry_soon``.
+``account.recovered``, ``account.disconnected``, ``account.hard_expiry_soon``,
+``account.realm_changed`` (a reconnect moved the account to another company,
+as its authorize-url request allowed; ``data.realm_id`` and
+``data.previous_realm_id``).
 Each is logged at once through ``structlog.get_logger("qbo_daemon.events")``
 with the event name as the log event. When a webhook URL is configured the
 event is also queued and delivered in the background: :meth:`emit` never
@@ -73,12 +76,13 @@ EVENTS = frozenset(
         "account.recovered",
         "account.disconnected",
         "account.hard_expiry_soon",
+        "account.realm_changed",
     }
 )
 # Events an operator must act on are logged as warnings, the rest as info.
 # A connection the user must redo is an error an operator must see; an expiry ahead is a warning.
 _ERROR_EVENTS = frozenset({"account.needs_reconnect"})
-_WARNING_EVENTS = frozenset({"account.hard_expiry_soon"})
+_WARNING_EVENTS = frozenset({"account.hard_expiry_soon", "account.realm_changed"})
 _SECRET_NAME = re.compile(r"token|secret|code|key|password|credential", re.IGNORECASE)
 # Names the log call itself uses, or that change what structlog does.
 _RESERVED_NAMES = frozenset({"event", "account_id", "exc_info", "stack_info"})

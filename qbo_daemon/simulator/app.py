@@ -1,5 +1,8 @@
 """An Intuit OAuth 2.0 stand-in: the authorization, token and revocation endpoints.
 
+Beside them, the one Accounting API call the daemon makes (``CompanyInfo``, to
+confirm a new connection's company).
+
 It speaks Intuit's wire format as the field notes describe it: Basic client
 authentication, form-encoded token requests, ``x_refresh_token_expires_in``
 counting down between rotations, the opt-in ``x_refresh_token_hard_expires_in``,
@@ -28,11 +31,10 @@ remembers only its last 8 access tokens, and used authorization codes are
 forgotten once expired.
 
 This module is the public surface; the parts live beside it:
-``simulator_settings`` (how it answers), ``simulator_grants`` (connections,
-codes, rotation, expiry), ``simulator_oauth`` (the three endpoints on the
-wire), ``simulator_faults`` (fault kinds and their answers),
-``simulator_log`` (the request log and counts) and ``simulator_control``
-(the ``/_sim/`` API).
+``settings`` (how it answers), ``grants`` (connections, codes, rotation,
+expiry), ``oauth`` (the three OAuth endpoints on the wire), ``company`` (the
+CompanyInfo call), ``faults`` (fault kinds and their answers), ``log`` (the
+request log and counts) and ``control`` (the ``/_sim/`` API).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import structlog
 from aiohttp import web
 
 from qbo_daemon.core.clock import Clock, SystemClock
+from qbo_daemon.simulator.company import CompanyEndpoint
 from qbo_daemon.simulator.control import MAX_BULK_GRANTS, add_control_routes
 from qbo_daemon.simulator.faults import (
     DEFAULT_RETRY_AFTER,
@@ -104,6 +107,9 @@ class IntuitSimulator:
         self._oauth = OAuthEndpoints(
             settings, self._clock, self._grants, self._faults, self._log, self._is_closing
         )
+        self._company = CompanyEndpoint(
+            self._clock, self._grants, self._faults, self._log, self._oauth
+        )
         self._runner: web.AppRunner | None = None
         self._closing = False
 
@@ -155,12 +161,21 @@ class IntuitSimulator:
     def revocation_endpoint(self) -> str:
         return f"{self.base_url}/v2/oauth2/tokens/revoke"
 
+    @property
+    def api_base(self) -> str:
+        """The Accounting API's base: ``{api_base}/v3/company/{realm}/companyinfo/{realm}``."""
+        return self.base_url
+
+    def company_info_url(self, realm_id: str) -> str:
+        return f"{self.api_base}/v3/company/{realm_id}/companyinfo/{realm_id}"
+
     # -- lifecycle -----------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application()
         app[SIMULATOR_KEY] = self
         self._oauth.add_routes(app)
+        self._company.add_routes(app)
         add_control_routes(app, self)
         app.on_response_prepare.append(self._oauth.stamp_tid)
         return app
@@ -213,6 +228,12 @@ class IntuitSimulator:
     def deny_next_authorization(self) -> None:
         """The next authorization is declined by the user (``error=access_denied``)."""
         self._faults.deny_next()
+
+    def choose_realm(self, realm_id: str) -> None:
+        """The next user to consent picks this company (say, one already connected)."""
+        if not realm_id:
+            raise ValueError("realm_id must be a non-empty string")
+        self._grants.choose_realm(realm_id)
 
     def grant(self, realm_id: str | None = None) -> dict[str, Any]:
         """Mint a connection without a browser: its token answer plus ``realm_id``.
@@ -275,6 +296,7 @@ async def serve_simulator(
             authorization_endpoint=simulator.authorization_endpoint,
             token_endpoint=simulator.token_endpoint,
             revocation_endpoint=simulator.revocation_endpoint,
+            api_base=simulator.api_base,
             control_api=f"{simulator.base_url}/_sim/",
             client_id=settings.client_id,
         )

@@ -50,6 +50,8 @@ class ControlTarget(Protocol):
 
     def deny_next_authorization(self) -> None: ...
 
+    def choose_realm(self, realm_id: str) -> None: ...
+
     def grant(self, realm_id: str | None = None) -> dict[str, Any]: ...
 
     def invalidate(self, refresh_token: str) -> None: ...
@@ -60,12 +62,13 @@ class ControlTarget(Protocol):
 
 
 def add_control_routes(app: web.Application, target: ControlTarget) -> None:
-    """Route ``/_sim/faults``, ``deny``, ``grants``, ``invalidate``, ``log``,
-    ``stats``, ``reset`` and ``settings`` to ``target``."""
+    """Route ``/_sim/faults``, ``deny``, ``choose-realm``, ``grants``, ``invalidate``,
+    ``log``, ``stats``, ``reset`` and ``settings`` to ``target``."""
     api = _ControlAPI(target)
     control: list[tuple[str, str, _Handler]] = [
         ("POST", "/_sim/faults", api.faults),
         ("POST", "/_sim/deny", api.deny),
+        ("POST", "/_sim/choose-realm", api.choose_realm),
         ("POST", "/_sim/grants", api.grants),
         ("POST", "/_sim/invalidate", api.invalidate),
         ("GET", "/_sim/log", api.log),
@@ -105,6 +108,13 @@ class _ControlAPI:
     async def deny(self, request: web.Request) -> web.Response:
         self._target.deny_next_authorization()
         return web.json_response({"pending_denials": self._target.pending_denials})
+
+    async def choose_realm(self, request: web.Request) -> web.Response:
+        data = await _json_object(request)
+        _only(data, {"realm_id"})
+        realm_id = _require_str(data, "realm_id")
+        self._target.choose_realm(realm_id)
+        return web.json_response({"chosen_realm_id": realm_id})
 
     async def grants(self, request: web.Request) -> web.Response:
         data = await _json_object(request)

@@ -36,7 +36,7 @@ __all__ = [
     "fault_response",
 ]
 
-ENDPOINTS: Final = ("authorize", "token", "revoke")
+ENDPOINTS: Final = ("authorize", "token", "revoke", "companyinfo")
 FAULT_KINDS: Final = frozenset(
     {
         "500",

@@ -7,6 +7,9 @@ layer to send as they are.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ class _Code:
     realm_id: str
     expires_at: float
     connection: _Connection | None = None  # set once exchanged, to spot a replay
+    code_challenge: str | None = None  # PKCE S256, when the authorization carried one
 
 
 class Grants:
@@ -63,6 +67,8 @@ class Grants:
         self._codes: dict[str, _Code] = {}
         self._realms: set[str] = set()
         self._connections: list[_Connection] = []
+        # Companies the next users pick on the consent screen, in order.
+        self._chosen_realms: deque[str] = deque()
 
     # -- in-process control --------------------------------------------------
 
@@ -83,8 +89,19 @@ class Grants:
         conn.alive = False
 
     def is_access_token_valid(self, access_token: str, now: float) -> bool:
+        return self.access_realm(access_token, now) is not None
+
+    def access_realm(self, access_token: str, now: float) -> str | None:
+        """The company a live access token was granted for; None if it is unknown or dead."""
         found = self._access.get(access_token)
-        return found is not None and found[0].alive and now < found[1]
+        if found is None or not found[0].alive or now >= found[1]:
+            return None
+        return found[0].realm_id
+
+    def choose_realm(self, realm_id: str) -> None:
+        """The next user to consent picks this company (one already connected, say)."""
+        self._realms.add(realm_id)
+        self._chosen_realms.append(realm_id)
 
     def connection_counts(self) -> dict[str, int]:
         live = sum(1 for c in self._connections if c.alive)
@@ -92,18 +109,38 @@ class Grants:
 
     # -- the grants ----------------------------------------------------------
 
-    def issue_code(self, redirect_uri: str, now: float) -> tuple[str, str]:
-        """A new authorization code for a new company: ``(code, realm_id)``."""
+    def issue_code(
+        self, redirect_uri: str, now: float, *, code_challenge: str | None = None
+    ) -> tuple[str, str]:
+        """A new authorization code: ``(code, realm_id)``.
+
+        The company is a new one, unless :meth:`choose_realm` picked one.
+        ``code_challenge`` (PKCE S256) binds the code to its verifier.
+        """
         self._forget_expired_codes(now)
         code = "sim-ac-" + secrets.token_urlsafe(24)
-        realm_id = self._new_realm()
-        self._codes[code] = _Code(redirect_uri, realm_id, now + self.settings.code_lifetime)
+        realm_id = self._chosen_realms.popleft() if self._chosen_realms else self._new_realm()
+        self._codes[code] = _Code(
+            redirect_uri,
+            realm_id,
+            now + self.settings.code_lifetime,
+            code_challenge=code_challenge,
+        )
         return code, realm_id
 
     def exchange_code(
-        self, code: str | None, redirect_uri: str | None, now: float, include_hard: bool
+        self,
+        code: str | None,
+        redirect_uri: str | None,
+        now: float,
+        include_hard: bool,
+        code_verifier: str | None = None,
     ) -> tuple[int, dict[str, Any], str | None]:
-        """The ``authorization_code`` grant: ``(status, body, realm_id)``."""
+        """The ``authorization_code`` grant: ``(status, body, realm_id)``.
+
+        A code issued with a PKCE challenge needs the matching verifier; a wrong
+        or missing one is ``invalid_grant`` and leaves the code unused.
+        """
         if not code or not redirect_uri:
             return 400, {"error": "invalid_request"}, None
         entry = self._codes.get(code)
@@ -115,6 +152,11 @@ class Grants:
             return 400, {"error": "invalid_grant"}, entry.realm_id
         if entry.redirect_uri != redirect_uri:
             return 400, {"error": "invalid_grant"}, None
+        if entry.code_challenge is not None and not _verifier_matches(
+            code_verifier, entry.code_challenge
+        ):
+            body = {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+            return 400, body, None
         conn = self._connect(entry.realm_id, now)
         entry.connection = conn
         answer = self._answer(conn, self._new_access(conn, now), now, include_hard)
@@ -232,3 +274,12 @@ class Grants:
             expired.append(code)
         for code in expired:
             del self._codes[code]
+
+
+def _verifier_matches(verifier: str | None, challenge: str) -> bool:
+    """RFC 7636 S256: BASE64URL(SHA256(ASCII(verifier))) without padding equals the challenge."""
+    if not verifier or not verifier.isascii():
+        return False
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    computed = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return hmac.compare_digest(computed, challenge)

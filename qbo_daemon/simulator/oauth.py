@@ -3,8 +3,9 @@
 ``GET /connect/oauth2`` (authorization), ``POST /oauth2/v1/tokens/bearer``
 (token) and ``POST /v2/oauth2/tokens/revoke`` (revocation): Basic client
 authentication, form-encoded token requests, the opt-in hard expiry header,
-an ``intuit_tid`` header on every answer, and a pending fault answering in
-place of any of them.
+PKCE (S256: an authorization with a ``code_challenge`` makes its code need the
+``code_verifier``), an ``intuit_tid`` header on every answer, and a pending
+fault answering in place of any of them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import itertools
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -32,6 +34,8 @@ __all__ = ["OAuthEndpoints"]
 _GRANT_TYPES: Final = {g: g for g in ("authorization_code", "refresh_token")}
 _HARD_EXPIRY_HEADER: Final = "x-include-refresh-token-hard-expires-in"
 _NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# BASE64URL(SHA-256(verifier)) without padding: always 43 characters.
+_CHALLENGE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class OAuthEndpoints:
@@ -69,16 +73,16 @@ class OAuthEndpoints:
     async def stamp_tid(self, request: web.Request, response: web.StreamResponse) -> None:
         """``on_response_prepare``: every answer, even a 404, carries an ``intuit_tid``."""
         if "intuit_tid" not in response.headers:
-            response.headers["intuit_tid"] = self._new_tid()
+            response.headers["intuit_tid"] = self.new_tid()
 
     # -- authorization -------------------------------------------------------
 
     async def authorize(self, request: web.Request) -> web.StreamResponse:
         arrived = self._clock.now()
-        tid = self._new_tid()
+        tid = self.new_tid()
         fault = self._faults.take("authorize")
         if fault is not None:
-            return await self._faulted(request, "authorize", fault, arrived, tid, None, None)
+            return await self.faulted(request, "authorize", fault, arrived, tid, None, None)
         query = request.query
         problem = self._authorize_problem(query)
         if problem is not None:
@@ -91,7 +95,11 @@ class OAuthEndpoints:
         if self._faults.take_denial():
             params["error"] = "access_denied"
         else:
-            code, realm_id = self._grants.issue_code(query["redirect_uri"], arrived.timestamp())
+            code, realm_id = self._grants.issue_code(
+                query["redirect_uri"],
+                arrived.timestamp(),
+                code_challenge=query.get("code_challenge"),
+            )
             params["code"] = code
         if "state" in query:
             params["state"] = query["state"]
@@ -116,13 +124,13 @@ class OAuthEndpoints:
             return "redirect_uri is not a valid URL"
         if not redirect_uri or url.scheme not in ("http", "https") or not url.host:
             return "redirect_uri must be an absolute http(s) URL"
-        return None
+        return _pkce_problem(query)
 
     # -- token ---------------------------------------------------------------
 
     async def token(self, request: web.Request) -> web.StreamResponse:
         arrived = self._clock.now()
-        tid = self._new_tid()
+        tid = self.new_tid()
         fault = self._faults.take("token")
         form = await request.post()
         raw_grant = form.get("grant_type")
@@ -131,7 +139,7 @@ class OAuthEndpoints:
         if self.settings.latency > 0:
             await asyncio.sleep(self.settings.latency)
         if fault is not None:
-            return await self._faulted(request, "token", fault, arrived, tid, grant_type, presented)
+            return await self.faulted(request, "token", fault, arrived, tid, grant_type, presented)
 
         now = self._clock.now().timestamp()
         include_hard = request.headers.get(_HARD_EXPIRY_HEADER, "").lower() == "true"
@@ -144,7 +152,11 @@ class OAuthEndpoints:
                 self._log.count("token", "rotated")
         elif grant_type == "authorization_code":
             status, body, realm_id = self._grants.exchange_code(
-                _text(form.get("code")), _text(form.get("redirect_uri")), now, include_hard
+                _text(form.get("code")),
+                _text(form.get("redirect_uri")),
+                now,
+                include_hard,
+                _text(form.get("code_verifier")),
             )
         elif grant_type is None:
             status, body = 400, {"error": "invalid_request"}
@@ -168,7 +180,7 @@ class OAuthEndpoints:
 
     async def revoke(self, request: web.Request) -> web.StreamResponse:
         arrived = self._clock.now()
-        tid = self._new_tid()
+        tid = self.new_tid()
         fault = self._faults.take("revoke")
         try:
             payload = await request.json() if request.can_read_body else None
@@ -179,7 +191,7 @@ class OAuthEndpoints:
         if self.settings.latency > 0:
             await asyncio.sleep(self.settings.latency)
         if fault is not None:
-            return await self._faulted(request, "revoke", fault, arrived, tid, None, presented)
+            return await self.faulted(request, "revoke", fault, arrived, tid, None, presented)
 
         now = self._clock.now().timestamp()
         realm_id: str | None = None
@@ -207,7 +219,7 @@ class OAuthEndpoints:
 
     # -- shared --------------------------------------------------------------
 
-    async def _faulted(
+    async def faulted(
         self,
         request: web.Request,
         endpoint: str,
@@ -271,9 +283,23 @@ class OAuthEndpoints:
             return False
         return decoded == f"{settings.client_id}:{settings.client_secret}"
 
-    def _new_tid(self) -> str:
+    def new_tid(self) -> str:
+        """A fresh ``intuit_tid``, unique within this simulator."""
         return f"{self._tid_prefix}{next(self._tid_seq):012x}"
 
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _pkce_problem(query: Mapping[str, str]) -> str | None:
+    """RFC 7636 on the authorization request; only S256 is supported (not ``plain``)."""
+    challenge = query.get("code_challenge")
+    method = query.get("code_challenge_method")
+    if challenge is None:
+        return "code_challenge_method without code_challenge" if method is not None else None
+    if method != "S256":
+        return "code_challenge_method must be 'S256'"
+    if not _CHALLENGE.fullmatch(challenge):
+        return "code_challenge must be 43 characters of base64url"
+    return None

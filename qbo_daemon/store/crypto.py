@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import re
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ TAG_SIZE = 16
 FORMAT_VERSION = "v1"
 
 _KEY_ID_CONTEXT = b"qbo-daemon key id\0"
+_DIGEST_CONTEXT = b"qbo-daemon digest key\0"
 _KEY_ID_LENGTH = 12
 _URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _KEY_ID = re.compile(rf"[0-9a-f]{{{_KEY_ID_LENGTH}}}")
@@ -122,9 +124,14 @@ class Cipher:
         if not keys:
             raise ValueError("at least one encryption key is required")
         self._aeads: dict[str, AESGCM] = {}
+        # HMAC keys for lookup digests, derived so that they never equal an AES key.
+        self._digest_keys: dict[str, bytes] = {}
         for key in keys:
             if key.key_id not in self._aeads:
                 self._aeads[key.key_id] = AESGCM(key.secret)
+                self._digest_keys[key.key_id] = hmac.digest(
+                    key.secret, _DIGEST_CONTEXT, hashlib.sha256
+                )
         self.primary_key_id: str = keys[0].key_id
         self.key_ids: tuple[str, ...] = tuple(self._aeads)
 
@@ -173,6 +180,28 @@ class Cipher:
                 f"the stored value in {where} failed authentication: it was altered, "
                 "or copied from another row or column"
             ) from None
+
+    def digest(self, value: str, *, purpose: str) -> str:
+        """A keyed digest of ``value`` under the primary key, to find a row by an encrypted value.
+
+        ``<key id>.<hex HMAC-SHA256>``: equal values give equal digests under one
+        key, and nobody without the key can test a guess (a realm id is a number
+        that could be guessed against a plain hash). ``purpose`` keeps digests of
+        different columns apart.
+        """
+        return self._digest(self.primary_key_id, value, purpose)
+
+    def digests(self, value: str, *, purpose: str) -> tuple[str, ...]:
+        """``value``'s digest under every configured key: a row keeps the digest of the key
+        that last wrote it until it is re-encrypted, so a lookup asks for all of them."""
+        return tuple(self._digest(key_id, value, purpose) for key_id in self.key_ids)
+
+    def _digest(self, key_id: str, value: str, purpose: str) -> str:
+        if "\0" in purpose:
+            raise ValueError("a digest purpose must not contain NUL")
+        message = purpose.encode() + b"\0" + value.encode("utf-8")
+        mac = hmac.new(self._digest_keys[key_id], message, hashlib.sha256).hexdigest()
+        return f"{key_id}.{mac}"
 
     @staticmethod
     def key_id_of(ciphertext: str) -> str:

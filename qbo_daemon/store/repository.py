@@ -20,10 +20,16 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from qbo_daemon.core.errors import AccountNotFoundError, MissingKeyError, StaleWriteError
+from qbo_daemon.core.errors import (
+    AccountNotFoundError,
+    CryptoError,
+    MissingKeyError,
+    StaleWriteError,
+)
 from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso, reconnect_at
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.lock import DatabaseLock
+from qbo_daemon.store.realms import RealmPolicy, check_realm
 from qbo_daemon.store.rows import (
     ACCOUNT_COLUMNS,
     Attempt,
@@ -32,10 +38,11 @@ from qbo_daemon.store.rows import (
     attempt_from_row,
     attempt_statements,
     encrypt_secrets,
+    realm_digest,
     schedule_entries_from,
 )
 from qbo_daemon.store.sqlite import Database, ReadBatcher
-from qbo_daemon.store.states import OAuthStates, StateRecord
+from qbo_daemon.store.states import ClaimedState, OAuthStates, StateRecord
 from qbo_daemon.store.status_queries import StatusQueries
 from qbo_daemon.store.upsert import (
     NEW_ACCOUNT_INSERT,
@@ -47,8 +54,10 @@ from qbo_daemon.store.upsert import (
 
 __all__ = [
     "Attempt",
+    "ClaimedState",
     "DatabaseLock",
     "ImportItem",
+    "RealmPolicy",
     "ScheduleEntry",
     "StateRecord",
     "Storage",
@@ -73,7 +82,47 @@ class Storage:
     @classmethod
     async def open(cls, path: Path, cipher: Cipher, *, attempts_keep: int = 100_000) -> Storage:
         """Open (creating or migrating) the database at ``path``."""
-        return cls(path, await Database.open(path, attempts_keep=attempts_keep), cipher)
+        storage = cls(path, await Database.open(path, attempts_keep=attempts_keep), cipher)
+        try:
+            await storage._fill_realm_digests()
+        except BaseException:
+            await storage.close()
+            raise
+        return storage
+
+    async def _fill_realm_digests(self, batch: int = 500) -> None:
+        """Give rows stored before schema version 4 the digest that finds them by realm.
+
+        A row whose realm does not decrypt is left alone: ``verify_keys`` names the
+        missing key.
+        """
+        last_id = 0
+        while True:
+            rows = await self._db.fetchall(
+                "SELECT id, account_id, realm_id FROM accounts WHERE realm_digest IS NULL "
+                "AND realm_id IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
+                (last_id, batch),
+            )
+            if not rows:
+                return
+            last_id = rows[-1]["id"]
+            updates = []
+            for row in rows:
+                try:
+                    realm = self.cipher.decrypt(
+                        row["realm_id"],
+                        table="accounts",
+                        column="realm_id",
+                        row_key=row["account_id"],
+                    )
+                except CryptoError:
+                    continue
+                updates.append((realm_digest(self.cipher, realm), row["id"]))
+            async with self._db.transaction() as conn:
+                await conn.executemany(
+                    "UPDATE accounts SET realm_digest = ? WHERE id = ? AND realm_digest IS NULL",
+                    updates,
+                )
 
     async def close(self) -> None:
         """Commit what is queued, then close both connections."""
@@ -176,6 +225,52 @@ class Storage:
                 conn, self.cipher, account_id, realm_id, tokens, lead=lead, now=now
             )
 
+    async def save_checked_connection(
+        self,
+        account_id: str,
+        realm_id: str,
+        tokens: TokenSet,
+        *,
+        lead: timedelta,
+        now: datetime,
+        policy: RealmPolicy,
+        realm_verified: bool,
+    ) -> tuple[Account, str | None]:
+        """A connection from the callback: stored only if ``policy`` allows its company.
+
+        Raises :class:`RealmConflictError` (nothing written) when another account
+        holds the realm or the account held another one; returns the account and
+        its previous realm when the connection changed it.
+        """
+        async with self._db.transaction() as conn:
+            previous = await check_realm(conn, self.cipher, account_id, realm_id, policy)
+            account = await upsert_account(
+                conn,
+                self.cipher,
+                account_id,
+                realm_id,
+                tokens,
+                lead=lead,
+                now=now,
+                realm_verified=realm_verified,
+            )
+            return account, previous
+
+    async def mark_realm_verified(self, account: Account, *, now: datetime) -> Account:
+        """Note that Intuit confirmed the account's realm, if the row is still at its version."""
+        updated = replace(account, realm_verified=True, version=account.version + 1, updated_at=now)
+        await self._db.write(
+            [
+                (
+                    "UPDATE accounts SET realm_verified = 1, version = version + 1, "
+                    "updated_at = ? WHERE account_id = ? AND version = ?",
+                    (iso(now), account.account_id, account.version),
+                )
+            ],
+            cas=(account.account_id, account.version),
+        )
+        return updated
+
     async def import_accounts(
         self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
     ) -> list[Account]:
@@ -251,14 +346,16 @@ class Storage:
         enc = encrypt_secrets(self.cipher, updated)
         statements = [
             (
-                "UPDATE accounts SET status = ?, realm_id = ?, access_token = ?, "
-                "refresh_token = ?, key_id = ?, token_expires_at = ?, reconnect_token_at = ?, "
-                "refresh_token_expires_at = ?, refresh_token_hard_expires_at = ?, "
-                "failure_count = 0, last_error = NULL, last_refreshed_at = ?, "
-                "version = version + 1, updated_at = ? WHERE account_id = ? AND version = ?",
+                "UPDATE accounts SET status = ?, realm_id = ?, realm_digest = ?, "
+                "access_token = ?, refresh_token = ?, key_id = ?, token_expires_at = ?, "
+                "reconnect_token_at = ?, refresh_token_expires_at = ?, "
+                "refresh_token_hard_expires_at = ?, failure_count = 0, last_error = NULL, "
+                "last_refreshed_at = ?, version = version + 1, updated_at = ? "
+                "WHERE account_id = ? AND version = ?",
                 (
                     updated.status.value,
                     enc["realm_id"],
+                    enc["realm_digest"],
                     enc["access_token"],
                     enc["refresh_token"],
                     key_id,
@@ -356,11 +453,12 @@ class Storage:
                 await self._db.write(
                     [
                         (
-                            "UPDATE accounts SET realm_id = ?, access_token = ?, "
-                            "refresh_token = ?, key_id = ?, version = version + 1 "
-                            "WHERE account_id = ? AND version = ?",
+                            "UPDATE accounts SET realm_id = ?, realm_digest = ?, "
+                            "access_token = ?, refresh_token = ?, key_id = ?, "
+                            "version = version + 1 WHERE account_id = ? AND version = ?",
                             (
                                 enc["realm_id"],
+                                enc["realm_digest"],
                                 enc["access_token"],
                                 enc["refresh_token"],
                                 primary,
@@ -383,17 +481,34 @@ class Storage:
     # -- OAuth states --------------------------------------------------------
 
     async def create_state(
-        self, state: str, account_id: str, *, now: datetime, ttl: timedelta
-    ) -> None:
-        await self._states.create(state, account_id, now=now, ttl=ttl)
+        self,
+        state: str,
+        account_id: str,
+        *,
+        now: datetime,
+        ttl: timedelta,
+        code_verifier: str | None = None,
+        allow_realm_change: bool = False,
+    ) -> int:
+        """Store a state (as its hash); returns how many older pending ones were dropped."""
+        return await self._states.create(
+            state,
+            account_id,
+            now=now,
+            ttl=ttl,
+            cipher=self.cipher,
+            code_verifier=code_verifier,
+            allow_realm_change=allow_realm_change,
+        )
 
-    async def consume_state(self, state: str, *, now: datetime) -> str:
-        """Mark ``state`` used and return the account it was issued for.
+    async def consume_state(self, state: str, answer: str, *, now: datetime) -> ClaimedState:
+        """Mark ``state`` used by ``answer`` (``store.states.answer_hash``); return its claim.
 
-        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired`` or
-        ``used``; a failed check changes nothing.
+        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired``,
+        ``replayed`` (used before by the same answer) or ``used``; a failed
+        check changes nothing.
         """
-        return await self._states.consume(state, now=now)
+        return await self._states.consume(state, answer, now=now, cipher=self.cipher)
 
     async def finish_state(self, state: str, outcome: str) -> None:
         await self._states.finish(state, outcome)

@@ -19,8 +19,10 @@ from qbo_daemon.store.sqlite import Statement
 ACCOUNT_COLUMNS = (
     "id, account_id, status, realm_id, access_token, refresh_token, key_id, token_expires_at, "
     "reconnect_token_at, refresh_token_expires_at, refresh_token_hard_expires_at, failure_count, "
-    "last_error, last_refreshed_at, version, created_at, updated_at"
+    "last_error, last_refreshed_at, version, created_at, updated_at, realm_verified"
 )
+# Keeps digests of realm ids apart from any other digest (store.crypto.Cipher.digest).
+REALM_DIGEST_PURPOSE = "accounts.realm_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,18 +50,28 @@ class Attempt:
 
 
 def encrypt_secrets(cipher: Cipher, account: Account) -> dict[str, str | None]:
-    """The account's secret columns as stored: encrypted, or None where the value is."""
+    """The account's secret columns as stored: encrypted, or None where the value is.
+
+    Also ``realm_digest``, written with ``realm_id`` under the same key.
+    """
     values = {
         "realm_id": account.realm_id,
         "access_token": account.access_token,
         "refresh_token": account.refresh_token,
     }
-    return {
+    stored = {
         column: None
         if value is None
         else cipher.encrypt(value, table="accounts", column=column, row_key=account.account_id)
         for column, value in values.items()
     }
+    stored["realm_digest"] = realm_digest(cipher, account.realm_id)
+    return stored
+
+
+def realm_digest(cipher: Cipher, realm_id: str | None) -> str | None:
+    """The keyed digest that finds the accounts of one company without decrypting them."""
+    return None if realm_id is None else cipher.digest(realm_id, purpose=REALM_DIGEST_PURPOSE)
 
 
 def account_from_row(cipher: Cipher, row: sqlite3.Row, *, tokens: bool) -> Account:
@@ -81,6 +93,7 @@ def account_from_row(cipher: Cipher, row: sqlite3.Row, *, tokens: bool) -> Accou
         version=row["version"],
         created_at=parse_iso(row["created_at"]) or datetime.min,
         updated_at=parse_iso(row["updated_at"]) or datetime.min,
+        realm_verified=bool(row["realm_verified"]),
     )
 
 

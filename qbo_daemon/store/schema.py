@@ -9,6 +9,7 @@ Never edit a released migration: append a new one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 from pathlib import Path
@@ -94,9 +95,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX accounts_status",
         "CREATE INDEX refresh_attempts_started ON refresh_attempts (started_at, outcome)",
     ),
+    # 4: the connect flow bound end to end. OAuth states kept only as SHA-256 hashes
+    # (pending ones are carried over, hashed), with a hash of the first callback's
+    # answer, the PKCE verifier (encrypted) and the realm-change permission; and per
+    # account whether Intuit confirmed its realm, plus a keyed digest of the realm to
+    # find the accounts of one company. Rows from before count as confirmed; the
+    # digests are filled in by Storage.open, which has the keys.
+    (
+        """
+        CREATE TABLE oauth_states_v3 (
+            state_hash TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT,
+            outcome TEXT,
+            answer_hash TEXT,
+            code_verifier TEXT,
+            allow_realm_change INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        "INSERT INTO oauth_states_v3 (state_hash, account_id, created_at, expires_at, used_at, "
+        "outcome) SELECT qbo_sha256(state), account_id, created_at, expires_at, used_at, outcome "
+        "FROM oauth_states",
+        "DROP TABLE oauth_states",
+        "ALTER TABLE oauth_states_v3 RENAME TO oauth_states",
+        "CREATE INDEX oauth_states_account ON oauth_states (account_id, created_at)",
+        "ALTER TABLE accounts ADD COLUMN realm_verified INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE accounts ADD COLUMN realm_digest TEXT",
+        "CREATE INDEX accounts_realm_digest ON accounts (realm_digest)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+_HASHED_STATES = 4  # the migration after which no OAuth state is kept in clear
 
 
 async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
@@ -109,6 +141,12 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
             f"database {path} has schema version {version}, newer than this qbo-daemon "
             f"understands ({SCHEMA_VERSION}); upgrade qbo-daemon"
         )
+    # Migration 4 hashes the OAuth states it carries over, and drops the clear ones:
+    # zero their pages instead of only freeing them (then checkpoint, below).
+    await conn.create_function("qbo_sha256", 1, sha256_hex, deterministic=True)
+    scrub = version < _HASHED_STATES
+    if scrub:
+        await conn.execute("PRAGMA secure_delete = ON")
     for number in range(version + 1, SCHEMA_VERSION + 1):
         try:
             await conn.execute("BEGIN IMMEDIATE")
@@ -122,6 +160,16 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
             raise StorageError(
                 f"migrating database {path} to version {number} failed: {exc}"
             ) from exc
+    if scrub:
+        # Copy the zeroed pages into the main file and empty the WAL, so no clear
+        # state is left in either.
+        await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await conn.execute("PRAGMA secure_delete = OFF")
     # The database holds encrypted secrets and realm ids: keep it private.
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)
+
+
+def sha256_hex(text: str) -> str:
+    """How an OAuth state is kept (store.states), and how migration 4 hashes the old ones."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

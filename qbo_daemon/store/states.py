@@ -1,13 +1,39 @@
-"""Pending OAuth states: issued with an authorization URL, used once by the callback."""
+"""Pending OAuth states: issued with an authorization URL, used once by the callback.
+
+A state is kept only as its SHA-256 (``state_hash``): a reader of the database
+cannot finish someone's connect flow with it. The first callback of a state
+records a hash of its answer (the code, or the error) beside the outcome, so a
+double-fired callback can be shown its first outcome again while any other
+use of the state is refused. The PKCE verifier, when there is one, is
+encrypted bound to its row (table, column and ``state_hash``).
+
+Each account may have at most :data:`MAX_PENDING` states pending (unused and
+unexpired): a new one drops the oldest beyond that. An app that asks for URL
+after URL keeps working with the newest ones, and the table stays small.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from qbo_daemon.core.errors import OAuthStateError
 from qbo_daemon.core.models import iso, parse_iso
+from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.schema import sha256_hex
 from qbo_daemon.store.sqlite import Database
+
+MAX_PENDING = 10
+
+_TABLE = "oauth_states"
+_VERIFIER = "code_verifier"
+
+
+def answer_hash(code: str | None, error: str | None) -> str:
+    """What identifies one callback's answer for a state: its code, or its error."""
+    if error is not None:
+        return sha256_hex(f"error\0{error}")
+    return sha256_hex(f"code\0{code or ''}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,34 +42,80 @@ class StateRecord:
     outcome: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedState:
+    """A state the callback has just claimed: whom it was for, and what it carried."""
+
+    account_id: str
+    allow_realm_change: bool = False
+    code_verifier: str | None = field(default=None, repr=False)
+
+
 class OAuthStates:
     """The ``oauth_states`` table. Each write is its own transaction."""
 
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def create(self, state: str, account_id: str, *, now: datetime, ttl: timedelta) -> None:
+    async def create(
+        self,
+        state: str,
+        account_id: str,
+        *,
+        now: datetime,
+        ttl: timedelta,
+        cipher: Cipher,
+        code_verifier: str | None = None,
+        allow_realm_change: bool = False,
+    ) -> int:
+        """Store a new state; returns how many older pending states of the account it dropped."""
+        state_hash = sha256_hex(state)
+        verifier = None
+        if code_verifier is not None:
+            verifier = cipher.encrypt(
+                code_verifier, table=_TABLE, column=_VERIFIER, row_key=state_hash
+            )
         async with self._db.transaction() as conn:
             # Forget states long past their expiry so the table stays small.
             await conn.execute(
                 "DELETE FROM oauth_states WHERE expires_at < ?", (iso(now - timedelta(days=1)),)
             )
-            await conn.execute(
-                "INSERT INTO oauth_states (state, account_id, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?)",
-                (state, account_id, iso(now), iso(now + ttl)),
+            cursor = await conn.execute(
+                "DELETE FROM oauth_states WHERE rowid IN (SELECT rowid FROM oauth_states "
+                "WHERE account_id = ? AND used_at IS NULL AND expires_at > ? "
+                "ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                (account_id, iso(now), MAX_PENDING - 1),
             )
+            dropped = max(cursor.rowcount, 0)
+            await conn.execute(
+                "INSERT INTO oauth_states (state_hash, account_id, created_at, expires_at, "
+                "code_verifier, allow_realm_change) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    state_hash,
+                    account_id,
+                    iso(now),
+                    iso(now + ttl),
+                    verifier,
+                    int(allow_realm_change),
+                ),
+            )
+            return dropped
 
-    async def consume(self, state: str, *, now: datetime) -> str:
-        """Mark ``state`` used and return the account it was issued for.
+    async def consume(
+        self, state: str, answer: str, *, now: datetime, cipher: Cipher
+    ) -> ClaimedState:
+        """Mark ``state`` used by ``answer`` (an :func:`answer_hash`) and return its claim.
 
-        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired`` or
-        ``used``; a failed check changes nothing.
+        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired``,
+        ``replayed`` (used before, by this same answer) or ``used`` (used
+        before, by another answer); a failed check changes nothing.
         """
+        state_hash = sha256_hex(state)
         async with self._db.transaction() as conn:
             cursor = await conn.execute(
-                "SELECT account_id, expires_at, used_at FROM oauth_states WHERE state = ?",
-                (state,),
+                "SELECT account_id, expires_at, used_at, answer_hash, code_verifier, "
+                "allow_realm_change FROM oauth_states WHERE state_hash = ?",
+                (state_hash,),
             )
             row = await cursor.fetchone()
             if row is None:
@@ -51,26 +123,39 @@ class OAuthStates:
                     "unknown", "This sign-in link is not known. Start connecting again."
                 )
             if row["used_at"] is not None:
-                raise OAuthStateError("used", "This sign-in link has already been used.")
+                reason = "replayed" if row["answer_hash"] == answer else "used"
+                raise OAuthStateError(reason, "This sign-in link has already been used.")
             expires_at = parse_iso(row["expires_at"])
             if expires_at is None or expires_at <= now:
                 raise OAuthStateError(
                     "expired", "This sign-in link has expired. Start connecting again."
                 )
+            verifier = row["code_verifier"]
+            if verifier is not None:
+                verifier = cipher.decrypt(
+                    verifier, table=_TABLE, column=_VERIFIER, row_key=state_hash
+                )
             await conn.execute(
-                "UPDATE oauth_states SET used_at = ? WHERE state = ?", (iso(now), state)
+                "UPDATE oauth_states SET used_at = ?, answer_hash = ? WHERE state_hash = ?",
+                (iso(now), answer, state_hash),
             )
-            return str(row["account_id"])
+            return ClaimedState(
+                account_id=str(row["account_id"]),
+                allow_realm_change=bool(row["allow_realm_change"]),
+                code_verifier=verifier,
+            )
 
     async def finish(self, state: str, outcome: str) -> None:
         async with self._db.transaction() as conn:
             await conn.execute(
-                "UPDATE oauth_states SET outcome = ? WHERE state = ?", (outcome, state)
+                "UPDATE oauth_states SET outcome = ? WHERE state_hash = ?",
+                (outcome, sha256_hex(state)),
             )
 
     async def get(self, state: str) -> StateRecord | None:
         row = await self._db.fetchone(
-            "SELECT account_id, outcome FROM oauth_states WHERE state = ?", (state,)
+            "SELECT account_id, outcome FROM oauth_states WHERE state_hash = ?",
+            (sha256_hex(state),),
         )
         if row is None:
             return None

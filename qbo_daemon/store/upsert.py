@@ -15,14 +15,14 @@ import aiosqlite
 
 from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso, parse_iso, reconnect_at
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.rows import encrypt_secrets
+from qbo_daemon.store.rows import encrypt_secrets, realm_digest
 
 # The bulk insert of new accounts; its parameters are :func:`new_account_rows`.
 NEW_ACCOUNT_INSERT = (
     "INSERT INTO accounts (status, realm_id, access_token, refresh_token, key_id, "
     "token_expires_at, reconnect_token_at, refresh_token_expires_at, "
-    "last_refreshed_at, updated_at, account_id, created_at, version) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+    "last_refreshed_at, updated_at, account_id, created_at, realm_digest, version) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
 )
 
 
@@ -85,6 +85,7 @@ def new_account_rows(
                 iso(now),
                 item.account_id,
                 iso(now),
+                realm_digest(cipher, item.realm_id),
             )
         )
     return rows
@@ -99,8 +100,13 @@ async def upsert_account(
     *,
     lead: timedelta,
     now: datetime,
+    realm_verified: bool = True,
 ) -> Account:
-    """Store these credentials as the account's, creating it if new; inside a transaction."""
+    """Store these credentials as the account's, creating it if new; inside a transaction.
+
+    ``realm_verified`` is False for a connection whose company Intuit could not
+    confirm yet (imports are an operator's word and count as confirmed).
+    """
     cursor = await conn.execute(
         "SELECT id, version, created_at FROM accounts WHERE account_id = ?", (account_id,)
     )
@@ -123,6 +129,7 @@ async def upsert_account(
         version=existing["version"] + 1 if existing else 1,
         created_at=parse_iso(existing["created_at"]) or now if existing else now,
         updated_at=now,
+        realm_verified=realm_verified,
     )
     enc = encrypt_secrets(cipher, account)
     values = (
@@ -137,22 +144,25 @@ async def upsert_account(
         iso(account.refresh_token_hard_expires_at),
         iso(now),
         iso(now),
+        enc["realm_digest"],
+        int(realm_verified),
     )
     if existing:
         await conn.execute(
             "UPDATE accounts SET status = ?, realm_id = ?, access_token = ?, "
             "refresh_token = ?, key_id = ?, token_expires_at = ?, reconnect_token_at = ?, "
             "refresh_token_expires_at = ?, refresh_token_hard_expires_at = ?, "
-            "last_refreshed_at = ?, updated_at = ?, failure_count = 0, last_error = NULL, "
-            "version = version + 1 WHERE account_id = ?",
+            "last_refreshed_at = ?, updated_at = ?, realm_digest = ?, realm_verified = ?, "
+            "failure_count = 0, last_error = NULL, version = version + 1 WHERE account_id = ?",
             (*values, account_id),
         )
         return account
     cursor = await conn.execute(
         "INSERT INTO accounts (status, realm_id, access_token, refresh_token, key_id, "
         "token_expires_at, reconnect_token_at, refresh_token_expires_at, "
-        "refresh_token_hard_expires_at, last_refreshed_at, updated_at, account_id, "
-        "created_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+        "refresh_token_hard_expires_at, last_refreshed_at, updated_at, realm_digest, "
+        "realm_verified, account_id, created_at, version) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
         (*values, account_id, iso(now)),
     )
     return replace(account, id=cursor.lastrowid or 0)

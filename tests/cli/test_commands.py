@@ -7,11 +7,13 @@ starts its own daemon, as it restarts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -324,6 +326,15 @@ def test_refresh_connect_and_disconnect(daemon: Daemon, simulator: Simulator) ->
     assert result.returncode == 0
     assert result.stdout.startswith(f"{simulator.url}/connect/oauth2?")
     assert "state=" in result.stdout
+    result = cli("connect", "mover", "--allow-realm-change", config=daemon.config)
+    assert result.returncode == 0, result.stderr
+    database = daemon.config.parent / "qbo-daemon.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        flags = db.execute(
+            "SELECT account_id, allow_realm_change FROM oauth_states "
+            "WHERE account_id IN ('newco', 'mover') ORDER BY account_id"
+        ).fetchall()
+    assert flags == [("mover", 1), ("newco", 0)]
 
     stored_before = [e for e in simulator.log() if e["endpoint"] == "revoke"]
     result = cli("disconnect", "ops", config=daemon.config)

@@ -25,6 +25,7 @@ from yarl import URL
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, iso, valid_account_id
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator, RequestLogEntry
+from qbo_daemon.store.schema import sha256_hex
 from tests.conftest import StartDaemon
 from tests.harness import RunningDaemon, run_daemon
 from tests.manual_clock import ManualClock
@@ -153,7 +154,15 @@ async def test_connect_stores_an_encrypted_row_with_times_from_intuits_answer(
 
     url = URL(await authorize_url(running, "acme"))
     assert str(url.with_query(None)) == simulator.authorization_endpoint
-    assert set(url.query) == {"client_id", "response_type", "scope", "redirect_uri", "state"}
+    assert set(url.query) == {
+        "client_id",
+        "response_type",
+        "scope",
+        "redirect_uri",
+        "state",
+        "code_challenge",  # the tests' configuration turns PKCE on
+        "code_challenge_method",
+    }
     assert url.query["client_id"] == simulator.settings.client_id
     assert url.query["response_type"] == "code"
     assert url.query["scope"] == "com.intuit.quickbooks.accounting"
@@ -161,7 +170,7 @@ async def test_connect_stores_an_encrypted_row_with_times_from_intuits_answer(
     state = url.query["state"]
     assert len(state) >= 32
     [pending] = db_rows(running, "SELECT * FROM oauth_states")
-    assert (pending["state"], pending["account_id"]) == (state, "acme")
+    assert (pending["state_hash"], pending["account_id"]) == (sha256_hex(state), "acme")
     assert pending["expires_at"] == iso(START + STATE_TTL)
     assert pending["used_at"] is None
 
@@ -362,7 +371,7 @@ async def test_a_state_used_by_a_failed_exchange_cannot_be_used_again(
 async def test_a_used_state_with_a_new_code_exchanges_nothing(
     daemon_factory: StartDaemon, simulator: IntuitSimulator
 ) -> None:
-    """A replayed state never trades a second code; the page tells the first outcome."""
+    """A replayed state never trades a second code; only its first code sees the outcome."""
     running = await daemon_factory()
     url = await authorize_url(running, "acme")
     first, second = await consent(url), await consent(url)
@@ -372,7 +381,9 @@ async def test_a_used_state_with_a_new_code_exchanges_nothing(
     assert_says(await browse(first), 200, "QuickBooks is connected")
     before = tuple(account_row(running, "acme"))
     page = await browse(second)
-    assert_says(page, 200, "QuickBooks is connected")
+    assert_says(page, 400, "already been used")
+    assert_not_shown(page, first.query["code"], second.query["code"])
+    assert_says(await browse(first), 200, "QuickBooks is connected")
 
     assert len(exchanges(simulator)) == 1
     assert tuple(account_row(running, "acme")) == before
@@ -613,6 +624,8 @@ async def test_reconnecting_after_needs_reconnect_replaces_the_tokens(
     status, body = await running.api("GET", "/v1/accounts/acme/token")
     assert (status, body["error"]) == (409, "needs_reconnect")
 
+    assert old.realm_id is not None
+    simulator.choose_realm(old.realm_id)  # the user reconnects the same company
     second_back = await callback_url(running, "acme")
     assert_says(await browse(second_back), 200, "QuickBooks is connected")
 

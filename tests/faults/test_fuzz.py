@@ -35,6 +35,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qbo_daemon.store.schema import sha256_hex
 from tests.faults.conftest import Report
 from tests.faults.procs import DaemonProcess, SimulatorProcess
 
@@ -140,9 +141,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzEnv]:
         expired = "expired-state-" + "x" * 30
         with contextlib.closing(sqlite3.connect(daemon.database, timeout=10)) as db, db:
             db.execute(
-                "INSERT INTO oauth_states (state, account_id, created_at, expires_at) "
+                "INSERT INTO oauth_states (state_hash, account_id, created_at, expires_at) "
                 "VALUES (?, 'acct-2', ?, ?)",
-                (expired, "2020-01-01T00:00:00.000000Z", "2020-01-01T00:10:00.000000Z"),
+                (sha256_hex(expired), "2020-01-01T00:00:00.000000Z", "2020-01-01T00:10:00.000000Z"),
             )
         yield FuzzEnv(sim, daemon, used, expired, pending)
         assert daemon.alive, "the daemon died during the fuzzing"
@@ -175,8 +176,8 @@ def fingerprint(env: FuzzEnv) -> tuple[Any, ...]:
             if row[0] not in env.dirty
         ]
         states = db.execute(
-            "SELECT state, account_id, expires_at, used_at, outcome FROM oauth_states "
-            "ORDER BY state"
+            "SELECT state_hash, account_id, expires_at, used_at, outcome, answer_hash "
+            "FROM oauth_states ORDER BY state_hash"
         ).fetchall()
     exchanges = env.sim.control("GET", "stats")["token"].get("ok", 0)
     return tuple(accounts), tuple(states), exchanges

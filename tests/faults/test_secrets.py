@@ -14,6 +14,8 @@ Basic header), the API key and the encryption key. Searched: the daemon's
 stdout and stderr, every API and callback answer (a ``GET .../token`` answer
 may carry its access token and nothing else), and the database bytes
 (main file, ``-wal`` and ``-shm``, copied while running and after the stop).
+OAuth states (kept as hashes) and PKCE verifiers (kept encrypted) are searched
+there too; a state may show only in the URL ``authorize-url`` returns.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.faults.conftest import Report
 from tests.faults.procs import DaemonProcess, Gate, SimulatorProcess, wait_until
 
 TOKEN = re.compile(rb"sim-(?:at|rt|ac)-[A-Za-z0-9_-]{16,}")
+VERIFIER = re.compile(rb"(?<=code_verifier=)[A-Za-z0-9_-]{43,128}")
 
 
 def test_no_secret_anywhere(tmp_path: Path, report: Report) -> None:
@@ -153,7 +156,12 @@ def test_no_secret_anywhere(tmp_path: Path, report: Report) -> None:
         assert len(find({"traffic": [traffic]}, _enc(tokens - seen))) == len(tokens - seen)
         hits = find(places, needles)
         hits += find({"authorize-url answers": url_answers}, needles)
-        state_hits = find({"daemon output": [output], "answers": answers}, _enc(states))
+        # OAuth states are kept only as hashes, and PKCE verifiers encrypted: neither
+        # may show anywhere but where they must travel (the URL, the token call).
+        verifiers = {m.decode() for m in VERIFIER.findall(traffic)}
+        assert len(verifiers) == 3, verifiers  # one per code exchanged
+        state_hits = find(places, _enc(states) | _enc(verifiers))
+        state_hits += find({"authorize-url answers": url_answers}, _enc(verifiers))
         assert not hits, hits
         assert not state_hits, state_hits
         kinds = {"at": 0, "rt": 0, "ac": 0}
@@ -167,6 +175,7 @@ def test_no_secret_anywhere(tmp_path: Path, report: Report) -> None:
                 "codes": kinds["ac"],
                 "keys_and_client_secret": len(keys),
                 "states": len(states),
+                "pkce_verifiers": len(verifiers),
                 "log_lines": len(daemon.lines),
                 "answers": len(answers),
                 "database_bytes": sum(len(b) for b in running_files + stopped_files),

@@ -153,6 +153,7 @@ def test_the_check_refuses_a_secret_or_an_undocumented_answer() -> None:
         "account_id": "acme",
         "status": "active",
         "realm_id": "1",
+        "realm_verified": True,
         "token_expires_at": None,
         "reconnect_token_at": None,
         "refresh_token_expires_at": None,

@@ -7,8 +7,7 @@ import base64
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -25,8 +24,8 @@ from qbo_daemon.simulator.app import (
     serve_simulator,
 )
 from tests.manual_clock import ManualClock
+from tests.simulator.conftest import START
 
-START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 REDIRECT = "http://localhost:3000/accounts/oauth2_callback"
 SCOPE = "com.intuit.quickbooks.accounting"
 FRESH_REFRESH_LIFE = 8_726_400
@@ -52,25 +51,6 @@ class Answer:
 
     def json(self) -> Any:
         return json.loads(self.text)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
-
-
-@pytest.fixture
-async def sim(clock: ManualClock) -> AsyncIterator[IntuitSimulator]:
-    simulator = IntuitSimulator(SimulatorSettings(), clock)
-    await simulator.start()
-    yield simulator
-    await simulator.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        yield session
 
 
 async def call(
@@ -649,7 +629,12 @@ def test_inject_rejects_what_it_cannot_do() -> None:
         sim.inject("500", count=0)
     with pytest.raises(ValueError, match="retry_after"):
         sim.inject("503", retry_after=-1)
-    assert sim.stats()["pending_faults"] == {"authorize": [], "token": [], "revoke": []}
+    assert sim.stats()["pending_faults"] == {
+        "authorize": [],
+        "token": [],
+        "revoke": [],
+        "companyinfo": [],
+    }
 
 
 async def test_a_raw_fault_answers_exactly_what_it_was_given_and_changes_nothing(

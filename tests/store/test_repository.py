@@ -35,8 +35,16 @@ from qbo_daemon.core.errors import (
 )
 from qbo_daemon.core.models import Account, AccountStatus, TokenSet
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
-from qbo_daemon.store.repository import Attempt, DatabaseLock, ImportItem, StateRecord, Storage
-from qbo_daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
+from qbo_daemon.store.repository import (
+    Attempt,
+    ClaimedState,
+    DatabaseLock,
+    ImportItem,
+    StateRecord,
+    Storage,
+)
+from qbo_daemon.store.schema import MIGRATIONS, SCHEMA_VERSION, sha256_hex
+from qbo_daemon.store.states import answer_hash
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -240,7 +248,8 @@ async def test_version_1_database_is_upgraded_and_keeps_its_rows(
             "2029-04-09T12:00:00.000000Z",
         )
         # A state issued by the old version still completes its connect flow.
-        assert await storage.consume_state("old-state", now=NOW) == "legacy-2"
+        claim = await storage.consume_state("old-state", answer_hash("c", None), now=NOW)
+        assert claim.account_id == "legacy-2"
         await storage.finish_state("old-state", "connected")
         assert await storage.get_state("old-state") == StateRecord("legacy-2", "connected")
     finally:
@@ -250,6 +259,7 @@ async def test_version_1_database_is_upgraded_and_keeps_its_rows(
 async def test_newer_schema_is_refused_clearly(db_path: Path, cipher: Cipher) -> None:
     db_path.parent.mkdir(parents=True)
     with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.create_function("qbo_sha256", 1, sha256_hex)  # migration 4 hashes states
         for migration in MIGRATIONS:
             for statement in migration:
                 conn.execute(statement)
@@ -706,28 +716,35 @@ async def test_import_without_a_valid_access_token_is_due_at_once(
 
 async def test_oauth_state_is_single_use(storage: Storage, db_path: Path) -> None:
     ttl = timedelta(minutes=10)
+    first, other = answer_hash("code-1", None), answer_hash("code-2", None)
     await storage.create_state("state-1", "acct-1", now=NOW, ttl=ttl)
     assert await storage.get_state("state-1") == StateRecord("acct-1", None)
-    assert await storage.consume_state("state-1", now=NOW + timedelta(minutes=1)) == "acct-1"
+    claim = await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=1))
+    assert claim == ClaimedState("acct-1", allow_realm_change=False, code_verifier=None)
     with pytest.raises(OAuthStateError, match="already been used") as used:
-        await storage.consume_state("state-1", now=NOW + timedelta(minutes=2))
+        await storage.consume_state("state-1", other, now=NOW + timedelta(minutes=2))
     assert used.value.reason == "used"
+    with pytest.raises(OAuthStateError, match="already been used") as replayed:
+        await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=2))
+    assert replayed.value.reason == "replayed"
     await storage.finish_state("state-1", "connected")
     assert await storage.get_state("state-1") == StateRecord("acct-1", "connected")
 
     with pytest.raises(OAuthStateError) as unknown:
-        await storage.consume_state("never-issued", now=NOW)
+        await storage.consume_state("never-issued", first, now=NOW)
     assert unknown.value.reason == "unknown"
     assert await storage.get_state("never-issued") is None
 
     await storage.create_state("state-2", "acct-2", now=NOW, ttl=ttl)
     with pytest.raises(OAuthStateError, match="expired") as expired:
-        await storage.consume_state("state-2", now=NOW + ttl)
+        await storage.consume_state("state-2", first, now=NOW + ttl)
     assert expired.value.reason == "expired"
     # A refused state is not marked used: it stays expired, not "used".
-    assert query(db_path, "SELECT used_at FROM oauth_states WHERE state = 'state-2'") == [(None,)]
+    assert query(
+        db_path, "SELECT used_at FROM oauth_states WHERE state_hash = ?", (sha256_hex("state-2"),)
+    ) == [(None,)]
     with pytest.raises(OAuthStateError) as again:
-        await storage.consume_state("state-2", now=NOW + ttl)
+        await storage.consume_state("state-2", first, now=NOW + ttl)
     assert again.value.reason == "expired"
 
     with pytest.raises(StorageError):  # a state value is never issued twice
@@ -739,7 +756,7 @@ async def test_old_oauth_states_are_purged(storage: Storage, db_path: Path) -> N
     ttl = timedelta(minutes=10)
     await storage.create_state("old", "acct-1", now=NOW, ttl=ttl)
     await storage.create_state("new", "acct-2", now=NOW + timedelta(days=2), ttl=ttl)
-    assert query(db_path, "SELECT state FROM oauth_states") == [("new",)]
+    assert query(db_path, "SELECT state_hash FROM oauth_states") == [(sha256_hex("new"),)]
 
 
 # -- refresh attempts ---------------------------------------------------------

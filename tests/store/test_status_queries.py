@@ -15,7 +15,7 @@ import pytest
 from qbo_daemon.core.models import AccountStatus, iso
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.repository import Attempt, ImportItem, Storage
-from qbo_daemon.store.schema import MIGRATIONS
+from qbo_daemon.store.schema import MIGRATIONS, sha256_hex
 from qbo_daemon.store.status_queries import (
     AccountRow,
     Cursor,
@@ -344,6 +344,7 @@ def test_every_page_query_walks_an_index_in_order(
 ) -> None:
     """No page sorts the table: each walks its sort's index, first page or later, either way."""
     with closing(sqlite3.connect(db_path)) as conn:
+        conn.create_function("qbo_sha256", 1, sha256_hex)  # migration 4 hashes states
         for migration in MIGRATIONS:
             for statement in migration:
                 conn.execute(statement)

@@ -1,0 +1,73 @@
+"""Which company an account may be connected to: checked in the transaction that stores it.
+
+Two rules guard a new connection from the callback:
+
+- one company, one account id: a realm another account id holds (any status
+  but ``disconnected``) is refused, unless sharing is allowed;
+- an account keeps its company: reconnecting it to another realm is refused
+  unless the authorization asked for a change.
+
+Accounts are found by their realm through a keyed digest
+(:func:`qbo_daemon.store.rows.realm_digest`), since the realm itself is
+encrypted with a random nonce. The check runs inside the caller's transaction,
+so two callbacks cannot both pass it for one company.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiosqlite
+
+from qbo_daemon.core.errors import RealmConflictError
+from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.rows import REALM_DIGEST_PURPOSE
+
+
+@dataclass(frozen=True, slots=True)
+class RealmPolicy:
+    allow_shared: bool = False  # [callback] allow_shared_realm
+    allow_change: bool = False  # {"allow_realm_change": true} on the authorize-url request
+
+
+async def check_realm(
+    conn: aiosqlite.Connection,
+    cipher: Cipher,
+    account_id: str,
+    realm_id: str,
+    policy: RealmPolicy,
+) -> str | None:
+    """Raise :class:`RealmConflictError` if the rules refuse; else the account's previous
+    realm when this connection changes it (None when new or the same)."""
+    if not policy.allow_shared:
+        digests = cipher.digests(realm_id, purpose=REALM_DIGEST_PURPOSE)
+        cursor = await conn.execute(
+            "SELECT account_id FROM accounts WHERE realm_digest IN "
+            f"({', '.join('?' * len(digests))}) AND account_id != ? "
+            "AND status != 'disconnected' LIMIT 1",
+            (*digests, account_id),
+        )
+        holder = await cursor.fetchone()
+        if holder is not None:
+            raise RealmConflictError(
+                "shared",
+                f"the company is already connected under account id {holder['account_id']!r} "
+                "([callback] allow_shared_realm is false)",
+                holder=str(holder["account_id"]),
+            )
+    cursor = await conn.execute("SELECT realm_id FROM accounts WHERE account_id = ?", (account_id,))
+    row = await cursor.fetchone()
+    if row is None or row["realm_id"] is None:
+        return None
+    previous = cipher.decrypt(
+        row["realm_id"], table="accounts", column="realm_id", row_key=account_id
+    )
+    if previous == realm_id:
+        return None
+    if not policy.allow_change:
+        raise RealmConflictError(
+            "changed",
+            "the account is connected to another company, and its authorize-url request "
+            'did not ask for a change ({"allow_realm_change": true})',
+        )
+    return previous
