@@ -191,7 +191,7 @@ async def _pages(
             ("accounts, expired only, by failures", "/ui/accounts?status=expired&sort=failures"),
             ("accounts, search by account id prefix", "/ui/accounts?q=acct-0999"),
             (
-                "accounts, search by realm id (then cached a minute)",
+                "accounts, search by realm id",
                 f"/ui/accounts?q={samples['realm']}",
             ),
             ("one account (times, attempts, chart)", f"/ui/accounts/{samples['expired']}"),

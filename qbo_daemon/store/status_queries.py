@@ -11,9 +11,7 @@ API (:func:`qbo_daemon.core.models.shown_status`).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +21,7 @@ from typing import Any
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError
 from qbo_daemon.core.models import AccountStatus, iso, parse_iso, shown_status
 from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.rows import REALM_DIGEST_PURPOSE
 from qbo_daemon.store.schema import LAST_FAILURE_KEY, NEXT_REFRESH_KEY
 from qbo_daemon.store.sqlite import Database
 
@@ -32,11 +31,6 @@ _COLUMNS = (
     "refresh_token_expires_at, refresh_token_hard_expires_at, failure_count, last_error, "
     "last_refreshed_at, last_failure_at, created_at, updated_at"
 )
-# Rows decrypted per chunk of a realm search; the loop gets a turn between chunks.
-_REALM_CHUNK = 5000
-# A realm search decrypts every realm: its answer is kept this long (the page polls).
-REALM_CACHE_SECONDS = 60.0
-_REALM_CACHE_SIZE = 32
 # The minutes of a window as rows (lo, hi): the first starts at the window's start, the
 # others on the minute; the last ends at the window's end. Times in the stored ISO form.
 _MINUTES = (
@@ -134,7 +128,6 @@ class StatusQueries:
         self._db = database
         # The cipher is read at each use: a reload may swap the storage's keys.
         self._cipher = cipher
-        self._realm_cache: dict[str, tuple[float, list[int]]] = {}
 
     async def status_counts(self, now: datetime) -> dict[AccountStatus, int]:
         """Accounts per status as reported; every status is present."""
@@ -262,46 +255,17 @@ class StatusQueries:
     async def _search(self, text: str) -> tuple[str, list[Any]]:
         """Accounts whose id starts with ``text``, or whose realm id is ``text`` (digits).
 
-        Realm ids are encrypted with a fresh nonce each, so no index can find one: a
-        realm search decrypts every realm, a chunk at a time, and its answer is kept
-        for :data:`REALM_CACHE_SECONDS`. Intuit's realm ids are digits; other text is
-        looked up as an account id only.
+        Realm ids are encrypted with a fresh nonce each; a realm is found through
+        its keyed digest (``realm_digest``, indexed), under every configured key.
+        Intuit's realm ids are digits; other text is looked up as an account id only.
         """
-        ids = await self._realm_ids(text) if text.isdigit() else []
         prefix = "account_id >= ? AND account_id < ?"
         params: list[Any] = [text, text + "\U0010ffff"]
-        if not ids:
+        if not text.isdigit():
             return f"({prefix})", params
-        return f"({prefix} OR id IN ({', '.join('?' * len(ids))}))", [*params, *ids]
-
-    async def _realm_ids(self, realm: str) -> list[int]:
-        now = time.monotonic()
-        cached = self._realm_cache.get(realm)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        ids = await self._realm_matches(realm)
-        self._realm_cache[realm] = (now + REALM_CACHE_SECONDS, ids)
-        while len(self._realm_cache) > _REALM_CACHE_SIZE:
-            self._realm_cache.pop(next(iter(self._realm_cache)))
-        return ids
-
-    async def _realm_matches(self, realm: str) -> list[int]:
-        found: list[int] = []
-        last_id = 0
-        while True:
-            rows = await self._db.fetchall(
-                "SELECT id, account_id, realm_id FROM accounts "
-                "WHERE id > ? AND realm_id IS NOT NULL ORDER BY id LIMIT ?",
-                (last_id, _REALM_CHUNK),
-            )
-            cipher = self._cipher()
-            for row in rows:
-                if _realm(cipher, row) == realm:
-                    found.append(row["id"])
-            if len(rows) < _REALM_CHUNK:
-                return found
-            last_id = rows[-1]["id"]
-            await asyncio.sleep(0)  # decrypting is CPU work: let timers run between chunks
+        digests = self._cipher().digests(text, purpose=REALM_DIGEST_PURPOSE)
+        realm = f"realm_digest IN ({', '.join('?' * len(digests))})"
+        return f"({prefix} OR {realm})", [*params, *digests]
 
     def _row(self, row: sqlite3.Row, now: datetime) -> AccountRow:
         token_expires_at = parse_iso(row["token_expires_at"])
