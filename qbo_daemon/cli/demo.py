@@ -27,7 +27,7 @@ from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
 from qbo_daemon.store.crypto import generate_key
 
-log = structlog.get_logger("qbo_daemon.cli.main.demo")
+log = structlog.get_logger("qbo_daemon.cli.demo")
 # Shown to the reader as a way to look at the rows; the demo never runs it.
 _PEEK_QUERY = "SELECT account_id, status, reconnect_token_at FROM accounts"
 
