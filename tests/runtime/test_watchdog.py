@@ -56,7 +56,7 @@ class NotifySocket:
             at for at, message in list(self.messages) if message == "WATCHDOG=1" and at >= since
         ]
 
-    def env(self) -> dict[str, str]:
+    def env(self, watchdog_usec: int = WATCHDOG_USEC) -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -64,7 +64,7 @@ class NotifySocket:
         }
         env.update(
             NOTIFY_SOCKET="@" + self.name,
-            WATCHDOG_USEC=str(WATCHDOG_USEC),
+            WATCHDOG_USEC=str(watchdog_usec),
             PYTHONPATH=str(REPO),
         )
         return env
@@ -123,10 +123,11 @@ def test_a_wedged_dispatcher_stops_the_pings_while_the_loop_runs_on(
 def test_waiting_for_a_slot_while_intuit_hangs_is_not_a_wedge(
     notify: NotifySocket, simulator: SimulatorProcess, tmp_path: Path
 ) -> None:
+    # A 2 s watchdog (a ping every second): room for a loaded machine's event-loop lag.
     daemon = DaemonProcess(
         tmp_path / "daemon",
         simulator,
-        env=notify.env(),
+        env=notify.env(2 * WATCHDOG_USEC),
         intuit_timeout="8s",
         refresh_extra="concurrency = 1",
     )
@@ -151,6 +152,6 @@ def test_waiting_for_a_slot_while_intuit_hangs_is_not_a_wedge(
         simulator.resume()
         daemon.close()
     gaps = [b - a for a, b in zip([since, *pings], pings, strict=False)]
-    assert len(pings) >= 6, pings
-    assert max(gaps) < 2 * INTERVAL, gaps
+    assert len(pings) >= 3, pings
+    assert max(gaps) < 2 * 2 * INTERVAL, gaps
     assert not [e for e in daemon.events() if e.get("event") == "watchdog.dispatcher_stalled"]
