@@ -154,7 +154,7 @@ async def test_the_client_snippets_call_quickbooks_and_ask_for_a_connection(
 async def test_the_ruby_token_snippet(running: RunningDaemon, tmp_path: Path) -> None:
     ruby = need("ruby")
     grant = await import_account(running, "doc-1")
-    await import_account(running, "doc-2")
+    second = await import_account(running, "doc-2")
     assert (await running.api("GET", "/v1/accounts/doc-2/token"))[0] == 200  # refreshed
     running.simulator.inject("invalid_grant", 1)
     assert (await running.api("POST", "/v1/accounts/doc-2/refresh"))[0] == 409
@@ -177,6 +177,7 @@ async def test_the_ruby_token_snippet(running: RunningDaemon, tmp_path: Path) ->
     assert running.simulator.is_access_token_valid(json.loads(token)["access_token"])
     for url in (never_connected, must_reconnect):
         assert url.startswith(running.simulator.authorization_endpoint + "?")
+    running.simulator.choose_realm(second["realm_id"])  # the same company again
     assert await browse(must_reconnect) == 200  # the URL really reconnects doc-2
     assert (await running.api("GET", "/v1/accounts/doc-2/token"))[0] == 200
 
@@ -254,6 +255,12 @@ async def signed_deliveries(daemon_factory: StartDaemon, hooks: Receiver) -> lis
     assert (await running.api("POST", "/v1/accounts/acme/refresh"))[0] == 503
     await wait_for(lambda: "account.recovered" in hooks.events())  # the timer's retry worked
     assert await running.connect("beta") == 200
+    # beta moves to another company, as its authorize-url request allows: realm_changed.
+    status, body = await running.api(
+        "POST", "/v1/accounts/beta/authorize-url", json={"allow_realm_change": True}
+    )
+    assert status == 200, body
+    assert await browse(body["url"]) == 200
     simulator.inject("invalid_grant", 1)
     assert (await running.api("POST", "/v1/accounts/beta/refresh"))[0] == 409  # needs_reconnect
     assert (await running.api("DELETE", "/v1/accounts/acme"))[0] == 200  # disconnected

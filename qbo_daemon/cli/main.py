@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from qbo_daemon.core.errors import ConfigError, QboDaemonError
 from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.runtime.loop import loop_factory
+from qbo_daemon.runtime.supervisor import TaskDiedError
 from qbo_daemon.store.crypto import generate_key
 
 log = structlog.get_logger("qbo_daemon.cli.main")
@@ -127,30 +129,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
-    """Run a daemon until SIGTERM or SIGINT; SIGHUP re-reads the configuration."""
+    """Run a daemon until SIGTERM or SIGINT; SIGHUP re-reads the configuration.
+
+    A second SIGTERM or SIGINT while the daemon stops exits at once, abandoning
+    the drain (status 128 + the signal's number). Exit status: 0 after a
+    requested stop; 2 for a configuration error (a listen address in use
+    among them), which restarting cannot fix; 1 for anything else, a
+    supervised task that died included, so that systemd restarts the daemon.
+    """
     daemon = Daemon(config, environ=os.environ)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("daemon.signal", signal=sig.name)
+            stop.set()
+            return
+        services = daemon.services
+        log.warning(
+            "daemon.forced_exit",
+            signal=sig.name,
+            refreshes_abandoned=services.scheduler.in_flight if services else None,
+            detail="a second signal: the shutdown is cut short; a refresh in flight may "
+            "lose a refresh token Intuit has already rotated",
+        )
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(128 + sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def do_reload() -> None:
-        assert reload is not None
-        try:
-            await daemon.reload(reload())
-        except QboDaemonError as exc:
-            log.error("daemon.reload_failed", error=str(exc), detail="the old settings stay")
-
-    def on_hup() -> None:
-        task = asyncio.create_task(do_reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
+        loop.add_signal_handler(sig, on_stop, sig)
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload, reload)
     try:
         await daemon.run(stop)
+    except TaskDiedError as exc:
+        return fail(str(exc))  # the task's end is already logged, at critical level
+    except ConfigError as exc:
+        log.error("daemon.failed", error=str(exc))
+        return fail(str(exc), EXIT_USAGE)
     except QboDaemonError as exc:
         log.error("daemon.failed", error=str(exc))
         return fail(str(exc))

@@ -98,8 +98,14 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "timeout",
         "pkce",
     ),
-    "callback": ("listen", "success_redirect", "allow_shared_realm"),
-    "api": ("listen", "keys", "key_file"),
+    "callback": (
+        "listen",
+        "success_redirect",
+        "allow_shared_realm",
+        "max_connections",
+        "read_timeout",
+    ),
+    "api": ("listen", "keys", "key_file", "max_connections", "read_timeout"),
     "storage": ("path", "encryption_keys", "key_file", "attempts_keep"),
     "refresh": (
         "lead",
@@ -141,6 +147,11 @@ class IntuitConfig:
     pkce: bool = False
 
 
+# Each listener's connection cap and read deadline (see http/listener.py).
+CALLBACK_MAX_CONNECTIONS, CALLBACK_READ_TIMEOUT = 128, timedelta(seconds=10)
+API_MAX_CONNECTIONS, API_READ_TIMEOUT = 1024, timedelta(seconds=30)
+
+
 @dataclass(frozen=True, slots=True)
 class CallbackConfig:
     """The public server that completes the OAuth connect flow."""
@@ -151,6 +162,8 @@ class CallbackConfig:
     path: str  # the path part of intuit.redirect_uri
     # Whether one QuickBooks company may be connected under several account ids.
     allow_shared_realm: bool = False
+    max_connections: int = CALLBACK_MAX_CONNECTIONS  # open at once
+    read_timeout: timedelta = CALLBACK_READ_TIMEOUT  # for a request head, and for its body
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +173,8 @@ class ApiConfig:
     host: str
     port: int
     keys: tuple[Secret, ...]
+    max_connections: int = API_MAX_CONNECTIONS  # open at once
+    read_timeout: timedelta = API_READ_TIMEOUT  # for a request head, and for its body
 
     @property
     def url(self) -> str:
@@ -346,6 +361,10 @@ def _callback(section: _Section, redirect_uri: str) -> CallbackConfig:
         success_redirect=section.optional_url("success_redirect"),
         path=urlsplit(redirect_uri).path or "/",
         allow_shared_realm=section.boolean("allow_shared_realm", False),
+        max_connections=section.integer("max_connections", CALLBACK_MAX_CONNECTIONS, 1, 100_000),
+        read_timeout=section.duration(
+            "read_timeout", format_duration(CALLBACK_READ_TIMEOUT), positive=True
+        ),
     )
 
 
@@ -355,7 +374,13 @@ def _api(section: _Section, callback: CallbackConfig, sources: _Sources) -> ApiC
     if port == callback.port and (len(hosts) == 1 or hosts & set(_WILDCARDS)):
         raise section.fail("listen", "overlaps [callback] listen; give them different ports")
     return ApiConfig(
-        host=host, port=port, keys=_keys(section, "keys", sources, "api_key", _api_key)
+        host=host,
+        port=port,
+        keys=_keys(section, "keys", sources, "api_key", _api_key),
+        max_connections=section.integer("max_connections", API_MAX_CONNECTIONS, 1, 100_000),
+        read_timeout=section.duration(
+            "read_timeout", format_duration(API_READ_TIMEOUT), positive=True
+        ),
     )
 
 

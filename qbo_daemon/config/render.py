@@ -75,8 +75,15 @@ def render_config(config: Config) -> str:
             "listen": _listen_text(c.host, c.port),
             "success_redirect": c.success_redirect,
             "allow_shared_realm": c.allow_shared_realm,
+            "max_connections": c.max_connections,
+            "read_timeout": c.read_timeout,
         },
-        "api": {"listen": _listen_text(a.host, a.port), "keys": a.keys},
+        "api": {
+            "listen": _listen_text(a.host, a.port),
+            "keys": a.keys,
+            "max_connections": a.max_connections,
+            "read_timeout": a.read_timeout,
+        },
         "storage": {
             "path": s.path,
             "encryption_keys": s.encryption_keys,

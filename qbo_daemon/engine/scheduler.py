@@ -26,6 +26,7 @@ import contextlib
 import heapq
 import itertools
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -99,8 +100,17 @@ class Scheduler:
         # invalid_client: refreshes pause until this wall time, then one probe goes out.
         self._paused_until: float | None = None
         self._probing = False
+        # time.monotonic() of the dispatcher's latest turn. It turns at least every
+        # max_wait seconds whatever it waits for, so an old value means it is wedged:
+        # the systemd watchdog is fed only while it is recent (runtime/daemon.py).
+        self.last_turn = time.monotonic()
 
     # -- state for the API, health and metrics --------------------------------
+
+    @property
+    def dispatcher(self) -> asyncio.Task[None] | None:
+        """The dispatcher task once started (the daemon's supervisor watches it)."""
+        return self._dispatcher
 
     @property
     def running(self) -> bool:
@@ -149,9 +159,9 @@ class Scheduler:
         self._stopping = True
         if self._dispatcher is not None:
             # It may be waiting for a dispatch slot, i.e. for the refreshes drained below.
+            # asyncio.wait: one that died (the supervisor reported it) must not skip the drain.
             self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+            await asyncio.wait({self._dispatcher})
         tasks = list(self._inflight.values())
         if tasks:
             log.info("scheduler.draining", in_flight=len(tasks), grace=grace)
@@ -462,12 +472,18 @@ class Scheduler:
 
     async def _dispatch(self) -> None:
         while not self._stopping:
+            self.last_turn = time.monotonic()
             self._wakeup.clear()
             self._drop_stale()
             now = self._clock.now().timestamp()
             if self._heap and self._heap[0][0] <= now and self._dispatchable(now):
                 slot = self._dispatch_slots
-                await slot.acquire()
+                try:
+                    # Capped, so the loop keeps turning while every slot is busy.
+                    async with asyncio.timeout(self._max_wait):
+                        await slot.acquire()
+                except TimeoutError:
+                    continue
                 self._drop_stale()
                 now = self._clock.now().timestamp()
                 # Waiting for the slot, the head may have changed or a pause begun.

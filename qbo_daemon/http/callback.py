@@ -1,18 +1,26 @@
 """The public callback server: the only part of the daemon a browser reaches.
 
-It serves the path of ``[intuit] redirect_uri`` and nothing else. Pages carry
-``Referrer-Policy: no-referrer`` and ``Cache-Control: no-store``: the URL that
-brought the browser here holds the authorization code.
+It serves the path of ``[intuit] redirect_uri`` and nothing else. Every page,
+errors included (404, 405, 413, 500, and the 400 aiohttp answers to an
+unparseable request, see ``http/listener.py``), is ours and carries the same
+headers: a CSP of ``default-src 'none'``, ``X-Frame-Options: DENY``,
+``nosniff``, ``Referrer-Policy: no-referrer`` and ``Cache-Control: no-store``
+(the URL that brought the browser here holds the authorization code).
 """
 
 from __future__ import annotations
 
 import html
+from http import HTTPStatus
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from qbo_daemon.engine.connect import ConnectFlow, ConnectResult
+
+log = structlog.get_logger("qbo_daemon.http.callback")
 
 FLOW = web.AppKey("connect_flow", ConnectFlow)
 SUCCESS_REDIRECT = web.AppKey("success_redirect", str)
@@ -38,7 +46,7 @@ h1{{font-size:1.4em}}</style></head>
 def make_callback_app(
     flow: ConnectFlow, path: str, success_redirect: str | None
 ) -> web.Application:
-    app = web.Application(client_max_size=16 * 1024)
+    app = web.Application(client_max_size=16 * 1024, middlewares=[_error_pages])
     app[FLOW] = flow
     app[SUCCESS_REDIRECT] = success_redirect or ""
     app.router.add_get(path, _callback)
@@ -58,13 +66,49 @@ async def _callback(request: web.Request) -> web.StreamResponse:
 
 
 def render_page(result: ConnectResult) -> web.Response:
-    body = _PAGE.format(title=html.escape(result.title), message=html.escape(result.message))
+    return _page(result.http_status, result.title, result.message)
+
+
+# What an error page says; a status not listed gets its standard phrase.
+_ERRORS = {
+    400: "The request could not be read.",
+    404: "There is nothing here. To connect QuickBooks, start again from the application.",
+    405: "This address only answers the browser's return from Intuit.",
+    408: "The request took too long to arrive.",
+    413: "The request is too large.",
+    500: "Something went wrong on our side. Please try again from the application.",
+}
+
+
+def error_page(status: int) -> web.Response:
+    """Our page for an error status, with the callback's security headers."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return _page(status, title, _ERRORS.get(status, "The request was not accepted."))
+
+
+@web.middleware
+async def _error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        page = error_page(exc.status)
+        if "Allow" in exc.headers:
+            page.headers["Allow"] = exc.headers["Allow"]
+        return page
+    except Exception as exc:  # a boundary: our page, and the cause in the log
+        log.exception("callback.error", error=repr(exc))
+        return error_page(500)
+
+
+def _page(status: int, title: str, message: str) -> web.Response:
+    body = _PAGE.format(title=html.escape(title), message=html.escape(message))
     return web.Response(
-        status=result.http_status,
-        text=body,
-        content_type="text/html",
-        charset="utf-8",
-        headers=_HEADERS,
+        status=status, text=body, content_type="text/html", charset="utf-8", headers=_HEADERS
     )
 
 

@@ -3,25 +3,37 @@
 Start-up: take the database lock, open and check the database (a wrong key
 fails here, naming the key id), start the HTTP client, the listeners and the
 scheduler (which loads every account, overdue ones due at once), then tell
-systemd READY=1. Shutdown, in reverse: stop dispatching refreshes and let the
-in-flight ones finish and persist (``shutdown_grace``), close the listeners,
-flush webhooks, close the HTTP client and the database, release the lock.
+systemd READY=1. From then on a :class:`Supervisor` watches the long-lived
+tasks (the refresh dispatcher, the database writer, the listeners, the webhook
+workers, the watchdog, the status reporter, the reloader): one that ends
+unasked stops the daemon, which then exits non-zero (:class:`TaskDiedError`).
+Shutdown, in reverse: finish a reload under way, stop dispatching refreshes
+and let the in-flight ones finish and persist (``shutdown_grace``), close the
+listeners, flush webhooks, close the HTTP client and the database, release
+the lock.
+
+The systemd watchdog is fed by the dispatcher's heartbeat, not by a timer of
+its own: the dispatcher turns at least every ``max_wait`` seconds whatever it
+waits for, and the pings stop once its last turn is older than that allows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+import errno
+import time
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from datetime import timedelta
 
 import aiohttp
 import structlog
-from aiohttp import web
 
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.clock import Clock, SystemClock
+from qbo_daemon.core.errors import ConfigError, QboDaemonError
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
@@ -32,11 +44,18 @@ from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.engine.services import Services
 from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.http.api import make_api_app
-from qbo_daemon.http.callback import make_callback_app
+from qbo_daemon.http.callback import error_page, make_callback_app
+from qbo_daemon.http.listener import (
+    Listener,
+    ListenerLimits,
+    plain_error_page,
+    raise_open_file_limit,
+)
 from qbo_daemon.http.ui.app import mount_ui
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.intuit.company import CompanyInfoClient
 from qbo_daemon.runtime.logs import AccessLogger, configure_logging
+from qbo_daemon.runtime.supervisor import Supervisor, TaskDiedError
 from qbo_daemon.runtime.systemd import SystemdNotifier
 from qbo_daemon.runtime.webhooks import WebhookNotifier
 from qbo_daemon.store.keys import load_cipher
@@ -48,6 +67,13 @@ log = structlog.get_logger("qbo_daemon.runtime.daemon")
 # can take twice as long); the systemd unit's TimeoutStopSec counts on it.
 HTTP_SHUTDOWN_TIMEOUT = 10.0
 STATUS_INTERVAL = 15.0
+# The longest the dispatcher waits between turns without a watchdog to feed.
+DISPATCHER_MAX_WAIT = 30.0
+# How long a shutdown waits for a reload under way.
+RELOAD_SHUTDOWN_WAIT = 10.0
+# File descriptors kept for the database, the log, sd_notify and the like,
+# beside the listeners' caps and the HTTP client's pool.
+FD_RESERVE = 64
 
 
 class EventRelay:
@@ -61,7 +87,11 @@ class EventRelay:
 
 
 class Daemon:
-    """One running qbo-daemon. ``run`` returns when ``stop`` is set."""
+    """One running qbo-daemon. ``run`` returns when ``stop`` is set.
+
+    It raises :class:`TaskDiedError` after an orderly shutdown when a supervised
+    task ended unasked, and :class:`ConfigError` when a listen address is taken.
+    """
 
     def __init__(
         self,
@@ -77,70 +107,108 @@ class Daemon:
         self.services: Services | None = None
         self._relay: EventRelay | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._supervisor: Supervisor | None = None
+        self._stopping = False
+        # SIGHUP reloads: one at a time (the lock), signals meanwhile coalesced into one more.
+        self._reload_lock = asyncio.Lock()
+        self._reload_wanted = asyncio.Event()
+        self._reload_source: Callable[[], Config] | None = None
+        interval = self._systemd.watchdog_interval()
+        self._max_wait = DISPATCHER_MAX_WAIT
+        self._stale_after: float | None = None
+        if interval is not None:
+            self._max_wait = max(0.05, min(DISPATCHER_MAX_WAIT, interval))
+            self._stale_after = self._max_wait + 2 * interval
 
     async def run(self, stop: asyncio.Event) -> None:
-        config = self.config
+        supervisor = Supervisor(stop)
+        self._supervisor = supervisor
         async with AsyncExitStack() as stack:
-            if config.refresh.shutdown_grace <= config.intuit.timeout:
-                log.warning(
-                    "config.shutdown_grace_short",
-                    shutdown_grace=config.refresh.shutdown_grace.total_seconds(),
-                    intuit_timeout=config.intuit.timeout.total_seconds(),
-                    detail="a refresh Intuit answers during a shutdown may be cut off and a "
-                    "rotated refresh token lost; keep [refresh] shutdown_grace above it",
-                )
-            lock = DatabaseLock(config.storage.path)
-            lock.acquire()
-            stack.callback(lock.release)
-            cipher = load_cipher(config.storage.encryption_keys, config.storage.path)
-            storage = await Storage.open(
-                config.storage.path, cipher, attempts_keep=config.storage.attempts_keep
-            )
-            stack.push_async_callback(storage.close)
-            await storage.verify_keys()
-
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=max(100, config.refresh.concurrency * 2)),
-                timeout=aiohttp.ClientTimeout(total=config.intuit.timeout.total_seconds()),
-            )
-            self._session = session
-            stack.push_async_callback(session.close)
-            metrics = Metrics()
-            notifier = self._make_notifier(config, session)
-            relay = EventRelay(notifier)
-            self._relay = relay
-            stack.push_async_callback(self._close_notifier)
-
-            services = self._build(config, storage, session, metrics, relay)
-            self.services = services
-            runners = await self._start_listeners(services)
-            for runner in reversed(runners):
-                stack.push_async_callback(runner.cleanup)
-            stack.push_async_callback(
-                services.scheduler.stop, config.refresh.shutdown_grace.total_seconds()
-            )
-            scheduled = await services.scheduler.start()
-
-            log.info(
-                "daemon.ready",
-                accounts_scheduled=scheduled,
-                api=config.api.url,
-                callback=f"http://{config.callback.host}:{config.callback.port}"
-                f"{config.callback.path}",
-            )
-            self._systemd.ready(await self._status_text(services))
-            # After READY=1: systemd arms the watchdog only once start-up is complete.
-            watchdog = asyncio.create_task(self._systemd.watchdog(stop), name="watchdog")
-            status = asyncio.create_task(self._report_status(services, stop), name="status")
-            self.ready.set()
-            await stop.wait()
-            log.info("daemon.stopping")
-            self._systemd.stopping()
-            for task in (watchdog, status):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            stack.push_async_callback(supervisor.aclose)
+            try:
+                failure = await self._run(stack, supervisor, stop)
+            finally:
+                # Whatever ends from here on is the shutdown's doing (or a failed start's).
+                supervisor.stand_down()
         log.info("daemon.stopped")
+        if failure is not None:
+            raise TaskDiedError(failure)
+
+    async def _run(
+        self, stack: AsyncExitStack, supervisor: Supervisor, stop: asyncio.Event
+    ) -> str | None:
+        """Start everything onto ``stack``; wait for ``stop`` or a death; begin the shutdown."""
+        config = self.config
+        if config.refresh.shutdown_grace <= config.intuit.timeout:
+            log.warning(
+                "config.shutdown_grace_short",
+                shutdown_grace=config.refresh.shutdown_grace.total_seconds(),
+                intuit_timeout=config.intuit.timeout.total_seconds(),
+                detail="a refresh Intuit answers during a shutdown may be cut off and a "
+                "rotated refresh token lost; keep [refresh] shutdown_grace above it",
+            )
+        lock = DatabaseLock(config.storage.path)
+        lock.acquire()
+        stack.callback(lock.release)
+        cipher = load_cipher(config.storage.encryption_keys, config.storage.path)
+        storage = await Storage.open(
+            config.storage.path, cipher, attempts_keep=config.storage.attempts_keep
+        )
+        stack.push_async_callback(storage.close)
+        if storage.writer is not None:
+            supervisor.watch("storage-writer", storage.writer)
+        await storage.verify_keys()
+
+        pool = max(100, config.refresh.concurrency * 2)
+        self._check_open_file_limit(config, pool)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool),
+            timeout=aiohttp.ClientTimeout(total=config.intuit.timeout.total_seconds()),
+        )
+        self._session = session
+        stack.push_async_callback(session.close)
+        metrics = Metrics()
+        notifier = self._make_notifier(config, session)
+        relay = EventRelay(notifier)
+        self._relay = relay
+        stack.push_async_callback(self._close_notifier)
+
+        services = self._build(config, storage, session, metrics, relay)
+        self.services = services
+        listeners = await self._start_listeners(services)
+        for listener in reversed(listeners):
+            stack.push_async_callback(listener.close)
+        stack.push_async_callback(
+            self._stop_scheduler, services.scheduler, config.refresh.shutdown_grace
+        )
+        scheduled = await services.scheduler.start()
+        if services.scheduler.dispatcher is not None:
+            supervisor.watch("dispatcher", services.scheduler.dispatcher)
+        for listener in listeners:
+            assert listener.task is not None
+            supervisor.watch(f"listener:{listener.name}", listener.task)
+
+        log.info(
+            "daemon.ready",
+            accounts_scheduled=scheduled,
+            api=config.api.url,
+            callback=f"http://{config.callback.host}:{config.callback.port}{config.callback.path}",
+        )
+        self._systemd.ready(await self._status_text(services))
+        # After READY=1: systemd arms the watchdog only once start-up is complete.
+        if self._systemd.enabled and self._stale_after is not None:
+            supervisor.start(
+                "watchdog", self._systemd.watchdog(stop, self._heartbeat(services.scheduler))
+            )
+        supervisor.start("status", self._report_status(services, stop))
+        reloader = supervisor.start("reloader", self._reloader())
+        self.ready.set()
+        failure = await supervisor.wait()
+        log.info("daemon.stopping", reason=f"{failure} stopped" if failure else "asked")
+        self._systemd.stopping()
+        await self._finish_reloads(reloader)
+        await supervisor.aclose()
+        return failure
 
     def _build(
         self,
@@ -174,6 +242,7 @@ class Daemon:
             backoff_max=refresh.backoff_max,
             invalid_client_retry=refresh.invalid_client_retry,
             hard_expiry_warning=refresh.hard_expiry_warning,
+            max_wait=self._max_wait,
         )
         return Services(
             config=config,
@@ -201,34 +270,95 @@ class Daemon:
             events=events,
         )
 
-    async def _start_listeners(self, services: Services) -> list[web.AppRunner]:
+    async def _start_listeners(self, services: Services) -> list[Listener]:
         config = services.config
-        api = make_api_app(services)
-        mount_ui(api, services)
-        apps = [
-            (api, config.api.host, config.api.port),
+        api, callback = config.api, config.callback
+        api_app = make_api_app(services)
+        mount_ui(api_app, services)
+        specs = [
             (
-                make_callback_app(
-                    services.connect, config.callback.path, config.callback.success_redirect
-                ),
-                config.callback.host,
-                config.callback.port,
+                "api",
+                api_app,
+                api.host,
+                api.port,
+                ListenerLimits(api.max_connections, api.read_timeout.total_seconds()),
+                plain_error_page,
+            ),
+            (
+                "callback",
+                make_callback_app(services.connect, callback.path, callback.success_redirect),
+                callback.host,
+                callback.port,
+                ListenerLimits(callback.max_connections, callback.read_timeout.total_seconds()),
+                error_page,
             ),
         ]
-        runners = []
-        for app, host, port in apps:
-            runner = web.AppRunner(
-                app, access_log_class=AccessLogger, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+        listeners: list[Listener] = []
+        try:
+            for name, app, host, port, limits, page in specs:
+                listener = Listener(
+                    name,
+                    app,
+                    host,
+                    port,
+                    limits,
+                    access_log_class=AccessLogger,
+                    shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
+                    error_page=page,
+                )
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    raise _listen_error(config, name, host, port, exc) from None
+                listeners.append(listener)
+        except BaseException:
+            for started in listeners:
+                await started.close()
+            raise
+        return listeners
+
+    def _check_open_file_limit(self, config: Config, pool: int) -> None:
+        """Make room for every connection the caps allow, or say what will run out."""
+        wanted = config.api.max_connections + config.callback.max_connections + pool + FD_RESERVE
+        limit = raise_open_file_limit(wanted)
+        if limit < wanted:
+            log.warning(
+                "daemon.open_file_limit_low",
+                limit=limit,
+                wanted=wanted,
+                detail="full listeners could run the daemon out of file descriptors; lower "
+                "[api] max_connections and [callback] max_connections, or raise the limit "
+                "(LimitNOFILE= in the unit, ulimit -n)",
             )
-            await runner.setup()
-            runners.append(runner)
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                for started in runners:
-                    await started.cleanup()
-                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        return runners
+
+    async def _stop_scheduler(self, scheduler: Scheduler, grace: timedelta) -> None:
+        try:
+            await scheduler.stop(grace.total_seconds())
+        except Exception as exc:  # a boundary: a dead dispatcher must not stop the shutdown
+            log.error("scheduler.stop_failed", error=repr(exc))
+
+    def _heartbeat(self, scheduler: Scheduler) -> Callable[[], bool]:
+        """Whether the dispatcher turned recently enough to feed the watchdog."""
+        stale_after = self._stale_after
+        stalled = False
+
+        def alive() -> bool:
+            nonlocal stalled
+            age = time.monotonic() - scheduler.last_turn
+            if stale_after is None or age <= stale_after:
+                stalled = False
+                return True
+            if not stalled:
+                stalled = True
+                log.critical(
+                    "watchdog.dispatcher_stalled",
+                    stalled_for=round(age, 1),
+                    detail="the refresh dispatcher stopped turning; WATCHDOG=1 pings stop, "
+                    "so systemd restarts the daemon",
+                )
+            return False
+
+        return alive
 
     def _make_notifier(self, config: Config, session: aiohttp.ClientSession) -> WebhookNotifier:
         notify = config.notify
@@ -238,6 +368,7 @@ class Daemon:
             notify.secret,
             timeout=notify.timeout.total_seconds(),
             clock=self.clock,
+            supervisor=self._supervisor,
         )
 
     async def _close_notifier(self) -> None:
@@ -266,8 +397,53 @@ class Daemon:
             f"{services.scheduler.in_flight} refreshing"
         )
 
+    def request_reload(self, source: Callable[[], Config]) -> None:
+        """SIGHUP: re-read the configuration from ``source`` after the reload under way.
+
+        Reloads run one at a time; signals that arrive during one make one more
+        reload, not one each. A shutdown waits for the reload under way.
+        """
+        if self._stopping:
+            log.info("daemon.reload_ignored", detail="the daemon is stopping")
+            return
+        self._reload_source = source
+        self._reload_wanted.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            source = self._reload_source
+            if self._stopping or source is None:
+                return
+            try:
+                await self.reload(source())
+            except QboDaemonError as exc:
+                log.error("daemon.reload_failed", error=str(exc), detail="the old settings stay")
+            except Exception as exc:  # a boundary: a failed reload must not stop the daemon
+                log.exception(
+                    "daemon.reload_failed", error=repr(exc), detail="the old settings stay"
+                )
+
+    async def _finish_reloads(self, reloader: asyncio.Task[None]) -> None:
+        """Let a reload under way finish before anything closes; start no other."""
+        self._stopping = True
+        self._reload_wanted.set()  # an idle reloader returns
+        try:
+            async with asyncio.timeout(RELOAD_SHUTDOWN_WAIT):
+                await asyncio.wait({reloader})
+                async with self._reload_lock:  # a reload called directly (tests)
+                    pass
+        except TimeoutError:
+            log.warning("daemon.reload_abandoned", waited=RELOAD_SHUTDOWN_WAIT)
+
     async def reload(self, config: Config) -> None:
         """Apply what can change live (SIGHUP); name what needs a restart."""
+        async with self._reload_lock:
+            log.info("daemon.reloading")
+            await self._reload(config)
+
+    async def _reload(self, config: Config) -> None:
         services = self.services
         old = self.config
         cipher = None
@@ -284,6 +460,14 @@ class Daemon:
                     "[callback] listen",
                     (old.callback.host, old.callback.port),
                     (config.callback.host, config.callback.port),
+                ),
+                *(
+                    (f"[{section}] {key}", getattr(before, key), getattr(after, key))
+                    for section, before, after in (
+                        ("api", old.api, config.api),
+                        ("callback", old.callback, config.callback),
+                    )
+                    for key in ("max_connections", "read_timeout")
                 ),
                 ("[storage] path", old.storage.path, config.storage.path),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
@@ -326,7 +510,13 @@ class Daemon:
             # Settings that cannot change live keep their old values.
             config = replace(
                 config,
-                api=replace(config.api, host=old.api.host, port=old.api.port),
+                api=replace(
+                    config.api,
+                    host=old.api.host,
+                    port=old.api.port,
+                    max_connections=old.api.max_connections,
+                    read_timeout=old.api.read_timeout,
+                ),
                 callback=replace(
                     old.callback, allow_shared_realm=config.callback.allow_shared_realm
                 ),
@@ -348,3 +538,20 @@ class Daemon:
             encryption_key_count=len(config.storage.encryption_keys),
             restart_needed=restart_needed or None,
         )
+
+
+def _listen_error(config: Config, section: str, host: str, port: int, exc: OSError) -> Exception:
+    """A bind failure naming its setting: a configuration error (exit 2) when restarting
+    cannot help (the address is taken, or the port needs privileges we lack)."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        reason = f"{address} is already in use by another process; stop it or choose another"
+    elif exc.errno == errno.EACCES:
+        reason = f"{address}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    else:
+        return OSError(f"cannot listen on {address} ([{section}] listen): {exc.strerror or exc}")
+    error = ConfigError(
+        f"listen: {reason}", key=section, path=str(config.source) if config.source else None
+    )
+    error.key = f"{section}.listen"
+    return error

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
 def _socket_address(value: str | None) -> str | None:
@@ -95,18 +95,20 @@ class SystemdNotifier:
             return None
         return self._watchdog_usec / 2 / 1_000_000
 
-    async def watchdog(self, stop: asyncio.Event) -> None:
+    async def watchdog(self, stop: asyncio.Event, alive: Callable[[], bool] | None = None) -> None:
         """Ping ``WATCHDOG=1`` every :meth:`watchdog_interval` until ``stop`` is set.
 
-        The pings come from the event loop on purpose: a loop that is blocked
-        or wedged stops pinging, and systemd restarts the daemon.
+        With ``alive``, a ping is sent only while ``alive()`` is true: the daemon
+        passes its dispatcher's heartbeat, so a refresh loop that is wedged (or an
+        event loop that is blocked) stops the pings, and systemd restarts the daemon.
         Returns at once when there is no watchdog to feed.
         """
         interval = self.watchdog_interval()
         if interval is None or not self.enabled:
             return
         while not stop.is_set():
-            self.notify("WATCHDOG=1")
+            if alive is None or alive():
+                self.notify("WATCHDOG=1")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
 

@@ -68,6 +68,7 @@ import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.models import Secret, iso
+from qbo_daemon.runtime.supervisor import Supervisor
 
 EVENTS = frozenset(
     {
@@ -115,7 +116,8 @@ class WebhookNotifier:
     ``session`` is the process's shared client session; the notifier never
     closes it. Deliveries run on ``concurrency`` worker tasks, started on the
     first queued event; at most ``queue_size`` events wait, and the oldest is
-    dropped (with a warning) to make room.
+    dropped (with a warning) to make room. With a ``supervisor``, a worker that
+    ends before :meth:`aclose` ends the daemon.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class WebhookNotifier:
         queue_size: int = 10_000,
         concurrency: int = 4,
         rng: random.Random | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if url is not None:
             if session is None:
@@ -150,6 +153,7 @@ class WebhookNotifier:
         self._backoff_max = backoff_max
         self._concurrency = concurrency
         self._rng = rng or random.Random()
+        self._supervisor = supervisor
         self._queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
@@ -253,6 +257,9 @@ class WebhookNotifier:
             asyncio.create_task(self._work(), name=f"webhook-worker-{n}")
             for n in range(self._concurrency)
         ]
+        if self._supervisor is not None:
+            for task in self._workers:
+                self._supervisor.watch(task.get_name(), task, ended_by_owner=lambda: self._closed)
 
     async def _work(self) -> None:
         while True:

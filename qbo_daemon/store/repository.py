@@ -14,6 +14,7 @@ on purpose, in its own transaction.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
@@ -127,6 +128,11 @@ class Storage:
     async def close(self) -> None:
         """Commit what is queued, then close both connections."""
         await self._db.close()
+
+    @property
+    def writer(self) -> asyncio.Task[None] | None:
+        """The database's group-commit writer task, for the daemon's supervisor."""
+        return self._db.writer
 
     # -- reading -----------------------------------------------------------
 

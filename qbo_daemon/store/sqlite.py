@@ -104,12 +104,19 @@ class Database:
         database._writer_task = asyncio.create_task(database._write_loop(), name="storage-writer")
         return database
 
+    @property
+    def writer(self) -> asyncio.Task[None] | None:
+        """The group-commit writer task (the daemon's supervisor watches it)."""
+        return self._writer_task
+
     async def close(self) -> None:
         """Commit what is queued, then close both connections."""
         self._closing = True
         if self._writer_task is not None:
             self._queued.set()
-            await self._writer_task
+            # asyncio.wait: a writer that died (the supervisor reported it) must not keep
+            # the connections open.
+            await asyncio.wait({self._writer_task})
             self._writer_task = None
         async with self._tx_lock:  # let an open transaction finish first
             await self._reader.close()

@@ -259,6 +259,7 @@ async def test_needs_reconnect_carries_a_url_that_reconnects(
     error = await client.error("token", "acme", with_authorize_url=True)
     assert isinstance(error, NeedsReconnect)
     assert error.authorize_url is not None
+    running.simulator.choose_realm(token.realm_id)  # the user picks the same company again
     assert await browse(error.authorize_url) == 200  # the user reconnects
 
     fresh = await client.token("acme")

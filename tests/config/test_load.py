@@ -163,6 +163,8 @@ timeout = 5
 [callback]
 listen = "[::1]:3001"
 success_redirect = "https://app.example.com/connected"
+max_connections = 32
+read_timeout = "5s"
 
 [api]
 listen = "0.0.0.0:9999"
@@ -198,6 +200,9 @@ secret = "hook-secret"
     assert (config.callback.host, config.callback.port) == ("::1", 3001)
     assert config.callback.path == "/qbo/callback"
     assert config.callback.success_redirect == "https://app.example.com/connected"
+    assert config.callback.max_connections == 32
+    assert config.callback.read_timeout == timedelta(seconds=5)
+    assert (config.api.max_connections, config.api.read_timeout) == (1024, timedelta(seconds=30))
     assert config.api.keys == (Secret("api-key-1"), Secret("api-key-2"))
     assert config.api.url == "http://127.0.0.1:9999"
     assert config.storage.encryption_keys == (Secret(KEY_A), Secret(KEY_B))
@@ -311,6 +316,13 @@ def test_unpadded_encryption_key_is_stored_padded(tmp_path: Path) -> None:
             '[notify]\nwebhook_url = "https://hooks.example.com/x"',
             "[notify] secret: required when webhook_url is set",
         ),
+        (
+            "[callback]\nmax_connections = 0",
+            "[callback] max_connections: must be between 1 and 100000, got 0",
+        ),
+        ('[api]\nmax_connections = "many"', "[api] max_connections: expected an integer"),
+        ('[callback]\nread_timeout = "0s"', "[callback] read_timeout: must be greater than zero"),
+        ('[api]\nread_timeout = "soon"', "[api] read_timeout: expected a duration"),
         ('[api]\nkeys = ["has space"]', "[api] keys: key 1 must be a non-empty string"),
         ('[intuit]\nclient_secret = "a"\nclient_secret_file = "/x"', "[intuit] client_secret_file"),
     ],

@@ -77,13 +77,18 @@ class _Child:
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
+        self._terminated: subprocess.Popen[bytes] | None = None
         self.lines: list[str] = []
         self._output: Output | None = None
 
-    def _spawn(self, argv: list[str]) -> None:
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         assert self.proc is None, "already running"
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
         self._output = Output(self.proc.stdout, self.lines)
 
@@ -99,12 +104,15 @@ class _Child:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            self._terminated = self.proc
 
     def _reap(self, sig: int) -> int:
         proc, self.proc = self.proc, None
         if proc is None:
             return 0
-        if proc.poll() is None:
+        # A second SIGTERM would cut the daemon's shutdown short: send one at most.
+        if proc.poll() is None and not (sig == signal.SIGTERM and self._terminated is proc):
             proc.send_signal(sig)
         try:
             code = proc.wait(timeout=STOP_TIMEOUT)
@@ -237,6 +245,10 @@ class DaemonProcess(_Child):
     log_level: str = "info"
     extra: str = ""
     refresh_extra: str = ""  # more [refresh] keys, e.g. 'token_wait = "1s"'
+    callback_extra: str = ""  # more [callback] keys, e.g. "max_connections = 20"
+    api_extra: str = ""  # more [api] keys
+    env: dict[str, str] | None = None  # the daemon's environment (None: this one)
+    module: str = "qbo_daemon"  # run as `python -m MODULE run --config FILE`
     intuit_timeout: str = "10s"
     api_key: str = field(default_factory=lambda: "fault-api-key-" + generate_key()[:20])
     encryption_key: str = field(default_factory=generate_key)
@@ -269,6 +281,9 @@ class DaemonProcess(_Child):
             r'(?m)^shutdown_grace = ".*"\n', f'shutdown_grace = "5s"\n{self.refresh_extra}\n', text
         )
         assert found == 1, "simulator_config_text no longer writes shutdown_grace"
+        for section, keys in (("callback", self.callback_extra), ("api", self.api_extra)):
+            text, found = re.subn(rf"(?m)^\[{section}\]\n", f"[{section}]\n{keys}\n", text)
+            assert found == 1, f"simulator_config_text no longer writes [{section}]"
         self.config_path.write_text(text, encoding="utf-8")
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.callback_url = f"http://127.0.0.1:{self.callback_port}/accounts/oauth2_callback"
@@ -277,10 +292,23 @@ class DaemonProcess(_Child):
         self.http.headers["Authorization"] = f"Bearer {self.api_key}"
 
     def start(self) -> DaemonProcess:
-        self.starts.append(time.time())
-        self._spawn([PYTHON, "-m", "qbo_daemon", "run", "--config", str(self.config_path)])
+        self.spawn()
         wait_until(self._healthy, timeout=START_TIMEOUT, what="daemon /healthz")
         return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to answer."""
+        self.starts.append(time.time())
+        self._spawn(
+            [PYTHON, "-m", self.module, "run", "--config", str(self.config_path)], env=self.env
+        )
+
+    def wait(self, timeout: float) -> int:
+        """The exit status, once it exits on its own within ``timeout`` seconds."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self._reap(signal.SIGKILL)
+        return code
 
     def _healthy(self) -> bool:
         if not self.alive:
