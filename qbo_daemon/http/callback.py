@@ -13,6 +13,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from aiohttp import web
 
 from qbo_daemon.engine.connect import ConnectFlow, ConnectResult
+from qbo_daemon.http.callback_query import oauth_query
 
 FLOW = web.AppKey("connect_flow", ConnectFlow)
 SUCCESS_REDIRECT = web.AppKey("success_redirect", str)
@@ -46,7 +47,7 @@ def make_callback_app(
 
 
 async def _callback(request: web.Request) -> web.StreamResponse:
-    query = {key: request.query.getone(key) for key in request.query}
+    query = oauth_query(request.query.items())
     result = await request.app[FLOW].complete(query)
     redirect = request.app[SUCCESS_REDIRECT]
     if result.outcome == "connected" and redirect and result.account_id:
