@@ -9,9 +9,13 @@ can help:
 - ``invalid_client`` / ``unauthorized_client`` / HTTP 401 ->
   :class:`InvalidClientError` (our credentials are wrong, for every account);
 - everything else -> :class:`TransientIntuitError`: connection errors,
-  timeouts, 5xx, 429, an HTML or malformed body, a 200 without a token, an
-  unexpected 4xx. Giving up on a connection is only ever decided by
-  ``invalid_grant``.
+  timeouts, 5xx, 429, 3xx (never followed: it would carry the credentials
+  and the refresh token elsewhere), an HTML or malformed body, a 200 without
+  a token, an unexpected 4xx. Giving up on a connection is only ever decided
+  by ``invalid_grant``.
+
+A 200 whose body is an OAuth error (``{"error": ...}``, no access token) is
+classified by that error, as if it had come with a 400.
 
 Every value in an answer is read by :mod:`qbo_daemon.intuit.parse`: numbers
 are ASCII digits, lifetimes are clamped to what Intuit documents, words are
@@ -29,7 +33,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 import aiohttp
 import structlog
@@ -108,15 +112,32 @@ class IntuitClient:
         )
 
     async def revoke(self, token: str) -> str | None:
-        """Revoke a refresh (or access) token; returns Intuit's ``intuit_tid``."""
-        headers = self._headers()
-        headers["Content-Type"] = "application/json"
-        status, body, tid, retry_after = await self._post(
-            self.config.revocation_endpoint, headers, json.dumps({"token": token}).encode()
+        """Revoke a refresh (or access) token; returns Intuit's ``intuit_tid``.
+
+        Intuit documents a JSON body; RFC 7009 a form. A server that refuses the
+        JSON one as a bad request (:func:`_body_refused`) is asked once more with
+        the form. Any 2xx is success (RFC 7009 says 200; a 204 revoked the token
+        just as well).
+        """
+        status, body, tid, retry_after = await self._post_revoke(
+            token, "application/json", json.dumps({"token": token}).encode()
         )
-        if status == 200:
+        if _body_refused(status, body):
+            status, body, tid, retry_after = await self._post_revoke(
+                token, "application/x-www-form-urlencoded", urlencode({"token": token}).encode()
+            )
+        if 200 <= status < 300:
             return tid
-        raise _classify(status, body, tid, retry_after, what="revoke", conceal=token)
+        raise _classify(
+            status, body, tid, retry_after, what="revoke", conceal=self._concealed(token)
+        )
+
+    async def _post_revoke(
+        self, token: str, content_type: str, data: bytes
+    ) -> tuple[int, bytes, str | None, float | None]:
+        headers = self._headers()
+        headers["Content-Type"] = content_type
+        return await self._post(self.config.revocation_endpoint, headers, data)
 
     async def _token_call(
         self, form: dict[str, str], *, previous_refresh_token: str | None
@@ -128,8 +149,8 @@ class IntuitClient:
         status, body, tid, retry_after = await self._post(
             self.config.token_endpoint, headers, urlencode(form).encode()
         )
-        if status != 200:
-            conceal = form.get("refresh_token") or form.get("code")
+        if status != 200 or _is_error_body(body):
+            conceal = self._concealed(form.get("refresh_token") or form.get("code"))
             raise _classify(status, body, tid, retry_after, what="token", conceal=conceal)
         return TokenResult(
             tokens=_parse_tokens(body, tid, obtained_at, previous_refresh_token),
@@ -137,11 +158,27 @@ class IntuitClient:
         )
 
     def _headers(self) -> dict[str, str]:
-        pair = f"{self.config.client_id}:{self.config.client_secret.reveal()}".encode()
-        return {
-            "Authorization": "Basic " + base64.b64encode(pair).decode("ascii"),
-            "Accept": "application/json",
-        }
+        return {"Authorization": "Basic " + self._basic(), "Accept": "application/json"}
+
+    def _basic(self) -> str:
+        """RFC 6749 §2.3.1: id and secret are form-encoded, then joined and base64-encoded.
+
+        Intuit's ids and secrets are letters and digits, which the encoding leaves
+        as they are; a secret with ``:``, ``%`` or ``+`` reaches a standard server
+        intact only this way.
+        """
+        client_id = quote_plus(self.config.client_id, safe="")
+        secret = quote_plus(self.config.client_secret.reveal(), safe="")
+        return base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
+
+    def _concealed(self, presented: str | None) -> tuple[str, ...]:
+        """What a server echoing our request must not get into an error message."""
+        secret = self.config.client_secret.reveal()
+        values = [secret, quote_plus(secret, safe=""), self._basic()]
+        if presented:
+            values += [presented, quote_plus(presented, safe="")]
+        # Longest first, so a value is never half-replaced by a shorter one inside it.
+        return tuple(sorted(filter(None, set(values)), key=len, reverse=True))
 
     async def _post(
         self, url: str, headers: dict[str, str], data: bytes
@@ -266,6 +303,31 @@ def _lifetime(
     return life
 
 
+def _body_refused(status: int, body: bytes) -> bool:
+    """The revocation server did not take our JSON body (an RFC 7009 one wants a form).
+
+    415, or 400 without an error code or with ``invalid_request`` (RFC 7009's
+    answer to a request without ``token``). A 400 naming the token
+    (``invalid_grant``, ``unsupported_token_type``) read it: asking again won't help.
+    """
+    if status == 415:
+        return True
+    if status != 400:
+        return False
+    data = parse.json_object(body)
+    code = parse.error_code(data.get("error")) if data else None
+    return code in (None, "invalid_request")
+
+
+def _is_error_body(body: bytes) -> bool:
+    """A 200 whose body is an OAuth error (``error``) and carries no access token.
+
+    Some servers answer an error with 200; its ``error`` decides as on a 400.
+    """
+    data = parse.json_object(body)
+    return data is not None and "error" in data and parse.token(data.get("access_token")) is None
+
+
 def _classify(
     status: int,
     body: bytes,
@@ -273,14 +335,16 @@ def _classify(
     retry_after: float | None,
     *,
     what: str,
-    conceal: str | None = None,
+    conceal: tuple[str, ...] = (),
 ) -> IntuitError:
     data = parse.json_object(body)
     code = parse.error_code(data.get("error")) if data else None
     description = data.get("error_description") if data else None
-    if isinstance(description, str) and conceal:
-        # A server (or a proxy) may echo what it was sent: never repeat the token or code.
-        description = description.replace(conceal, "[redacted]")
+    if isinstance(description, str):
+        # A server (or a proxy) may echo what it was sent: never repeat a token, a
+        # code, the client secret or the Basic credentials.
+        for value in conceal:
+            description = description.replace(value, "[redacted]")
     detail = f": {parse.text(description)}" if isinstance(description, str) and description else ""
     if code == "invalid_grant":
         return InvalidGrantError(
