@@ -48,7 +48,7 @@ OMIT: Final = object()  # a field left out of the token answer
 _NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _REALM: Final = 'Basic realm="independent-oauth"'
 Rotation = Literal["always", "same", "omit"]
-Wire = Literal["http10", "cut"]
+Wire = Literal["http10", "cut", "drop-reused"]
 
 
 @dataclass(frozen=True)
@@ -410,21 +410,33 @@ class OAuthServer:
     async def _raw_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """One request, one answer written by hand, then the connection closes."""
+        """Answers written by hand; the connection closes after one, except with
+        ``wire="drop-reused"``: kept alive, it is closed unanswered when the next
+        request arrives on it (a server's idle timeout striking as the client
+        reuses the connection, RFC 9112 §9.3.1)."""
         self._raw_writers.add(writer)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            request_line, *lines = head.decode("latin-1").split("\r\n")
-            method = request_line.split(" ")[0]
-            headers: CIMultiDict[str] = CIMultiDict()
-            for line in filter(None, lines):
-                name, _, value = line.partition(":")
-                headers.add(name.strip(), value.strip())
-            body = await reader.readexactly(int(headers.get("Content-Length", "0")))
-            answer = await self._token(method, headers, body)
-            self._record("token", method, headers, body, answer.status)
-            writer.write(_raw_answer(answer, self.behaviour.wire))
-            await writer.drain()
+            served = 0
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method = request_line.split(" ")[0]
+                headers: CIMultiDict[str] = CIMultiDict()
+                for line in filter(None, lines):
+                    name, _, value = line.partition(":")
+                    headers.add(name.strip(), value.strip())
+                body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+                wire = self.behaviour.wire
+                if wire == "drop-reused" and served:
+                    self._record("token-dropped", method, headers, body, 0)
+                    return
+                answer = await self._token(method, headers, body)
+                self._record("token", method, headers, body, answer.status)
+                writer.write(_raw_answer(answer, wire))
+                await writer.drain()
+                served += 1
+                if wire != "drop-reused":
+                    return
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
@@ -455,6 +467,7 @@ def _raw_answer(answer: Answer, wire: Wire | None) -> bytes:
     lines += [f"{name}: {value}" for name, value in answer.headers.items()]
     if wire != "http10":  # HTTP/1.0 style: no length, the body ends when the connection does
         lines.append(f"Content-Length: {len(answer.body)}")
+    if wire != "drop-reused":
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if wire == "cut":

@@ -494,6 +494,9 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
 
     account = await stored(setup)
     said = [json.dumps(body), account.last_error or "", json.dumps(await account_json(setup))]
+    if failure.change is redirect_elsewhere:
+        # The operator is told where it pointed, and that it was not followed.
+        assert f"redirect to {setup.other.base_url} (not followed)" in (account.last_error or "")
     assert server.grant_types()[-1] == "refresh_token"
     events = [e["event"] for e in setup.log_events()]
     if failure.expect == "needs_reconnect":
@@ -540,6 +543,74 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
     record(failure.id, failure.what, seen)
 
 
+async def test_a_refresh_on_a_connection_the_server_dropped_is_retried_by_the_scheduler(
+    start: Start,
+) -> None:
+    """A keep-alive connection closed unanswered as it is reused: a transient failure."""
+    case = "keep-alive-dropped"
+    unrecord(case)
+    setup = await start(Behaviour(wire="drop-reused"), raw=True)
+    server = setup.server
+    assert (await connect(setup)).status == 200
+    before = await stored(setup)
+    status, body = await setup.api("POST", "/v1/accounts/acme/refresh")  # reuses: dropped
+    assert status == 503, body
+    assert "ServerDisconnectedError" in body["detail"]
+    account = await stored(setup)
+    assert (account.status, account.failure_count) == (AccountStatus.ACTIVE, 1)
+    assert account.refresh_token == before.refresh_token
+    assert_alive(setup, "acme")
+    # The scheduler's retry (backoff_initial 1 s) opens a new connection and succeeds.
+    await wait_for(lambda: server.grant_types().count("refresh_token") == 1, timeout=10)
+    await wait_for(
+        lambda: setup.daemon.services.scheduler.due_at("acme") != account.reconnect_token_at
+    )
+
+    async def recovered() -> bool:
+        now = await stored(setup)
+        return bool(now.failure_count == 0 and now.refresh_token == server.live_refresh_token())
+
+    await wait_for(recovered, timeout=10)
+    assert [s.params()["grant_type"] for s in server.calls("token-dropped")] == ["refresh_token"]
+    assert_no_secret_logged(setup)
+    assert_alive(setup, "acme")
+    record(
+        case,
+        "keeps connections alive, then closes one unanswered when the next request arrives "
+        "on it (an idle timeout striking just as the client reuses it)",
+        "a refresh: transient, retried by the scheduler on a new connection, tokens kept",
+    )
+
+
+async def test_a_code_exchange_on_a_connection_the_server_dropped_still_connects(
+    start: Start,
+) -> None:
+    """A user's connect is not lost to a keep-alive connection closed as it was reused."""
+    case = "keep-alive-dropped-exchange"
+    unrecord(case)
+    setup = await start(Behaviour(wire="drop-reused"), raw=True)
+    server = setup.server
+    assert (await connect(setup, "acme")).status == 200
+    page = await connect(setup, "beta")  # its exchange reuses acme's connection
+    assert page.status == 200, page.text
+    assert "QuickBooks is connected" in page.text
+    [dropped] = server.calls("token-dropped")
+    assert dropped.params()["grant_type"] == "authorization_code"
+    assert server.grant_types() == ["authorization_code", "authorization_code"]
+    beta = await stored(setup, "beta")
+    assert beta.status is AccountStatus.ACTIVE
+    assert beta.refresh_token == server.live_refresh_token()
+    events = [e["event"] for e in setup.log_events()]
+    assert events.count("intuit.connection_dropped") == 1
+    assert_no_secret_logged(setup)
+    assert_alive(setup, "acme", "beta")
+    record(
+        case,
+        "the same, met by a second user's code exchange",
+        "sent again on a new connection once; connected",
+    )
+
+
 # -- 3. callbacks that are not what the flow expects ---------------------------------------
 
 CONFLICTS = [
@@ -569,4 +640,10 @@ async def test_an_ambiguous_callback_is_refused_and_changes_nothing(
     record(case, what, "400 page, no code exchanged, nothing stored")
 
 
-CASE_ORDER = [c.id for c in LIFECYCLE] + [f.id for f in FAILURES] + [c[0] for c in CONFLICTS]
+CASE_ORDER = [
+    *(c.id for c in LIFECYCLE),
+    "keep-alive-dropped",
+    "keep-alive-dropped-exchange",
+    *(f.id for f in FAILURES),
+    *(c[0] for c in CONFLICTS),
+]
