@@ -103,6 +103,8 @@ class Behaviour:
     # The redirect back to the client after consent.
     realm_param: str = "realmId"
     callback_extra: list[tuple[str, str]] = field(default_factory=list)
+    code_prefix: str = "c-"  # codes are this plus url-safe base64
+    deny: bool = False  # the user declines: error=access_denied
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,20 @@ class OAuthServer:
         back = URL(redirect_uri)
         if query.get("response_type") != "code":
             return _found(back, [("error", "unsupported_response_type"), ("state", query["state"])])
-        code = "c-" + secrets.token_urlsafe(24)
+        state = query.get("state", "")
+        if self.behaviour.deny:  # §4.1.2.1: the user said no
+            return _found(
+                back,
+                [
+                    ("error", "access_denied"),
+                    ("state", state),
+                    ("error_description", "The user denied access"),
+                ],
+            )
+        code = self.behaviour.code_prefix + secrets.token_urlsafe(24)
         self._codes[code] = (redirect_uri, self.realm_id)
         self.issued.append(code)
-        params = [("code", code), ("state", query.get("state", ""))]
+        params = [("code", code), ("state", state)]
         params.append((self.behaviour.realm_param, self.realm_id))
         return _found(back, params + self.behaviour.callback_extra)
 

@@ -269,6 +269,8 @@ LIFECYCLE = [
          lambda: Behaviour(expires_in="3600")),
     Case("expires-in-number", '`"expires_in": 1800` (a number, not 3600)',
          lambda: Behaviour(expires_in=1800), access_life=1800),
+    Case("expires-in-short", '`"expires_in": 120`, shorter than the 10-minute lead',
+         lambda: Behaviour(expires_in=120), access_life=120),
     Case("expires-in-absent", "no `expires_in` (RFC 6749 §5.1: RECOMMENDED only)",
          lambda: Behaviour(expires_in=OMIT)),
     Case("token-type-lower", '`"token_type": "bearer"`', lambda: Behaviour(token_type="bearer")),
@@ -319,6 +321,8 @@ LIFECYCLE = [
          lambda: Behaviour(callback_extra=[("scope", "com.intuit.quickbooks.accounting"),
                                            ("iss", "https://issuer.example"),
                                            ("session_state", "abc.def")])),
+    Case("callback-code-base64", "codes with `+`, `/` and `=` (standard base64), "
+         "percent-encoded in the redirect", lambda: Behaviour(code_prefix="c+/=")),
     Case("callback-realmid-lower", "the redirect back says `realmid=`",
          lambda: Behaviour(realm_param="realmid")),
     Case("callback-realmID", "the redirect back says `realmID=` (as Intuit's prose spells it)",
@@ -640,10 +644,32 @@ async def test_an_ambiguous_callback_is_refused_and_changes_nothing(
     record(case, what, "400 page, no code exchanged, nothing stored")
 
 
+async def test_a_user_who_declines_gets_a_clear_page_and_nothing_is_stored(
+    start: Start,
+) -> None:
+    case = "callback-access-denied"
+    unrecord(case)
+    setup = await start(Behaviour(deny=True))
+    page = await connect(setup)
+    assert page.status == 400, page.text
+    assert "QuickBooks was not connected" in page.text
+    assert "The user denied access" not in page.text  # the server's words are not echoed
+    assert setup.server.grant_types() == []
+    assert await setup.daemon.services.storage.find_account("acme") is None
+    assert any(e["event"] == "connect.denied" for e in setup.log_events())
+    assert_alive(setup)
+    record(
+        case,
+        "the user declines: `error=access_denied` with `error_description`",
+        "400 page saying nothing was connected; nothing stored",
+    )
+
+
 CASE_ORDER = [
     *(c.id for c in LIFECYCLE),
     "keep-alive-dropped",
     "keep-alive-dropped-exchange",
     *(f.id for f in FAILURES),
     *(c[0] for c in CONFLICTS),
+    "callback-access-denied",
 ]
