@@ -21,11 +21,12 @@ from qbo_daemon.store.crypto import generate_key
 
 
 @dataclass
-class RunningDaemon:
+class InProcessDaemon:
+    """A daemon running in this process, whatever Intuit stand-in its config names."""
+
     daemon: Daemon
     config: Config
     config_path: Path
-    simulator: IntuitSimulator
     api_key: str
     encryption_key: str
     stop: asyncio.Event
@@ -66,13 +67,7 @@ class RunningDaemon:
             return response.status, await response.text()
 
     async def connect(self, account_id: str) -> int:
-        """The whole connect flow as a browser does it; returns the callback page's status.
-
-        A reconnect picks the company the account already has, as a user would.
-        """
-        existing = await self.services.storage.find_account(account_id)
-        if existing is not None and existing.realm_id is not None:
-            self.simulator.choose_realm(existing.realm_id)
+        """The whole connect flow as a browser does it; returns the callback page's status."""
         status, body = await self.api("POST", f"/v1/accounts/{account_id}/authorize-url")
         assert status == 200, body
         async with aiohttp.ClientSession() as browser, browser.get(body["url"]) as page:
@@ -83,6 +78,21 @@ class RunningDaemon:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         await self.session.close()
+
+
+@dataclass
+class RunningDaemon(InProcessDaemon):
+    """An in-process daemon against the simulator (``simulator_config_text``)."""
+
+    simulator: IntuitSimulator
+
+    async def connect(self, account_id: str) -> int:
+        """As a browser does it; a reconnect picks the company the account already has,
+        as a user would."""
+        existing = await self.services.storage.find_account(account_id)
+        if existing is not None and existing.realm_id is not None:
+            self.simulator.choose_realm(existing.realm_id)
+        return await super().connect(account_id)
 
 
 async def start_daemon(
@@ -131,16 +141,7 @@ async def run_daemon(
     environ: Mapping[str, str] | None = None,
 ) -> RunningDaemon:
     """Start a daemon on an existing config file (a first start or a restart)."""
-    config = load_config(config_path, {})
-    daemon = Daemon(config, clock=clock, environ=environ or {})
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    ready = asyncio.create_task(daemon.ready.wait())
-    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
-    if not daemon.ready.is_set():
-        ready.cancel()
-        await task  # raises the start-up error
-        raise AssertionError("the daemon did not become ready")
+    daemon, config, stop, task = await launch_daemon(config_path, clock=clock, environ=environ)
     return RunningDaemon(
         daemon=daemon,
         config=config,
@@ -152,6 +153,23 @@ async def run_daemon(
         task=task,
         session=aiohttp.ClientSession(),
     )
+
+
+async def launch_daemon(
+    config_path: Path, *, clock: Clock | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Daemon, Config, asyncio.Event, asyncio.Task[None]]:
+    """Run a daemon on ``config_path`` until it is ready: (daemon, config, stop, task)."""
+    config = load_config(config_path, {})
+    daemon = Daemon(config, clock=clock, environ=environ or {})
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
+    if not daemon.ready.is_set():
+        ready.cancel()
+        await task  # raises the start-up error
+        raise AssertionError("the daemon did not become ready")
+    return daemon, config, stop, task
 
 
 async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.01) -> None:

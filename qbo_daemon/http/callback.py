@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from qbo_daemon.engine.connect import ConnectFlow, ConnectResult
+from qbo_daemon.http.callback_query import oauth_query
 
 log = structlog.get_logger("qbo_daemon.http.callback")
 
@@ -54,7 +55,7 @@ def make_callback_app(
 
 
 async def _callback(request: web.Request) -> web.StreamResponse:
-    query = {key: request.query.getone(key) for key in request.query}
+    query = oauth_query(request.query.items())
     result = await request.app[FLOW].complete(query)
     redirect = request.app[SUCCESS_REDIRECT]
     if result.outcome == "connected" and redirect and result.account_id:

@@ -9,9 +9,13 @@ can help:
 - ``invalid_client`` / ``unauthorized_client`` / HTTP 401 ->
   :class:`InvalidClientError` (our credentials are wrong, for every account);
 - everything else -> :class:`TransientIntuitError`: connection errors,
-  timeouts, 5xx, 429, an HTML or malformed body, a 200 without a token, an
-  unexpected 4xx. Giving up on a connection is only ever decided by
-  ``invalid_grant``.
+  timeouts, 5xx, 429, 3xx (never followed: it would carry the credentials
+  and the refresh token elsewhere), an HTML or malformed body, a 200 without
+  a token, an unexpected 4xx. Giving up on a connection is only ever decided
+  by ``invalid_grant``.
+
+A 200 whose body is an OAuth error (``{"error": ...}``, no access token) is
+classified by that error, as if it had come with a 400.
 
 Every value in an answer is read by :mod:`qbo_daemon.intuit.parse`: numbers
 are ASCII digits, lifetimes are clamped to what Intuit documents, words are
@@ -24,12 +28,13 @@ warning; out-of-range ones are clamped.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, quote_plus, urlencode, urljoin, urlsplit
 
 import aiohttp
 import structlog
@@ -92,7 +97,11 @@ class IntuitClient:
         return f"{self.config.authorization_endpoint}{separator}{query}"
 
     async def exchange_code(self, code: str, *, code_verifier: str | None = None) -> TokenResult:
-        """Trade an authorization code (single use) for a token set; PKCE's verifier if any."""
+        """Trade an authorization code (single use) for a token set; PKCE's verifier if any.
+
+        The one call with no second chance (a failure sends the user back to
+        start), so a connection dropped before any answer is tried once more.
+        """
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -100,7 +109,7 @@ class IntuitClient:
         }
         if code_verifier is not None:
             form["code_verifier"] = code_verifier
-        return await self._token_call(form, previous_refresh_token=None)
+        return await self._token_call(form, previous_refresh_token=None, again_if_dropped=True)
 
     async def refresh(self, refresh_token: str) -> TokenResult:
         """Refresh; the answer's refresh token, or ``refresh_token`` when it has none."""
@@ -110,65 +119,165 @@ class IntuitClient:
         )
 
     async def revoke(self, token: str) -> str | None:
-        """Revoke a refresh (or access) token; returns Intuit's ``intuit_tid``."""
+        """Revoke a refresh (or access) token; returns Intuit's ``intuit_tid``.
+
+        Intuit documents a JSON body; RFC 7009 a form. A server that refuses the
+        JSON one as a bad request (:func:`_body_refused`) is asked once more with
+        the form. Any 2xx is success (RFC 7009 says 200; a 204 revoked the token
+        just as well).
+        """
+        reply = await self._post_revoke("application/json", json.dumps({"token": token}).encode())
+        if _body_refused(reply.status, reply.body):
+            reply = await self._post_revoke(
+                "application/x-www-form-urlencoded", urlencode({"token": token}).encode()
+            )
+        if 200 <= reply.status < 300:
+            return reply.tid
+        raise _classify(reply, what="revoke", conceal=self._concealed(token))
+
+    async def _post_revoke(self, content_type: str, data: bytes) -> _Reply:
         headers = self._headers()
-        headers["Content-Type"] = "application/json"
-        status, body, tid, retry_after = await self._post(
-            self.config.revocation_endpoint, headers, json.dumps({"token": token}).encode()
-        )
-        if status == 200:
-            return tid
-        raise _classify(status, body, tid, retry_after, what="revoke", conceal=token)
+        headers["Content-Type"] = content_type
+        return await self._post(self.config.revocation_endpoint, headers, data)
 
     async def _token_call(
-        self, form: dict[str, str], *, previous_refresh_token: str | None
+        self,
+        form: dict[str, str],
+        *,
+        previous_refresh_token: str | None,
+        again_if_dropped: bool = False,
     ) -> TokenResult:
         obtained_at = self._clock.now()
         headers = self._headers()
         headers["Content-Type"] = "application/x-www-form-urlencoded"
         headers[HARD_EXPIRY_HEADER] = "true"
-        status, body, tid, retry_after = await self._post(
-            self.config.token_endpoint, headers, urlencode(form).encode()
+        reply = await self._post(
+            self.config.token_endpoint,
+            headers,
+            urlencode(form).encode(),
+            again_if_dropped=again_if_dropped,
         )
-        if status != 200:
-            conceal = form.get("refresh_token") or form.get("code")
-            raise _classify(status, body, tid, retry_after, what="token", conceal=conceal)
+        if reply.status != 200 or _is_error_body(reply.body):
+            conceal = self._concealed(form.get("refresh_token") or form.get("code"))
+            raise _classify(reply, what="token", conceal=conceal)
         return TokenResult(
-            tokens=_parse_tokens(body, tid, obtained_at, previous_refresh_token),
-            intuit_tid=tid,
+            tokens=_parse_tokens(reply.body, reply.tid, obtained_at, previous_refresh_token),
+            intuit_tid=reply.tid,
         )
 
     def _headers(self) -> dict[str, str]:
-        pair = f"{self.config.client_id}:{self.config.client_secret.reveal()}".encode()
-        return {
-            "Authorization": "Basic " + base64.b64encode(pair).decode("ascii"),
-            "Accept": "application/json",
-        }
+        return {"Authorization": "Basic " + self._basic(), "Accept": "application/json"}
+
+    def _basic(self) -> str:
+        """RFC 6749 §2.3.1: id and secret are form-encoded, then joined and base64-encoded.
+
+        Intuit's ids and secrets are letters and digits, which the encoding leaves
+        as they are; a secret with ``:``, ``%`` or ``+`` reaches a standard server
+        intact only this way.
+        """
+        client_id = quote_plus(self.config.client_id, safe="")
+        secret = quote_plus(self.config.client_secret.reveal(), safe="")
+        return base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
+
+    def _concealed(self, presented: str | None) -> tuple[str, ...]:
+        """What a server echoing our request must not get into an error message."""
+        secret = self.config.client_secret.reveal()
+        values = [secret, quote_plus(secret, safe=""), self._basic()]
+        if presented:
+            values += [presented, quote_plus(presented, safe="")]
+        # Longest first, so a value is never half-replaced by a shorter one inside it.
+        return tuple(sorted(filter(None, set(values)), key=len, reverse=True))
 
     async def _post(
-        self, url: str, headers: dict[str, str], data: bytes
-    ) -> tuple[int, bytes, str | None, float | None]:
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout.total_seconds())
+        self, url: str, headers: dict[str, str], data: bytes, *, again_if_dropped: bool = False
+    ) -> _Reply:
+        seconds = self.config.timeout.total_seconds()
         try:
-            async with self._session.post(
-                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
-            ) as response:
-                tid = parse.intuit_tid(response.headers.get("intuit_tid"))
-                body = await _read_body(response, tid)
-                retry_after = parse.retry_after(
-                    response.headers.get("Retry-After"), self._clock.now()
-                )
-                return response.status, body, tid, retry_after
+            async with asyncio.timeout(seconds):  # both tries together
+                try:
+                    return await self._send(url, headers, data, seconds)
+                except _Dropped:
+                    if not again_if_dropped:
+                        raise
+                    # RFC 9112 §9.3.1: a server may close an idle keep-alive connection
+                    # just as we reuse it; the request got no answer. Sending a code
+                    # again is no risk: had it been taken, the second try is refused
+                    # (invalid_grant), which is where not trying would leave the user.
+                    log.info("intuit.connection_dropped", detail="sent again on a new connection")
+                    return await self._send(url, headers, data, seconds)
         except TimeoutError:
             raise TransientIntuitError(
-                f"Intuit did not answer within {self.config.timeout.total_seconds():g}s",
-                code="timeout",
+                f"Intuit did not answer within {seconds:g}s", code="timeout"
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, _Dropped) as exc:
+            cause = exc.cause if isinstance(exc, _Dropped) else exc
             raise TransientIntuitError(
-                f"cannot reach Intuit: {type(exc).__name__}: {parse.text(str(exc))}",
+                f"cannot reach Intuit: {type(cause).__name__}: {parse.text(str(cause))}",
                 code="connection_error",
             ) from None
+
+    async def _send(self, url: str, headers: dict[str, str], data: bytes, seconds: float) -> _Reply:
+        timeout = aiohttp.ClientTimeout(total=seconds)
+        try:
+            # Redirects are never followed: they would carry the Basic credentials
+            # and the refresh token or code to wherever the Location points.
+            response = await self._session.post(
+                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError:
+            raise  # no connection at all: nothing was sent, nothing to send again
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            aiohttp.ClientConnectionResetError,
+        ) as exc:
+            raise _Dropped(exc) from None
+        async with response:
+            tid = parse.intuit_tid(response.headers.get("intuit_tid"))
+            body = await _read_body(response, tid)
+            return _Reply(
+                status=response.status,
+                body=body,
+                tid=tid,
+                retry_after=parse.retry_after(
+                    response.headers.get("Retry-After"), self._clock.now()
+                ),
+                redirect=_origin(url, response.headers.get("Location"))
+                if 300 <= response.status < 400
+                else None,
+            )
+
+
+class _Dropped(Exception):
+    """The connection closed before any answer came (see ``IntuitClient._post``)."""
+
+    def __init__(self, cause: aiohttp.ClientError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    body: bytes
+    tid: str | None
+    retry_after: float | None
+    redirect: str | None  # the origin a 3xx points to (never followed)
+
+
+def _origin(url: str, location: str | None) -> str | None:
+    """``scheme://host[:port]`` of a redirect's target: no path, query or user info."""
+    if not location:
+        return None
+    try:
+        target = urlsplit(urljoin(url, location))
+        host, port = target.hostname, target.port
+    except ValueError:
+        return None
+    if not target.scheme or not host:
+        return None
+    origin = f"{target.scheme}://{host}" + (f":{port}" if port else "")
+    return parse.text(origin, limit=120)
 
 
 async def _read_body(response: aiohttp.ClientResponse, tid: str | None) -> bytes:
@@ -268,21 +377,41 @@ def _lifetime(
     return life
 
 
-def _classify(
-    status: int,
-    body: bytes,
-    tid: str | None,
-    retry_after: float | None,
-    *,
-    what: str,
-    conceal: str | None = None,
-) -> IntuitError:
+def _body_refused(status: int, body: bytes) -> bool:
+    """The revocation server did not take our JSON body (an RFC 7009 one wants a form).
+
+    415, or 400 without an error code or with ``invalid_request`` (RFC 7009's
+    answer to a request without ``token``). A 400 naming the token
+    (``invalid_grant``, ``unsupported_token_type``) read it: asking again won't help.
+    """
+    if status == 415:
+        return True
+    if status != 400:
+        return False
+    data = parse.json_object(body)
+    code = parse.error_code(data.get("error")) if data else None
+    return code in (None, "invalid_request")
+
+
+def _is_error_body(body: bytes) -> bool:
+    """A 200 whose body is an OAuth error (``error``) and carries no access token.
+
+    Some servers answer an error with 200; its ``error`` decides as on a 400.
+    """
+    data = parse.json_object(body)
+    return data is not None and "error" in data and parse.token(data.get("access_token")) is None
+
+
+def _classify(reply: _Reply, *, what: str, conceal: tuple[str, ...] = ()) -> IntuitError:
+    status, body, tid = reply.status, reply.body, reply.tid
     data = parse.json_object(body)
     code = parse.error_code(data.get("error")) if data else None
     description = data.get("error_description") if data else None
-    if isinstance(description, str) and conceal:
-        # A server (or a proxy) may echo what it was sent: never repeat the token or code.
-        description = description.replace(conceal, "[redacted]")
+    if isinstance(description, str):
+        # A server (or a proxy) may echo what it was sent: never repeat a token, a
+        # code, the client secret or the Basic credentials.
+        for value in conceal:
+            description = description.replace(value, "[redacted]")
     detail = f": {parse.text(description)}" if isinstance(description, str) and description else ""
     if code == "invalid_grant":
         return InvalidGrantError(
@@ -299,7 +428,14 @@ def _classify(
             code=code or "invalid_client",
             intuit_tid=tid,
         )
-    if data is None:
+    if 300 <= status < 400:
+        where = f" to {reply.redirect}" if reply.redirect else ""
+        key = "token_endpoint" if what == "token" else "revocation_endpoint"
+        message = (
+            f"Intuit {what} call answered HTTP {status}, a redirect{where} (not followed); "
+            f"check [intuit] {key}"
+        )
+    elif data is None:
         kind = "an HTML page" if body.lstrip()[:1] == b"<" else "a body that is not JSON"
         message = f"Intuit {what} call answered HTTP {status} with {kind}"
     else:
@@ -309,7 +445,7 @@ def _classify(
         status=status,
         code=code or f"http_{status}",
         intuit_tid=tid,
-        retry_after=retry_after,
+        retry_after=reply.retry_after,
     )
 
 

@@ -73,7 +73,8 @@ def lifetime(value: object, maximum: timedelta) -> timedelta | None:
 
     Takes a JSON number or a string of ASCII digits. Longer than ``maximum``
     (``Infinity`` and numbers too long for ``int`` included) is ``maximum``;
-    zero, negative, ``NaN``, a boolean, any other string or type is ``None``.
+    zero (or less than a microsecond), negative, ``NaN``, a boolean, any other
+    string or type is ``None``.
     """
     seconds: float
     if isinstance(value, bool):
@@ -97,7 +98,9 @@ def lifetime(value: object, maximum: timedelta) -> timedelta | None:
             return None
     else:
         return None
-    return timedelta(seconds=min(seconds, maximum.total_seconds()))
+    life = timedelta(seconds=min(seconds, maximum.total_seconds()))
+    # Under half a microsecond (1e-7, 6e-266) rounds to zero: not a lifetime either.
+    return life if life > timedelta(0) else None
 
 
 def retry_after(value: str | None, now: datetime) -> float | None:

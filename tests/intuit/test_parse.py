@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qbo_daemon.intuit import parse
@@ -35,6 +35,8 @@ json_values = st.recursive(
 
 @settings(max_examples=100, deadline=None)
 @given(value=json_values, maximum=st.sampled_from(MAXIMA))
+@example(value=6.598208090912549e-266, maximum=parse.ACCESS_TOKEN_MAX_LIFETIME)  # rounds to 0
+@example(value=1e-7, maximum=parse.ACCESS_TOKEN_MAX_LIFETIME)
 def test_a_lifetime_is_none_or_in_range(value: object, maximum: timedelta) -> None:
     life = parse.lifetime(value, maximum)
     assert life is None or timedelta(0) < life <= maximum
