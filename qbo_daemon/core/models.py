@@ -128,16 +128,16 @@ class Account:
         }
 
 
-def reconnect_at(token_expires_at: datetime, lead: timedelta, obtained_at: datetime) -> datetime:
-    """When the next refresh is due: ``lead`` before expiry, never before the token was got.
+@dataclass(frozen=True, slots=True)
+class ImportItem:
+    """An existing connection brought in from elsewhere (an import or ``PUT …/tokens``)."""
 
-    A token shorter-lived than the lead (a simulator, a test) is refreshed at
-    half its life instead of in a tight loop.
-    """
-    due = token_expires_at - lead
-    if due <= obtained_at:
-        return obtained_at + (token_expires_at - obtained_at) / 2
-    return due
+    account_id: str
+    realm_id: str
+    refresh_token: str
+    access_token: str | None = None
+    token_expires_at: datetime | None = None
+    refresh_token_expires_at: datetime | None = None
 
 
 def utc(value: datetime) -> datetime:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 
 import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import IntuitError, StaleWriteError
-from qbo_daemon.core.models import Account, AccountStatus
+from qbo_daemon.core.models import Account, AccountStatus, ImportItem
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.intuit.client import IntuitClient
-from qbo_daemon.store.repository import ImportItem, Storage
+from qbo_daemon.store.port import AccountStore, AccountWrite
 
 log = structlog.get_logger("qbo_daemon.engine.accounts")
 
@@ -34,27 +35,29 @@ class Disconnected:
 class AccountService:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         intuit: IntuitClient,
         scheduler: Scheduler,
         clock: Clock,
         events: Events,
-        *,
-        lead: timedelta,
+        policy: RefreshPolicy,
     ) -> None:
         self._storage = storage
         self._intuit = intuit
         self._scheduler = scheduler
         self._clock = clock
         self._events = events
-        self.lead = lead
+        self._policy = policy
 
     async def import_tokens(self, items: Sequence[ImportItem]) -> list[Account]:
         """Store existing connections (all or nothing) and schedule them at once.
 
         An account whose access token is not known to be valid is due now.
         """
-        accounts = await self._storage.import_accounts(items, lead=self.lead, now=self._clock.now())
+        now = self._clock.now()
+        accounts = await self._storage.upsert_connections(
+            [self._policy.imported(item, now=now) for item in items]
+        )
         for account in accounts:
             # A refresh that was in flight for a replaced account discards its result and
             # drops the timer when it ends: let it end before setting the new timer.
@@ -71,12 +74,15 @@ class AccountService:
         # Let a refresh in flight finish first, so the newest token is the one revoked.
         await self._scheduler.wait_idle(account_id)
         while True:
-            account = await self._storage.get_account(account_id)
+            account = await self._storage.load(account_id)
             if account.status is AccountStatus.DISCONNECTED:
                 return Disconnected(account, RevokeOutcome.NOT_NEEDED)
             revoke = await self._revoke(account)
             try:
-                forgotten = await self._storage.forget_tokens(account, now=self._clock.now())
+                gone = self._policy.disconnected(account, now=self._clock.now())
+                forgotten = await self._storage.commit(
+                    AccountWrite(gone, account.version, tokens=True)
+                )
             except StaleWriteError:
                 continue
             self._scheduler.unschedule(account_id)

@@ -32,9 +32,10 @@ from qbo_daemon.core.errors import (
 )
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, valid_account_id
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.intuit.client import IntuitClient
-from qbo_daemon.store.repository import Storage
+from qbo_daemon.store.port import AccountStore
 
 log = structlog.get_logger("qbo_daemon.engine.connect")
 
@@ -57,14 +58,14 @@ class ConnectResult:
 class ConnectFlow:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         intuit: IntuitClient,
         scheduler: Scheduler,
         clock: Clock,
         metrics: Metrics,
         events: Events,
+        policy: RefreshPolicy,
         *,
-        lead: timedelta,
         state_ttl: timedelta = timedelta(minutes=10),
     ) -> None:
         self._storage = storage
@@ -73,7 +74,7 @@ class ConnectFlow:
         self._clock = clock
         self._metrics = metrics
         self._events = events
-        self.lead = lead
+        self._policy = policy
         self._state_ttl = state_ttl
         self._pending: dict[str, asyncio.Future[ConnectResult]] = {}
 
@@ -157,8 +158,8 @@ class ConnectFlow:
             else:
                 message = "Intuit could not be reached. Start connecting again in a few minutes."
             return ConnectResult("exchange_failed", 502, "Cannot connect", message, account_id)
-        account = await self._storage.save_connection(
-            account_id, realm_id, result.tokens, lead=self.lead, now=self._clock.now()
+        account = await self._storage.upsert_connection(
+            self._policy.connected(account_id, realm_id, result.tokens, now=self._clock.now())
         )
         # The connection is saved: time it before anything else can fail.
         self._scheduler.schedule_account(account)

@@ -19,15 +19,15 @@ and makes sure only one attempt per account is in flight. An attempt:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 
 import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import (
-    AccountNotFoundError,
     IntuitError,
     InvalidClientError,
     InvalidGrantError,
@@ -36,9 +36,10 @@ from qbo_daemon.core.errors import (
     TransientIntuitError,
 )
 from qbo_daemon.core.metrics import Metrics
-from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso
+from qbo_daemon.core.models import Account, TokenSet
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.intuit.client import IntuitClient, TokenResult
-from qbo_daemon.store.repository import Attempt, Storage
+from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt
 
 log = structlog.get_logger("qbo_daemon.refresh")
 
@@ -77,19 +78,19 @@ class Outcome:
 class Refresher:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         intuit: IntuitClient,
         clock: Clock,
         metrics: Metrics,
+        policy: RefreshPolicy,
         *,
-        lead: timedelta,
         concurrency: int,
     ) -> None:
         self._storage = storage
         self._intuit = intuit
         self._clock = clock
         self._metrics = metrics
-        self.lead = lead
+        self._policy = policy
         self._slots = asyncio.Semaphore(concurrency)
         self.in_flight = 0
         # New tokens held in memory while their write is retried, per account, with the
@@ -121,17 +122,17 @@ class Refresher:
         async with slots:
             # Read the row only once a slot is ours: in a storm the wait can be long, and
             # a reconnect or import meanwhile must not make us present an older token.
-            try:
-                account = await self._storage.get_account(account_id)
-            except AccountNotFoundError:
+            account = await self._storage.find(account_id)
+            if account is None:
                 return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
             if not account.status.scheduled or account.refresh_token is None:
                 return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
             now = self._clock.now()
-            dead = _refresh_token_death(account, now)
+            dead = self._policy.refresh_token_death(account, now)
             if dead is not None:
+                attempt = Attempt(account_id, now, "expired", 0.0, error=dead)
                 updated = await self._record_failure(
-                    account, AccountStatus.NEEDS_RECONNECT, dead, now=now, outcome="expired"
+                    account, lambda a: self._policy.dead(a, dead, now=now), attempt
                 )
                 if updated is None:
                     return await self._replaced(account_id)
@@ -169,7 +170,7 @@ class Refresher:
         The outcome carries the current row, so the scheduler keeps (or drops) the
         timer that row asks for instead of acting on this attempt's result.
         """
-        current = await self._storage.find_account(account_id)
+        current = await self._storage.find(account_id)
         return Outcome(OutcomeKind.SKIPPED, current, message="account replaced during refresh")
 
     async def _persist(
@@ -191,12 +192,8 @@ class Refresher:
             )
             try:
                 try:
-                    updated = await self._storage.save_refresh(
-                        account,
-                        result.tokens,
-                        lead=self.lead,
-                        now=self._clock.now(),
-                        attempt=attempt,
+                    updated = await self._storage.commit(
+                        self._refreshed(account, result.tokens, attempt)
                     )
                 except StaleWriteError:
                     current = await self._still_ours(account)
@@ -236,9 +233,7 @@ class Refresher:
     async def _last_write(self, account: Account, result: TokenResult, attempt: Attempt) -> None:
         self._held.pop(account.account_id, None)
         try:
-            await self._storage.save_refresh(
-                account, result.tokens, lead=self.lead, now=self._clock.now(), attempt=attempt
-            )
+            await self._storage.commit(self._refreshed(account, result.tokens, attempt))
         except StorageError as exc:
             log.critical(
                 "refresh.tokens_lost",
@@ -274,41 +269,26 @@ class Refresher:
             # Our credentials are wrong, not this account: mark nothing.
             await self._storage.record_attempt(attempt)
             return Outcome(kind, account, error)
-        if kind is OutcomeKind.INVALID_GRANT:
-            status = AccountStatus.NEEDS_RECONNECT
-        elif account.token_expires_at is not None and account.token_expires_at <= now:
-            status = AccountStatus.EXPIRED
-        else:
-            status = account.status
-        updated = await self._record_failure(account, status, str(error), now=now, attempt=attempt)
+        updated = await self._record_failure(
+            account, lambda a: self._policy.failed(a, error, now=now), attempt
+        )
         if updated is None:
             # The failure was of tokens that are no longer this account's.
             return await self._replaced(account.account_id)
         return Outcome(kind, updated, error, duration=duration, intuit_tid=error.intuit_tid)
 
+    def _refreshed(self, account: Account, tokens: TokenSet, attempt: Attempt) -> AccountWrite:
+        updated = self._policy.refreshed(account, tokens, now=self._clock.now())
+        return AccountWrite(updated, account.version, tokens=True, attempt=attempt)
+
     async def _record_failure(
-        self,
-        account: Account,
-        status: AccountStatus,
-        message: str,
-        *,
-        now: datetime,
-        attempt: Attempt | None = None,
-        outcome: str | None = None,
+        self, account: Account, decide: Callable[[Account], Account], attempt: Attempt
     ) -> Account | None:
         """Note the failure; ``None`` when the row was replaced meanwhile (nothing noted)."""
-        if attempt is None and outcome is not None:
-            attempt = Attempt(
-                account_id=account.account_id,
-                started_at=now,
-                outcome=outcome,
-                duration_ms=0.0,
-                error=message,
-            )
         for _ in range(3):
             try:
-                return await self._storage.record_failure(
-                    account, status=status, error=message, now=now, attempt=attempt
+                return await self._storage.commit(
+                    AccountWrite(decide(account), account.version, tokens=False, attempt=attempt)
                 )
             except StaleWriteError:
                 current = await self._still_ours(account)
@@ -324,17 +304,7 @@ class Refresher:
         disconnected): the newer credentials win. Otherwise only bookkeeping
         changed (a key rotation, a failure note) and the write may be redone.
         """
-        current = await self._storage.find_account(account.account_id)
+        current = await self._storage.find(account.account_id)
         if current is None or current.refresh_token != account.refresh_token:
             return None
         return current
-
-
-def _refresh_token_death(account: Account, now: datetime) -> str | None:
-    """Why the refresh token can no longer work, or None while it lives."""
-    if account.refresh_token_expires_at is not None and account.refresh_token_expires_at <= now:
-        return f"refresh token expired at {iso(account.refresh_token_expires_at)}"
-    hard = account.refresh_token_hard_expires_at
-    if hard is not None and hard <= now:
-        return f"refresh token reached Intuit's 5-year hard expiry at {iso(hard)}"
-    return None

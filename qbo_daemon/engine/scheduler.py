@@ -28,7 +28,7 @@ import itertools
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 import structlog
@@ -36,13 +36,12 @@ import structlog
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, TokenSet, iso
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.refresher import Outcome, OutcomeKind, Refresher
-from qbo_daemon.store.repository import ScheduleEntry, Storage
+from qbo_daemon.store.port import AccountStore, ScheduleEntry
 
 log = structlog.get_logger("qbo_daemon.engine.scheduler")
 
-# Floor of a retry delay, so full jitter never turns into a hot loop.
-_MIN_RETRY_DELAY = 0.05
 # Finished attempts remembered for askers that read the row just before one finished.
 _RECENT_OUTCOMES = 1024
 
@@ -57,16 +56,13 @@ class Scheduler:
     def __init__(
         self,
         refresher: Refresher,
-        storage: Storage,
+        storage: AccountStore,
         clock: Clock,
         metrics: Metrics,
         events: Events,
+        policy: RefreshPolicy,
         *,
         concurrency: int,
-        backoff_initial: timedelta,
-        backoff_max: timedelta,
-        invalid_client_retry: timedelta,
-        hard_expiry_warning: timedelta,
         max_wait: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -75,10 +71,7 @@ class Scheduler:
         self._clock = clock
         self._metrics = metrics
         self._events = events
-        self.backoff_initial = backoff_initial.total_seconds()
-        self.backoff_max = backoff_max.total_seconds()
-        self.invalid_client_retry = invalid_client_retry.total_seconds()
-        self.hard_expiry_warning = hard_expiry_warning
+        self._policy = policy
         self._max_wait = max_wait
         self._rng = rng or random.Random()
         self._heap: list[tuple[float, int, str]] = []
@@ -193,6 +186,10 @@ class Scheduler:
         if self._paused_until is not None:
             self._paused_until = self._clock.now().timestamp()
             self._wakeup.set()
+
+    @property
+    def _invalid_client_retry(self) -> float:
+        return self._policy.settings.invalid_client_retry.total_seconds()
 
     def set_concurrency(self, concurrency: int) -> None:
         self._dispatch_slots = asyncio.Semaphore(_dispatch_width(concurrency))
@@ -333,7 +330,7 @@ class Scheduler:
             # interval; a skipped account hands the probe to the next due one.
             self._probing = False
             if kind is OutcomeKind.TRANSIENT and self._paused_until is not None:
-                self._paused_until = now.timestamp() + self.invalid_client_retry
+                self._paused_until = now.timestamp() + self._invalid_client_retry
             self._wakeup.set()
         if kind is OutcomeKind.SUCCESS and outcome.account is not None:
             account = outcome.account
@@ -376,22 +373,14 @@ class Scheduler:
         self._failures[account_id] = failures
         account = outcome.account if outcome else None
         expired = bool(account and account.token_expires_at and account.token_expires_at <= now)
-        if expired:
-            # The access token is dead; the refresh token is not: keep trying at the cap.
-            delay = self._rng.uniform(self.backoff_max / 2, self.backoff_max)
-        else:
-            cap = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 32))
-            delay = self._rng.uniform(0, cap)
-        retry_after = outcome.retry_after if outcome else None
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        delay = max(delay, _MIN_RETRY_DELAY)
-        due = now + timedelta(seconds=delay)
-        if account and account.refresh_token_expires_at and due > account.refresh_token_expires_at:
-            # The last chance is just before the refresh token dies; at that instant
-            # the refresher marks the account needs_reconnect without calling Intuit.
-            due = max(account.refresh_token_expires_at, now)
-        self.schedule(account_id, due)
+        # The access token is dead; the refresh token is not: keep trying at the cap.
+        delay = self._policy.retry_delay(
+            failures,
+            expired=expired,
+            retry_after=outcome.retry_after if outcome else None,
+            rng=self._rng,
+        )
+        self.schedule(account_id, self._policy.retry_at(account, delay, now))
         self._metrics.retry_scheduled()
         error = outcome.error if outcome else None
         log.warning(
@@ -407,7 +396,7 @@ class Scheduler:
         now = self._clock.now().timestamp()
         first = self._paused_until is None
         self._probing = False
-        self._paused_until = now + self.invalid_client_retry
+        self._paused_until = now + self._invalid_client_retry
         self.schedule(account_id, self._clock.now())
         self._metrics.set_healthy(False)
         log_method = log.error if first else log.warning
@@ -416,13 +405,13 @@ class Scheduler:
             error=str(outcome.error),
             intuit_tid=outcome.error.intuit_tid if outcome.error else None,
             detail="refreshes are paused; no account is marked; retrying",
-            retry_in=self.invalid_client_retry,
+            retry_in=self._invalid_client_retry,
         )
 
     def _check_hard_expiry(self, account_id: str, hard: datetime | None, now: datetime) -> None:
         if hard is None:
             return
-        if hard - now > self.hard_expiry_warning:
+        if hard - now > self._policy.settings.hard_expiry_warning:
             # A reconnect brings a new hard expiry: warn again when that one nears.
             self._warned_hard_expiry.discard(account_id)
         elif account_id not in self._warned_hard_expiry:

@@ -11,11 +11,12 @@ from qbo_daemon.core.errors import StorageError
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.engine.accounts import AccountService
 from qbo_daemon.engine.connect import ConnectFlow
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.intuit.client import IntuitClient
-from qbo_daemon.store.repository import Storage
+from qbo_daemon.store.port import AccountStore
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Services:
 
     config: Config
     clock: Clock
-    storage: Storage
+    storage: AccountStore
     intuit: IntuitClient
     refresher: Refresher
     scheduler: Scheduler
@@ -33,6 +34,7 @@ class Services:
     accounts: AccountService
     metrics: Metrics
     events: Events
+    policy: RefreshPolicy
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether the daemon can do its job, and each check's verdict."""

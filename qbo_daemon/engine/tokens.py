@@ -16,13 +16,10 @@ from datetime import datetime, timedelta
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import QboDaemonError
 from qbo_daemon.core.models import Account, AccountStatus
+from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.refresher import OutcomeKind
 from qbo_daemon.engine.scheduler import Scheduler
-from qbo_daemon.store.repository import Storage
-
-# A token with less than this left (or less than the lead, if shorter) is
-# "about to expire": the caller waits for a fresh one.
-NEAR_EXPIRY = timedelta(seconds=60)
+from qbo_daemon.store.port import AccountStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +41,15 @@ class TokenUnavailableError(QboDaemonError):
 class TokenService:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         scheduler: Scheduler,
         clock: Clock,
-        *,
-        wait: timedelta,
-        lead: timedelta,
+        policy: RefreshPolicy,
     ) -> None:
         self._storage = storage
         self._scheduler = scheduler
         self._clock = clock
-        self.wait = wait
-        self.near_expiry = min(NEAR_EXPIRY, lead)
+        self._policy = policy
 
     async def get(self, account_id: str) -> AccessToken:
         """A valid access token for ``account_id``.
@@ -67,10 +61,10 @@ class TokenService:
         # Taken before the read: a refresh finishing while we read answers us too,
         # instead of a second refresh started from a row read just before its commit.
         mark = self._scheduler.attempt_mark()
-        account = await self._storage.get_account(account_id)
+        account = await self._storage.load(account_id)
         _check_status(account)
         now = self._clock.now()
-        if _valid_for(account, now) > self.near_expiry:
+        if valid_for(account, now) > self._policy.near_expiry:
             if account.reconnect_token_at is not None and account.reconnect_token_at <= now:
                 self._scheduler.refresh_in_background(account_id)
             return _token(account)
@@ -80,16 +74,16 @@ class TokenService:
         try:
             outcome = await asyncio.wait_for(
                 self._scheduler.refresh(account_id, since=mark, patient=True),
-                self.wait.total_seconds(),
+                self._policy.settings.token_wait.total_seconds(),
             )
         except TimeoutError:
             outcome = None
         if outcome is not None and outcome.kind is OutcomeKind.SUCCESS and outcome.account:
             return _token(outcome.account)
         # The refresh failed or is slow: the newest stored row decides.
-        account = await self._storage.get_account(account_id)
+        account = await self._storage.load(account_id)
         _check_status(account)
-        if _valid_for(account, self._clock.now()) > timedelta(0):
+        if valid_for(account, self._clock.now()) > timedelta(0):
             return _token(account)
         held = self._held(account, self._clock.now())
         if held is not None:
@@ -124,12 +118,6 @@ def _check_status(account: Account) -> None:
             "the account was disconnected; connect it again through "
             f"POST /v1/accounts/{account.account_id}/authorize-url",
         )
-
-
-def _valid_for(account: Account, now: datetime) -> timedelta:
-    if not account.access_token or account.token_expires_at is None:
-        return timedelta(0)
-    return account.token_expires_at - now
 
 
 def _token(account: Account) -> AccessToken:

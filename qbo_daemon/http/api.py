@@ -164,7 +164,7 @@ async def _list_accounts(request: web.Request) -> web.Response:
 
 async def _show_account(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    account = await services.storage.get_account(_account_id(request))
+    account = await services.storage.load(_account_id(request))
     return web.json_response(_account_json(services, account))
 
 
@@ -189,7 +189,7 @@ async def _token(request: web.Request) -> web.Response:
 async def _refresh(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = _account_id(request)
-    await services.storage.get_account(account_id)  # 404 before anything else
+    await services.storage.load(account_id)  # 404 before anything else
     outcome = await services.scheduler.refresh(account_id)
     if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
         return web.json_response(_account_json(services, outcome.account))
@@ -198,7 +198,7 @@ async def _refresh(request: web.Request) -> web.Response:
     if outcome.kind is OutcomeKind.TRANSIENT:
         detail = str(outcome.error) if outcome.error else (outcome.message or "refresh failed")
         raise ApiError(503, "unavailable", f"refresh failed, will be retried: {detail}")
-    account = await services.storage.get_account(account_id)
+    account = await services.storage.load(account_id)
     if account.status.scheduled:  # replaced meanwhile (reconnected or imported): it is fresh
         return web.json_response(_account_json(services, account))
     reconnect = f"send the user to the URL from POST /v1/accounts/{account_id}/authorize-url"
@@ -216,7 +216,7 @@ async def _import_tokens(request: web.Request) -> web.Response:
     account_id = _account_id(request)
     body = await _json_object(request, MAX_BODY)
     item = parse_item(body, now=services.clock.now(), account_id=account_id)
-    existed = await services.storage.find_account(account_id) is not None
+    existed = await services.storage.find(account_id) is not None
     [account] = await services.accounts.import_tokens([item])
     return web.json_response(_account_json(services, account), status=200 if existed else 201)
 
@@ -293,7 +293,7 @@ async def _rotate_keys(request: web.Request) -> web.Response:
         raise ApiError(
             400, "invalid_field", "expected_key_id: expected a string", "expected_key_id"
         )
-    primary = services.storage.cipher.primary_key_id
+    primary = services.storage.primary_key_id
     if expected is not None and expected != primary:
         raise ApiError(
             409,

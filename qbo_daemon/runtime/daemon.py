@@ -26,6 +26,7 @@ from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
 from qbo_daemon.engine.connect import ConnectFlow
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.engine.services import Services
@@ -150,20 +151,12 @@ class Daemon:
         clock = self.clock
         refresh = config.refresh
         intuit = IntuitClient(session, config.intuit, clock)
+        policy = RefreshPolicy(refresh)
         refresher = Refresher(
-            storage, intuit, clock, metrics, lead=refresh.lead, concurrency=refresh.concurrency
+            storage, intuit, clock, metrics, policy, concurrency=refresh.concurrency
         )
         scheduler = Scheduler(
-            refresher,
-            storage,
-            clock,
-            metrics,
-            events,
-            concurrency=refresh.concurrency,
-            backoff_initial=refresh.backoff_initial,
-            backoff_max=refresh.backoff_max,
-            invalid_client_retry=refresh.invalid_client_retry,
-            hard_expiry_warning=refresh.hard_expiry_warning,
+            refresher, storage, clock, metrics, events, policy, concurrency=refresh.concurrency
         )
         return Services(
             config=config,
@@ -172,13 +165,10 @@ class Daemon:
             intuit=intuit,
             refresher=refresher,
             scheduler=scheduler,
-            connect=ConnectFlow(
-                storage, intuit, scheduler, clock, metrics, events, lead=refresh.lead
-            ),
-            tokens=TokenService(
-                storage, scheduler, clock, wait=refresh.token_wait, lead=refresh.lead
-            ),
-            accounts=AccountService(storage, intuit, scheduler, clock, events, lead=refresh.lead),
+            connect=ConnectFlow(storage, intuit, scheduler, clock, metrics, events, policy),
+            tokens=TokenService(storage, scheduler, clock, policy),
+            accounts=AccountService(storage, intuit, scheduler, clock, events, policy),
+            policy=policy,
             metrics=metrics,
             events=events,
         )
@@ -267,7 +257,6 @@ class Daemon:
                 ),
                 ("[storage] path", old.storage.path, config.storage.path),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
-                ("[refresh] lead", old.refresh.lead, config.refresh.lead),
                 (
                     "[callback] success_redirect",
                     old.callback.success_redirect,
@@ -287,16 +276,12 @@ class Daemon:
             if before != after
         ]
         if services is not None and cipher is not None:
-            services.storage.cipher = cipher
+            services.storage.use_cipher(cipher)
             services.intuit.config = config.intuit
             services.scheduler.set_concurrency(config.refresh.concurrency)
-            services.scheduler.backoff_initial = config.refresh.backoff_initial.total_seconds()
-            services.scheduler.backoff_max = config.refresh.backoff_max.total_seconds()
-            services.scheduler.invalid_client_retry = (
-                config.refresh.invalid_client_retry.total_seconds()
+            services.policy.update(
+                replace(config.refresh, shutdown_grace=old.refresh.shutdown_grace)
             )
-            services.scheduler.hard_expiry_warning = config.refresh.hard_expiry_warning
-            services.tokens.wait = config.refresh.token_wait
             services.scheduler.resume()
             if config.notify != old.notify and self._relay is not None and self._session:
                 previous = self._relay.target
@@ -310,9 +295,7 @@ class Daemon:
                 storage=replace(
                     config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
                 ),
-                refresh=replace(
-                    config.refresh, lead=old.refresh.lead, shutdown_grace=old.refresh.shutdown_grace
-                ),
+                refresh=replace(config.refresh, shutdown_grace=old.refresh.shutdown_grace),
                 intuit=replace(config.intuit, redirect_uri=old.intuit.redirect_uri),
             )
             services.intuit.config = config.intuit

@@ -1,4 +1,9 @@
-"""Rows of the ``accounts`` and ``refresh_attempts`` tables as values, and back.
+"""The one row mapper: accounts and refresh attempts as values, and back.
+
+:data:`ACCOUNT_COLUMNS` is the one list of the ``accounts`` table's columns;
+every statement on that table below is derived from it, and
+:func:`account_values` and :func:`account_from_row` are the only places that
+turn an :class:`Account` into column values and back.
 
 Secrets (realm id, access and refresh token) are encrypted with associated
 data naming the table, column and ``account_id``, so a ciphertext copied to
@@ -9,57 +14,103 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from qbo_daemon.core.models import Account, AccountStatus, iso, parse_iso
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.sqlite import Statement
+from qbo_daemon.store.port import Attempt, ScheduleEntry
 
+# Every column of ``accounts``: identity first, then what writes set.
 ACCOUNT_COLUMNS = (
-    "id, account_id, status, realm_id, access_token, refresh_token, key_id, token_expires_at, "
-    "reconnect_token_at, refresh_token_expires_at, refresh_token_hard_expires_at, failure_count, "
-    "last_error, last_refreshed_at, version, created_at, updated_at"
+    "id",
+    "account_id",
+    "created_at",
+    "status",
+    "realm_id",
+    "access_token",
+    "refresh_token",
+    "key_id",
+    "token_expires_at",
+    "reconnect_token_at",
+    "refresh_token_expires_at",
+    "refresh_token_hard_expires_at",
+    "failure_count",
+    "last_error",
+    "last_refreshed_at",
+    "version",
+    "updated_at",
+)
+SECRET_COLUMNS = ("realm_id", "access_token", "refresh_token")
+# What a write of the credentials sets: all but the row's identity.
+TOKEN_COLUMNS = ACCOUNT_COLUMNS[3:]
+# What a failure note sets: the credentials (and the key they are under) stay.
+NOTE_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c not in (*SECRET_COLUMNS, "key_id"))
+# What a new row gets: all but the surrogate key.
+INSERT_COLUMNS = ACCOUNT_COLUMNS[1:]
+
+
+def _update(columns: tuple[str, ...]) -> str:
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    return f"UPDATE accounts SET {assignments} WHERE account_id = ? AND version = ?"
+
+
+SELECT_ACCOUNTS = f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts"
+# Compare-and-swap updates: their parameters are account_values(...) + (account_id, version).
+UPDATE_TOKENS = _update(TOKEN_COLUMNS)
+UPDATE_NOTE = _update(NOTE_COLUMNS)
+INSERT_ACCOUNT = (
+    f"INSERT INTO accounts ({', '.join(INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms, "
+    "intuit_tid, error) VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduleEntry:
-    """What the scheduler needs of an account at start-up: times, no secrets."""
+def account_values(
+    cipher: Cipher | None, account: Account, columns: Iterable[str]
+) -> tuple[Any, ...]:
+    """The values of ``columns`` for ``account``, secrets encrypted under the primary key.
 
-    account_id: str
-    status: AccountStatus
-    reconnect_token_at: datetime
-    token_expires_at: datetime
-    refresh_token_expires_at: datetime | None
-    refresh_token_hard_expires_at: datetime | None
+    ``cipher`` may be None only when ``columns`` holds no secret.
+    """
+    values = []
+    for column in columns:
+        if column in SECRET_COLUMNS:
+            assert cipher is not None, column
+            plain = getattr(account, column)
+            values.append(
+                None
+                if plain is None
+                else cipher.encrypt(
+                    plain, table="accounts", column=column, row_key=account.account_id
+                )
+            )
+        elif column == "key_id":
+            assert cipher is not None
+            values.append(cipher.primary_key_id)
+        elif column == "status":
+            values.append(account.status.value)
+        elif column in _TIMES:
+            values.append(iso(getattr(account, column)))
+        else:
+            values.append(getattr(account, column))
+    return tuple(values)
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One refresh attempt, for the append-only attempts table."""
-
-    account_id: str
-    started_at: datetime
-    outcome: str
-    duration_ms: float
-    intuit_tid: str | None = None
-    error: str | None = None
-
-
-def encrypt_secrets(cipher: Cipher, account: Account) -> dict[str, str | None]:
-    """The account's secret columns as stored: encrypted, or None where the value is."""
-    values = {
-        "realm_id": account.realm_id,
-        "access_token": account.access_token,
-        "refresh_token": account.refresh_token,
+_TIMES = frozenset(
+    {
+        "created_at",
+        "token_expires_at",
+        "reconnect_token_at",
+        "refresh_token_expires_at",
+        "refresh_token_hard_expires_at",
+        "last_refreshed_at",
+        "updated_at",
     }
-    return {
-        column: None
-        if value is None
-        else cipher.encrypt(value, table="accounts", column=column, row_key=account.account_id)
-        for column, value in values.items()
-    }
+)
 
 
 def account_from_row(cipher: Cipher, row: sqlite3.Row, *, tokens: bool) -> Account:
@@ -112,32 +163,13 @@ def schedule_entries_from(rows: Iterable[sqlite3.Row]) -> list[ScheduleEntry]:
     return entries
 
 
-def attempt_statements(attempt: Attempt | None) -> list[Statement]:
-    """The insert of ``attempt``, to write with its account's update; none for None."""
-    if attempt is None:
-        return []
-    return [
-        (
-            "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms, "
-            "intuit_tid, error) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                attempt.account_id,
-                iso(attempt.started_at),
-                attempt.outcome,
-                round(attempt.duration_ms, 3),
-                attempt.intuit_tid,
-                attempt.error,
-            ),
-        )
-    ]
-
-
-def attempt_from_row(row: sqlite3.Row) -> Attempt:
-    return Attempt(
-        account_id=row["account_id"],
-        started_at=parse_iso(row["started_at"]) or datetime.min,
-        outcome=row["outcome"],
-        duration_ms=row["duration_ms"],
-        intuit_tid=row["intuit_tid"],
-        error=row["error"],
+def attempt_values(attempt: Attempt) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT_ATTEMPT`."""
+    return (
+        attempt.account_id,
+        iso(attempt.started_at),
+        attempt.outcome,
+        round(attempt.duration_ms, 3),
+        attempt.intuit_tid,
+        attempt.error,
     )

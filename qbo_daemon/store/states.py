@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from qbo_daemon.core.errors import OAuthStateError
 from qbo_daemon.core.models import iso, parse_iso
+from qbo_daemon.store.port import StateRecord
 from qbo_daemon.store.sqlite import Database
-
-
-@dataclass(frozen=True, slots=True)
-class StateRecord:
-    account_id: str
-    outcome: str | None
 
 
 class OAuthStates:

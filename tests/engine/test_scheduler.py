@@ -30,7 +30,8 @@ from qbo_daemon.core.models import iso, parse_iso
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator, RequestLogEntry, SimulatorSettings
 from qbo_daemon.store.crypto import generate_key
-from tests.harness import RunningDaemon, run_daemon, wait_for
+from qbo_daemon.store.repository import Storage
+from tests.harness import RunningDaemon, attempts, run_daemon, wait_for
 from tests.manual_clock import ManualClock
 
 T0 = datetime(2031, 3, 3, 9, 0, tzinfo=UTC)
@@ -311,7 +312,7 @@ async def test_refresh_fires_at_reconnect_token_at_not_earlier_not_later(
     # Expiry counts from when the request was sent, Intuit's expires_in after it.
     assert at(after, "token_expires_at") == due + timedelta(seconds=3600)
     assert at(after, "reconnect_token_at") == due + timedelta(seconds=3000)
-    [attempt] = await running.services.storage.attempts("acme")
+    [attempt] = attempts(running.database, "acme")
     assert (attempt.outcome, attempt.started_at) == ("success", due)
     assert attempt.intuit_tid == call.intuit_tid
     [line] = logs.lines("refresh.succeeded", account_id="acme")
@@ -395,7 +396,7 @@ async def test_transient_faults_are_retried_with_growing_capped_delays_then_succ
     assert (body["status"], body["failure_count"], body["last_error"]) == ("active", 0, None)
     [recovered] = logs.lines("account.recovered", account_id="acme")
     assert recovered["after_failures"] == len(faults)
-    outcomes = [a.outcome for a in await running.services.storage.attempts("acme")]
+    outcomes = [a.outcome for a in attempts(running.database, "acme")]
     assert outcomes == ["success"] + ["transient"] * len(faults)
 
 
@@ -470,7 +471,7 @@ async def test_retries_go_on_past_token_expiry_until_the_refresh_token_dies(
     body = await account(running, "acme")
     assert body["status"] == "needs_reconnect"
     assert "expired" in body["last_error"]
-    [attempt, *_] = await running.services.storage.attempts("acme")
+    [attempt, *_] = attempts(running.database, "acme")
     assert (attempt.outcome, attempt.started_at) == ("expired", refresh_dies)
     [line] = logs.lines("account.needs_reconnect", account_id="acme")
     assert line["level"] == "error"
@@ -536,7 +537,7 @@ async def test_invalid_client_pauses_all_refreshes_marks_no_account_and_recovers
         body = await account(running, account_id)
         assert (body["status"], body["failure_count"]) == ("active", 0)
     assert logs.lines("account.needs_reconnect") == []
-    [attempt] = await running.services.storage.attempts("first")
+    [attempt] = attempts(running.database, "first")
     assert attempt.outcome == "invalid_client"
 
     # Paused: askers are served the still valid token and do not call Intuit.
@@ -611,7 +612,9 @@ async def test_a_probe_that_fails_on_the_database_does_not_wedge_the_pause(
     assert not running.services.scheduler.credentials_ok
 
     # The probe is refused again, and noting the attempt fails: the database refuses writes.
-    writer = running.services.storage._db._writer
+    storage = running.services.storage
+    assert isinstance(storage, Storage)
+    writer = storage._db._writer
     await writer.execute("PRAGMA query_only = ON")
     await advance(running, clock, 120)
     await wait_for(lambda: len(intuit.refreshes()) == 2)
@@ -723,7 +726,7 @@ async def test_rotation_never_presents_a_refresh_token_older_than_the_newest(
         assert call.presented_refresh_token == newest  # never an older one
         newest = call.issued_refresh_token
     assert len(token_calls) >= 9  # at least one API refresh and one timer refresh per round
-    stored = await running.services.storage.get_account("acme")
+    stored = await running.services.storage.load("acme")
     assert stored.refresh_token == newest
     assert stored.status.value == "active"
 
@@ -865,7 +868,7 @@ async def test_a_reconnect_during_a_refresh_wins_and_keeps_its_timer(
     running = await start()
     assert await running.connect("acme") == 200
     await settle(running, clock)
-    old = await running.services.storage.get_account("acme")
+    old = await running.services.storage.load("acme")
     assert old.refresh_token is not None
     assert old.reconnect_token_at is not None
     if answer == "invalid_grant":
@@ -886,7 +889,7 @@ async def test_a_reconnect_during_a_refresh_wins_and_keeps_its_timer(
     [call] = intuit.refreshes()
     assert call.presented_refresh_token == old.refresh_token
     assert call.status == (200 if answer == "success" else 400)
-    new = await running.services.storage.get_account("acme")
+    new = await running.services.storage.load("acme")
     exchange = [e for e in intuit.sim.request_log if e.grant_type == "authorization_code"][-1]
     assert new.refresh_token == exchange.issued_refresh_token  # the new connection's
     assert new.status.value == "active"

@@ -471,7 +471,7 @@ async def test_refresh_now_and_authorize_url(running: RunningDaemon) -> None:
 
 async def test_delete_revokes_at_intuit_and_keeps_a_tombstone(running: RunningDaemon) -> None:
     assert await running.connect("acme") == 200
-    stored = await running.services.storage.get_account("acme")
+    stored = await running.services.storage.load("acme")
     logs = io.StringIO()
     configure_logging("json", "info", stream=logs)
 
@@ -507,7 +507,7 @@ async def test_delete_forgets_the_tokens_even_when_the_revoke_fails(
     status, body = await call(running, "DELETE", "/v1/accounts/acme")
     assert (status, body["status"], body["revoke"]) == (200, "disconnected", "failed")
     assert '"event": "account.revoke_failed"' in logs.getvalue()
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert (account.access_token, account.refresh_token) == (None, None)
 
 
