@@ -44,7 +44,7 @@ class Services:
             checks["database"] = "ok"
         except StorageError as exc:
             checks["database"] = f"failing: {exc}"
-        if self.refresher.persist_failing:
+        if self.scheduler.holding_tokens:
             checks["database"] = "failing: token writes are failing; new tokens held in memory"
         checks["scheduler"] = "ok" if self.scheduler.running else "not running"
         checks["intuit_credentials"] = (

@@ -17,7 +17,6 @@ from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import QboDaemonError
 from qbo_daemon.core.models import Account, AccountStatus
 from qbo_daemon.engine.policy import RefreshPolicy, valid_for
-from qbo_daemon.engine.refresher import OutcomeKind
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.store.port import AccountStore
 
@@ -58,9 +57,6 @@ class TokenService:
         :class:`TokenUnavailableError` (``needs_reconnect``, ``disconnected``,
         ``unavailable``).
         """
-        # Taken before the read: a refresh finishing while we read answers us too,
-        # instead of a second refresh started from a row read just before its commit.
-        mark = self._scheduler.attempt_mark()
         account = await self._storage.load(account_id)
         _check_status(account)
         now = self._clock.now()
@@ -73,12 +69,13 @@ class TokenService:
             return held
         try:
             outcome = await asyncio.wait_for(
-                self._scheduler.refresh(account_id, since=mark, patient=True),
+                # A refresh that committed since our read answers without a call.
+                self._scheduler.refresh_for_token(account_id, seen_version=account.version),
                 self._policy.settings.token_wait.total_seconds(),
             )
         except TimeoutError:
             outcome = None
-        if outcome is not None and outcome.kind is OutcomeKind.SUCCESS and outcome.account:
+        if outcome is not None and outcome.fresh and outcome.account is not None:
             return _token(outcome.account)
         # The refresh failed or is slow: the newest stored row decides.
         account = await self._storage.load(account_id)
@@ -99,7 +96,7 @@ class TokenService:
 
         No newer one can come before the write lands: waiting for it helps no one.
         """
-        held = self._scheduler.held_tokens(account)
+        held = self._scheduler.held_token(account)
         if held is None or held.token_expires_at <= now:
             return None
         return AccessToken(held.access_token, account.realm_id or "", held.token_expires_at)

@@ -21,7 +21,7 @@ from aiohttp import web
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, Account, AccountStatus, iso, valid_account_id
 from qbo_daemon.engine.imports import FieldError, Rejected, check_batch, parse_item
-from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.outcome import OutcomeKind
 from qbo_daemon.engine.services import Services
 from qbo_daemon.engine.tokens import TokenUnavailableError
 from qbo_daemon.http.openapi import openapi_document
@@ -190,7 +190,7 @@ async def _refresh(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = _account_id(request)
     await services.storage.load(account_id)  # 404 before anything else
-    outcome = await services.scheduler.refresh(account_id)
+    outcome = await services.scheduler.refresh_now(account_id)
     if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
         return web.json_response(_account_json(services, outcome.account))
     if outcome.kind is OutcomeKind.INVALID_CLIENT:

@@ -30,6 +30,7 @@ from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.engine.services import Services
+from qbo_daemon.engine.state import AccountStates
 from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.http.api import make_api_app
 from qbo_daemon.http.callback import make_callback_app
@@ -152,11 +153,19 @@ class Daemon:
         refresh = config.refresh
         intuit = IntuitClient(session, config.intuit, clock)
         policy = RefreshPolicy(refresh)
+        states = AccountStates()
         refresher = Refresher(
-            storage, intuit, clock, metrics, policy, concurrency=refresh.concurrency
+            storage, intuit, clock, metrics, policy, states, concurrency=refresh.concurrency
         )
         scheduler = Scheduler(
-            refresher, storage, clock, metrics, events, policy, concurrency=refresh.concurrency
+            refresher,
+            storage,
+            clock,
+            metrics,
+            events,
+            policy,
+            states,
+            concurrency=refresh.concurrency,
         )
         return Services(
             config=config,

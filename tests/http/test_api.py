@@ -553,7 +553,7 @@ async def test_rotation_during_live_refreshes_then_the_old_key_is_dropped(
     await running.daemon.reload(load_config(running.config_path, {}))  # what SIGHUP does
     done, in_flight = 0, []
     while True:
-        in_flight.append(running.services.refresher.in_flight)
+        in_flight.append(running.services.scheduler.in_flight)
         status, answer = await call(
             running, "POST", "/v1/keys/rotate", json={"batch": 1, "expected_key_id": new_id}
         )
