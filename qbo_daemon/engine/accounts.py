@@ -1,4 +1,9 @@
-"""Operations on whole accounts: import existing connections, disconnect, re-encrypt."""
+"""Operations on whole accounts, as the token API and the CLI ask for them.
+
+Listing and showing (with the timer and the status as the engine sees them),
+refreshing now, importing existing connections, disconnecting, re-encrypting.
+The HTTP handlers call these and never the store or the scheduler.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import IntuitError, StaleWriteError
-from qbo_daemon.core.models import Account, AccountStatus, ImportItem
+from qbo_daemon.core.models import Account, AccountStatus, ImportItem, iso
+from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
+from qbo_daemon.engine.outcome import OutcomeKind
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.intuit.client import IntuitClient
@@ -48,6 +56,65 @@ class AccountService:
         self._clock = clock
         self._events = events
         self._policy = policy
+
+    # -- reading -------------------------------------------------------------------
+
+    async def list_accounts(self) -> list[dict[str, Any]]:
+        """Every account as the API shows it; never a secret."""
+        return [self.describe(account) for account in await self._storage.list_accounts()]
+
+    async def show(self, account_id: str) -> dict[str, Any]:
+        """One account as the API shows it; :class:`AccountNotFoundError` if unknown."""
+        return self.describe(await self._storage.load(account_id))
+
+    def describe(self, account: Account) -> dict[str, Any]:
+        """The account's public fields, its live timer and its status as of now."""
+        data = account.public_dict()
+        now = self._clock.now()
+        data["status"] = self._policy.shown_status(account, now).value
+        data["next_refresh_at"] = iso(self._scheduler.due_at(account.account_id))
+        data["hard_expiry_soon"] = self._policy.hard_expiry_soon(account, now)
+        return data
+
+    async def exists(self, account_id: str) -> bool:
+        return await self._storage.find(account_id) is not None
+
+    async def account_ids(self) -> set[str]:
+        return {account.account_id for account in await self._storage.list_accounts()}
+
+    # -- changing --------------------------------------------------------------------
+
+    async def refresh_now(self, account_id: str) -> Account:
+        """Refresh now (single flight); the account after it.
+
+        Raises :class:`AccountNotFoundError`, or :class:`UnavailableError`:
+        ``unavailable`` or ``invalid_client`` (retried later by the timer),
+        ``needs_reconnect`` or ``disconnected``.
+        """
+        await self._storage.load(account_id)  # unknown: not found, before anything else
+        outcome = await self._scheduler.refresh_now(account_id)
+        if outcome.fresh and outcome.account is not None:
+            return outcome.account
+        if outcome.kind is OutcomeKind.INVALID_CLIENT:
+            raise UnavailableError(
+                "invalid_client", "Intuit refused the daemon's client credentials"
+            )
+        if outcome.kind is OutcomeKind.TRANSIENT:
+            raise UnavailableError(
+                "unavailable", f"refresh failed, will be retried: {outcome.reason}"
+            )
+        account = await self._storage.load(account_id)
+        if account.status.scheduled:  # replaced meanwhile (reconnected or imported): it is fresh
+            return account
+        reconnect = f"send the user to the URL from POST /v1/accounts/{account_id}/authorize-url"
+        if account.status is AccountStatus.DISCONNECTED:
+            raise UnavailableError(
+                "disconnected", f"account {account_id!r} is disconnected; {reconnect}"
+            )
+        raise UnavailableError(
+            "needs_reconnect",
+            f"the user must reconnect QuickBooks ({account.last_error}): {reconnect}",
+        )
 
     async def import_tokens(self, items: Sequence[ImportItem]) -> list[Account]:
         """Store existing connections (all or nothing) and schedule them at once.
@@ -91,9 +158,20 @@ class AccountService:
             )
             return Disconnected(forgotten, revoke)
 
-    async def rotate_keys(self, batch: int = 500) -> tuple[int, int]:
-        """Re-encrypt up to ``batch`` rows under the primary key: (done now, still to do)."""
-        return await self._storage.reencrypt(batch=batch)
+    async def rotate_keys(
+        self, batch: int = 500, *, expected_key_id: str | None = None
+    ) -> tuple[int, int, str]:
+        """Re-encrypt up to ``batch`` rows under the primary key.
+
+        Returns (done now, still to do, the primary key id). With
+        ``expected_key_id``, refuses (:class:`KeyMismatchError`) unless that is the
+        key the daemon encrypts with.
+        """
+        primary = self._storage.primary_key_id
+        if expected_key_id is not None and expected_key_id != primary:
+            raise KeyMismatchError(primary, expected_key_id)
+        done, remaining = await self._storage.reencrypt(batch=batch)
+        return done, remaining, primary
 
     async def _revoke(self, account: Account) -> RevokeOutcome:
         token = account.refresh_token or account.access_token

@@ -1,22 +1,31 @@
-"""The running daemon's parts, as the HTTP handlers and the CLI see them."""
+"""The running daemon's parts, as the HTTP handlers and the runtime see them.
+
+HTTP handlers use the engine's services (``accounts``, ``tokens``,
+``connect``) and the methods here; the store, the scheduler and the client are
+here for the runtime (start-up, reload, shutdown).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import StorageError
 from qbo_daemon.core.metrics import Metrics
+from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
 from qbo_daemon.engine.connect import ConnectFlow
 from qbo_daemon.engine.policy import RefreshPolicy
-from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.store.port import AccountStore
+
+log = structlog.get_logger("qbo_daemon.engine.services")
 
 
 @dataclass
@@ -27,7 +36,6 @@ class Services:
     clock: Clock
     storage: AccountStore
     intuit: IntuitClient
-    refresher: Refresher
     scheduler: Scheduler
     connect: ConnectFlow
     tokens: TokenService
@@ -54,3 +62,23 @@ class Services:
         )
         ready = all(value == "ok" for value in checks.values())
         return ready, checks
+
+    async def count_accounts(self) -> dict[str, int]:
+        """Accounts per status (every status, zeros included); sets the account gauges."""
+        stored = await self.storage.status_counts()
+        counts = {status.value: stored.get(status.value, 0) for status in AccountStatus}
+        self.metrics.set_accounts(counts)
+        return counts
+
+    async def metrics_text(self) -> tuple[bytes, str]:
+        """The Prometheus exposition, gauges read now; (body, content type).
+
+        The daemon's own update of the gauges runs only every few seconds. When the
+        database cannot count, the rest is still served (``qbo_up`` included).
+        """
+        try:
+            await self.count_accounts()
+        except StorageError as exc:
+            log.warning("metrics.accounts_stale", error=str(exc))
+        self.metrics.set_next_due(self.scheduler.next_due_in())
+        return self.metrics.render()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from qbo_daemon.core.clock import Clock
-from qbo_daemon.core.errors import QboDaemonError
 from qbo_daemon.core.models import Account, AccountStatus
+from qbo_daemon.engine.errors import UnavailableError
 from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.store.port import AccountStore
@@ -26,15 +26,6 @@ class AccessToken:
     access_token: str
     realm_id: str
     expires_at: datetime
-
-
-class TokenUnavailableError(QboDaemonError):
-    """No valid token can be served; ``code`` is the API's error code."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 class TokenService:
@@ -54,7 +45,7 @@ class TokenService:
         """A valid access token for ``account_id``.
 
         Raises :class:`~qbo_daemon.core.errors.AccountNotFoundError` or
-        :class:`TokenUnavailableError` (``needs_reconnect``, ``disconnected``,
+        :class:`UnavailableError` (``needs_reconnect``, ``disconnected``,
         ``unavailable``).
         """
         account = await self._storage.load(account_id)
@@ -86,7 +77,7 @@ class TokenService:
         if held is not None:
             return held
         reason = "Intuit could not be reached" if outcome else "the refresh is taking too long"
-        raise TokenUnavailableError(
+        raise UnavailableError(
             "unavailable",
             f"{reason} and no valid access token is left; retry shortly",
         )
@@ -104,13 +95,13 @@ class TokenService:
 
 def _check_status(account: Account) -> None:
     if account.status is AccountStatus.NEEDS_RECONNECT:
-        raise TokenUnavailableError(
+        raise UnavailableError(
             "needs_reconnect",
             f"the QuickBooks connection must be renewed by the user: {account.last_error}. "
             f"Send them to the URL from POST /v1/accounts/{account.account_id}/authorize-url",
         )
     if account.status is AccountStatus.DISCONNECTED or account.refresh_token is None:
-        raise TokenUnavailableError(
+        raise UnavailableError(
             "disconnected",
             "the account was disconnected; connect it again through "
             f"POST /v1/accounts/{account.account_id}/authorize-url",
@@ -119,7 +110,7 @@ def _check_status(account: Account) -> None:
 
 def _token(account: Account) -> AccessToken:
     if not account.access_token or account.token_expires_at is None:
-        raise TokenUnavailableError("unavailable", "no access token is stored yet; retry shortly")
+        raise UnavailableError("unavailable", "no access token is stored yet; retry shortly")
     return AccessToken(
         access_token=account.access_token,
         realm_id=account.realm_id or "",

@@ -23,7 +23,6 @@ from aiohttp import web
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.clock import Clock, SystemClock
 from qbo_daemon.core.metrics import Metrics
-from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
 from qbo_daemon.engine.connect import ConnectFlow
 from qbo_daemon.engine.policy import RefreshPolicy
@@ -172,7 +171,6 @@ class Daemon:
             clock=clock,
             storage=storage,
             intuit=intuit,
-            refresher=refresher,
             scheduler=scheduler,
             connect=ConnectFlow(storage, intuit, scheduler, clock, metrics, events, policy),
             tokens=TokenService(storage, scheduler, clock, policy),
@@ -235,10 +233,7 @@ class Daemon:
                 log.warning("daemon.status_failed", error=str(exc))
 
     async def _status_text(self, services: Services) -> str:
-        counts = await services.storage.status_counts()
-        services.metrics.set_accounts(
-            {status.value: counts.get(status.value, 0) for status in AccountStatus}
-        )
+        counts = await services.count_accounts()
         return (
             f"{counts.get('active', 0)} active, {counts.get('expired', 0)} expired, "
             f"{counts.get('needs_reconnect', 0)} need reconnect, "
