@@ -168,7 +168,7 @@ class StorageConfig:
 @dataclass(frozen=True, slots=True)
 class RefreshConfig:
     lead: timedelta  # refresh this long before the access token expires
-    concurrency: int  # refreshes in flight at once
+    concurrency: int  # calls to Intuit at once (timer refreshes in flight: twice that)
     backoff_initial: timedelta  # > 0
     backoff_max: timedelta  # >= backoff_initial
     token_wait: timedelta  # how long GET /token waits for a refresh

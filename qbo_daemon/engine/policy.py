@@ -47,10 +47,6 @@ class RefreshPolicy:
         self.settings = settings
 
     @property
-    def lead(self) -> timedelta:
-        return self.settings.lead
-
-    @property
     def near_expiry(self) -> timedelta:
         return min(NEAR_EXPIRY, self.settings.lead)
 

@@ -101,10 +101,6 @@ class Scheduler:
         return self._pause.state is PauseState.RUNNING
 
     @property
-    def scheduled(self) -> int:
-        return len(self._current)
-
-    @property
     def in_flight(self) -> int:
         """Refresh attempts in flight (reading, calling Intuit or committing)."""
         return self._states.attempts
