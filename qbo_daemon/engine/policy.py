@@ -68,19 +68,26 @@ class RefreshPolicy:
     ) -> float:
         """Seconds until the next try after ``failures`` failures in a row.
 
-        Exponential backoff with full jitter; once the access token is dead, the
-        capped backoff (jittered in its upper half). ``Retry-After`` is a floor.
+        Exponential backoff with full jitter. Once the access token is dead, the
+        app is already down: the cap is the shorter ``backoff_max_expired``
+        (jittered in its upper half). ``Retry-After`` is a floor.
         """
         settings = self.settings
         backoff_max = settings.backoff_max.total_seconds()
         if expired:
-            delay = rng.uniform(backoff_max / 2, backoff_max)
+            cap = min(backoff_max, settings.backoff_max_expired.total_seconds())
+            delay = rng.uniform(cap / 2, cap)
         else:
             initial = settings.backoff_initial.total_seconds()
             delay = rng.uniform(0, min(backoff_max, initial * 2 ** min(failures - 1, 32)))
         if retry_after is not None:
             delay = max(delay, retry_after)
         return max(delay, MIN_RETRY_DELAY)
+
+    @property
+    def dead_token_retry_every(self) -> float:
+        """Seconds between attempts a reader of a dead token may start before its timed retry."""
+        return self.settings.backoff_initial.total_seconds()
 
     def retry_at(self, account: Account | None, delay: float, now: datetime) -> datetime:
         """When to try again: ``delay`` from now, but never after the refresh token dies.

@@ -173,7 +173,7 @@ class Refresher:
         saved = await self._persist(account, result, decide)
         self._metrics.refresh_attempt("success", call.duration)
         if isinstance(saved, Replaced):
-            self._discarded(result)
+            self._discarded(result.intuit_tid, answer="success")
             return _replaced(saved)
         return Outcome(
             OutcomeKind.SUCCESS, saved, duration=call.duration, intuit_tid=result.intuit_tid
@@ -200,6 +200,15 @@ class Refresher:
             # Our credentials are wrong, not this account: mark nothing.
             await self._storage.record_attempt(attempt)
             return Outcome(kind, account, error)
+        if kind is OutcomeKind.INVALID_GRANT:
+            # Before calling the connection dead, look again: a refresh token that changed
+            # since it was loaded (a reconnect, an import, another writer) means this was a
+            # race, and the current row decides.
+            current = await self._storage.find(account.account_id)
+            if current is None or current.refresh_token != account.refresh_token:
+                self._discarded(error.intuit_tid, answer="invalid_grant")
+                return _replaced(Replaced(current))
+            account = current
         now = self._clock.now()
 
         def decide(row: Account) -> AccountWrite:
@@ -209,6 +218,7 @@ class Refresher:
         noted = await self._commit(account, decide)
         if isinstance(noted, Replaced):
             # The failure was of tokens that are no longer this account's.
+            self._discarded(error.intuit_tid, answer=outcome)
             return _replaced(noted)
         return Outcome(kind, noted, error, duration=call.duration, intuit_tid=error.intuit_tid)
 
@@ -298,11 +308,13 @@ class Refresher:
         else:
             log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid, on="shutdown")
 
-    def _discarded(self, result: TokenResult) -> None:
+    def _discarded(self, intuit_tid: str | None, *, answer: str) -> None:
+        """Intuit's answer belongs to a connection that was replaced during the call."""
         log.warning(
             "refresh.discarded",
+            answer=answer,
             reason="the account was reconnected, imported or disconnected meanwhile",
-            intuit_tid=result.intuit_tid,
+            intuit_tid=intuit_tid,
         )
 
 

@@ -33,7 +33,7 @@ import heapq
 import itertools
 import random
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -42,7 +42,7 @@ from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, TokenSet, iso
 from qbo_daemon.engine.outcome import Outcome, OutcomeKind
-from qbo_daemon.engine.policy import RefreshPolicy
+from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.state import AccountState, AccountStates, ClientPause, PauseState
 from qbo_daemon.store.port import AccountStore, ScheduleEntry
@@ -213,26 +213,33 @@ class Scheduler:
             return refusal
         return await asyncio.shield(self._start(account_id))
 
-    async def refresh_for_token(self, account_id: str, *, seen_version: int) -> Outcome:
-        """A fresh token is wanted: the row at ``seen_version`` had none worth serving.
+    async def refresh_for_token(self, account: Account) -> Outcome:
+        """A fresh token is wanted: ``account``, as the reader loaded it, has none worth serving.
 
-        Joins an attempt in flight. Starts none while a failure's backoff or
-        ``Retry-After`` runs: an app reading a dead token in a loop during an
-        outage must not make every read a call to Intuit.
+        Joins an attempt in flight. While a failure's backoff runs, a token that
+        still lives waits for the timed retry: an app reading it in a loop during
+        an outage must not make every read a call to Intuit. A dead one means the
+        app is down until a refresh lands: an attempt starts now, once
+        ``Retry-After`` has passed and at most one per ``backoff_initial``.
         """
+        account_id = account.account_id
         state = self._states.get(account_id)
         if state is not None and state.attempt is not None:
             return await asyncio.shield(state.attempt)
         refusal = self._refusal()
         if refusal is not None:
             return refusal
-        if state is not None and state.backing_off(self._clock.now()):
-            return state.last or Outcome(
-                OutcomeKind.TRANSIENT,
-                None,
-                message="Intuit failed; the next try waits for its backoff",
-            )
-        return await asyncio.shield(self._start(account_id, seen_version=seen_version))
+        now = self._clock.now()
+        if state is not None and state.backing_off(now):
+            dead = valid_for(account, now) <= timedelta(0)
+            every = self._policy.dead_token_retry_every
+            if not (dead and state.may_retry_early(now, self._clock.monotonic(), every)):
+                return state.last or Outcome(
+                    OutcomeKind.TRANSIENT,
+                    None,
+                    message="Intuit failed; the next try waits for its backoff",
+                )
+        return await asyncio.shield(self._start(account_id, seen_version=account.version))
 
     def refresh_in_background(self, account_id: str) -> None:
         """A valid token inside the lead was served: refresh it, unless one is under way."""
@@ -278,6 +285,7 @@ class Scheduler:
             self._run(account_id, due, seen_version), name=f"refresh:{account_id}"
         )
         self._states.began(account_id, task)
+        self._states.of(account_id).started = self._clock.monotonic()
 
         def done(_: asyncio.Task[Outcome]) -> None:
             self._states.ended(account_id, task)
@@ -375,13 +383,14 @@ class Scheduler:
         state.failures += 1
         account = outcome.account if outcome else None
         expired = bool(account and account.token_expires_at and account.token_expires_at <= now)
+        retry_after = outcome.retry_after if outcome else None
         delay = self._policy.retry_delay(
-            state.failures,
-            expired=expired,
-            retry_after=outcome.retry_after if outcome else None,
-            rng=self._rng,
+            state.failures, expired=expired, retry_after=retry_after, rng=self._rng
         )
         state.backoff_until = self._policy.retry_at(account, delay, now)
+        state.retry_after_until = (
+            now + timedelta(seconds=retry_after) if retry_after is not None else None
+        )
         self.schedule(account_id, state.backoff_until)
         self._metrics.retry_scheduled()
         error = outcome.error if outcome else None

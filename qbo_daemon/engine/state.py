@@ -38,8 +38,10 @@ class AccountState:
 
     attempt: asyncio.Task[Outcome] | None = None
     last: Outcome | None = None
+    started: float | None = None  # monotonic time the latest attempt started
     failures: int = 0  # failed attempts in a row
     backoff_until: datetime | None = None  # the failure's timed retry (backoff, Retry-After)
+    retry_after_until: datetime | None = None  # Intuit's Retry-After, as a wall time
     held: HeldTokens | None = None
     hard_expiry_warned: bool = False
 
@@ -57,9 +59,21 @@ class AccountState:
         """Whether a failure's retry is timed in the future."""
         return self.failures > 0 and self.backoff_until is not None and self.backoff_until > now
 
+    def may_retry_early(self, now: datetime, monotonic: float, every: float) -> bool:
+        """Whether a reader of a dead token may start an attempt before the timed retry.
+
+        Once Intuit's ``Retry-After`` has passed, and at most one attempt per
+        ``every`` seconds: the app is down until a refresh lands, but a reader
+        polling its token must not make a retry storm.
+        """
+        if self.retry_after_until is not None and now < self.retry_after_until:
+            return False
+        return self.started is None or monotonic - self.started >= every
+
     def recovered(self) -> int:
         """Forget the failures (the account is fine again); how many there were."""
-        failures, self.failures, self.backoff_until = self.failures, 0, None
+        failures, self.failures = self.failures, 0
+        self.backoff_until = self.retry_after_until = None
         return failures
 
 

@@ -61,7 +61,7 @@ class TokenService:
         try:
             outcome = await asyncio.wait_for(
                 # A refresh that committed since our read answers without a call.
-                self._scheduler.refresh_for_token(account_id, seen_version=account.version),
+                self._scheduler.refresh_for_token(account),
                 self._policy.settings.token_wait.total_seconds(),
             )
         except TimeoutError:
