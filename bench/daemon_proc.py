@@ -5,7 +5,7 @@ runs :class:`qbo_daemon.runtime.daemon.Daemon` as ``qbo-daemon run`` does (its
 configuration, its logging, SIGTERM/SIGINT to stop; ``--loop`` picks the event
 loop) and, once the daemon is
 ready, writes one JSON file of marks: the wall time and this process's CPU
-seconds at readiness, peak and current RSS, accounts scheduled, and how many
+seconds at readiness, peak and current RSS, and how many
 refreshes were already committed. ``--t0`` is the launcher's wall clock just
 before it started this process, so start-up times count interpreter start and
 imports too.
@@ -57,7 +57,6 @@ async def run(config_path: Path, log_path: Path, marks_path: Path, t0: float) ->
                 "ready_wall": time.time(),
                 "ready_cpu": time.process_time(),
                 "memory_kib": memory_kib(os.getpid()),
-                "scheduled": daemon.services.scheduler.scheduled if daemon.services else 0,
                 "committed_at_ready": committed_attempts(config.storage.path),
             }
             partial = marks_path.with_name(marks_path.name + ".tmp")

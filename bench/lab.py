@@ -65,13 +65,15 @@ class DaemonRun:
     def mark(self) -> CpuMark:
         return self.child.mark()
 
-    def scheduled_at(self) -> float | None:
-        """Wall time of the ``scheduler.started`` log line (every account in the heap)."""
+    def scheduler_started(self) -> tuple[float, int] | None:
+        """The ``scheduler.started`` log line (every account in the heap): its wall time
+        and how many accounts it scheduled."""
         with self.log.open(encoding="utf-8") as lines:
             for line in lines:
                 if '"scheduler.started"' in line:
-                    stamp = json.loads(line)["timestamp"]
-                    return datetime.fromisoformat(stamp).timestamp()
+                    event = json.loads(line)
+                    stamp = datetime.fromisoformat(event["timestamp"]).timestamp()
+                    return stamp, int(event["scheduled"])
         return None
 
     async def stop(self) -> int | None:

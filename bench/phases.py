@@ -60,7 +60,7 @@ async def startup_and_lateness(lab: Lab) -> dict[str, Any]:
         log = await lab.sim("GET", f"log?limit={2 * len(due) + 100}")
     finally:
         await run.stop()
-    scheduled_at = run.scheduled_at()
+    started_line = run.scheduler_started()
     t0 = marks["t0"]
     ready = marks["ready_wall"]
     due_ts = {account: at.timestamp() for account, at in due.items()}
@@ -78,9 +78,9 @@ async def startup_and_lateness(lab: Lab) -> dict[str, Any]:
         "load_average_before": load_before,
         "startup": {
             "to_imported_s": marks["imported"] - t0,
-            "to_scheduled_s": (scheduled_at - t0) if scheduled_at else None,
+            "to_scheduled_s": (started_line[0] - t0) if started_line else None,
             "to_ready_s": ready - t0,
-            "scheduled": marks["scheduled"],
+            "scheduled": started_line[1] if started_line else 0,
             "rss_at_ready_mib": marks["memory_kib"]["VmRSS"] / 1024,
             "peak_rss_at_ready_mib": marks["memory_kib"]["VmHWM"] / 1024,
             "cpu_to_ready_s": marks["ready_cpu"],

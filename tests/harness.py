@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,12 @@ import aiohttp
 from qbo_daemon.cli.demo import free_port, simulator_config_text
 from qbo_daemon.config.load import Config, load_config
 from qbo_daemon.core.clock import Clock
+from qbo_daemon.core.models import parse_iso
 from qbo_daemon.engine.services import Services
 from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.simulator.app import IntuitSimulator
 from qbo_daemon.store.crypto import generate_key
+from qbo_daemon.store.port import Attempt
 
 
 @dataclass
@@ -89,7 +92,7 @@ class RunningDaemon(InProcessDaemon):
     async def connect(self, account_id: str) -> int:
         """As a browser does it; a reconnect picks the company the account already has,
         as a user would."""
-        existing = await self.services.storage.find_account(account_id)
+        existing = await self.services.storage.find(account_id)
         if existing is not None and existing.realm_id is not None:
             self.simulator.choose_realm(existing.realm_id)
         return await super().connect(account_id)
@@ -185,3 +188,19 @@ async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def attempts(database: Path, account_id: str | None = None, limit: int = 100) -> list[Attempt]:
+    """The refresh attempts in the database, newest first, as an operator would read them."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            "SELECT account_id, started_at, outcome, duration_ms, intuit_tid, error "
+            "FROM refresh_attempts WHERE ? IS NULL OR account_id = ? ORDER BY id DESC LIMIT ?",
+            (account_id, account_id, limit),
+        ).fetchall()
+    found = []
+    for account_id_, started_at, outcome, duration_ms, intuit_tid, error in rows:
+        started = parse_iso(started_at)
+        assert started is not None
+        found.append(Attempt(account_id_, started, outcome, duration_ms, intuit_tid, error))
+    return found

@@ -29,7 +29,7 @@ async def populate(running: RunningDaemon) -> dict[str, str]:
     """One account in each status, through the API and the simulator; returns EXPECTED."""
     for account_id in ("acme-active", "acme-revoked", "acme-gone"):
         assert await running.connect(account_id) == 200
-    revoked = await running.services.storage.get_account("acme-revoked")
+    revoked = await running.services.storage.load("acme-revoked")
     assert revoked.refresh_token is not None
     running.simulator.invalidate(revoked.refresh_token)  # the user disconnected in QuickBooks
     status, _ = await running.api("POST", "/v1/accounts/acme-revoked/refresh")
@@ -53,7 +53,7 @@ async def populate(running: RunningDaemon) -> dict[str, str]:
     assert status == 201
 
     async def failed_once() -> bool:
-        account = await running.services.storage.get_account("acme-expired")
+        account = await running.services.storage.load("acme-expired")
         return account.failure_count == 1
 
     await wait_for(failed_once)
@@ -71,7 +71,7 @@ async def secrets_of(running: RunningDaemon) -> set[str]:
     found = {running.api_key, running.encryption_key}
     found.add(running.config.intuit.client_secret.reveal())
     for account in await running.services.storage.list_accounts():
-        full = await running.services.storage.get_account(account.account_id)
+        full = await running.services.storage.load(account.account_id)
         found.update(t for t in (full.access_token, full.refresh_token) if t)
     return {s for s in found if s}
 

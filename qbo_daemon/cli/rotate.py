@@ -95,7 +95,7 @@ async def rotate_offline(config: Config, batch: int, progress: Progress) -> Rota
                 done += now
                 progress(done, done + remaining)
                 if remaining == 0:
-                    return Rotation(done, 0, storage.cipher.primary_key_id, "database")
+                    return Rotation(done, 0, storage.primary_key_id, "database")
                 stalls = stalls + 1 if now == 0 else 0
                 if stalls >= _MAX_STALLS:
                     raise QboDaemonError(f"{remaining} rows could not be re-encrypted")

@@ -112,6 +112,7 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "concurrency",
         "backoff_initial",
         "backoff_max",
+        "backoff_max_expired",
         "token_wait",
         "shutdown_grace",
         "hard_expiry_warning",
@@ -197,9 +198,10 @@ class StorageConfig:
 @dataclass(frozen=True, slots=True)
 class RefreshConfig:
     lead: timedelta  # refresh this long before the access token expires
-    concurrency: int  # refreshes in flight at once
+    concurrency: int  # calls to Intuit at once (timer refreshes in flight: twice that)
     backoff_initial: timedelta  # > 0
     backoff_max: timedelta  # >= backoff_initial
+    backoff_max_expired: timedelta  # the retry cap once the access token is dead (if shorter)
     token_wait: timedelta  # how long GET /token waits for a refresh
     shutdown_grace: timedelta  # drain time for in-flight refreshes on SIGTERM
     hard_expiry_warning: timedelta  # warn this long before Intuit's 5-year hard expiry
@@ -409,6 +411,7 @@ def _refresh(section: _Section) -> RefreshConfig:
         concurrency=section.integer("concurrency", 8, 1, 1024),
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,
+        backoff_max_expired=section.duration("backoff_max_expired", "30s", positive=True),
         token_wait=section.duration("token_wait", "30s", positive=True),
         shutdown_grace=section.duration("shutdown_grace", "35s"),
         hard_expiry_warning=section.duration("hard_expiry_warning", "30d"),

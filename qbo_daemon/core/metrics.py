@@ -118,7 +118,7 @@ class Metrics:
         )
         self._refreshing = Gauge(
             "qbo_refreshes_in_flight",
-            "Token refreshes in flight now.",
+            "Calls to Intuit's token endpoint in flight now (at most [refresh] concurrency).",
             registry=registry,
         )
         self._up = Gauge(

@@ -105,6 +105,8 @@ class Account:
     # False while Intuit has not yet confirmed that the tokens belong to realm_id
     # (the check failed transiently at connect time); re-checked after each refresh.
     realm_verified: bool = True
+    # When an attempt last failed (the status page sorts by it); a connection keeps it.
+    last_failure_at: datetime | None = None
 
     def __repr__(self) -> str:
         return (
@@ -144,16 +146,16 @@ def shown_status(
     return status
 
 
-def reconnect_at(token_expires_at: datetime, lead: timedelta, obtained_at: datetime) -> datetime:
-    """When the next refresh is due: ``lead`` before expiry, never before the token was got.
+@dataclass(frozen=True, slots=True)
+class ImportItem:
+    """An existing connection brought in from elsewhere (an import or ``PUT …/tokens``)."""
 
-    A token shorter-lived than the lead (a simulator, a test) is refreshed at
-    half its life instead of in a tight loop.
-    """
-    due = token_expires_at - lead
-    if due <= obtained_at:
-        return obtained_at + (token_expires_at - obtained_at) / 2
-    return due
+    account_id: str
+    realm_id: str
+    refresh_token: str
+    access_token: str | None = None
+    token_expires_at: datetime | None = None
+    refresh_token_expires_at: datetime | None = None
 
 
 def utc(value: datetime) -> datetime:

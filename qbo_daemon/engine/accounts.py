@@ -1,20 +1,29 @@
-"""Operations on whole accounts: import existing connections, disconnect, re-encrypt."""
+"""Operations on whole accounts, as the token API and the CLI ask for them.
+
+Listing and showing (with the timer and the status as the engine sees them),
+refreshing now, importing existing connections, disconnecting, re-encrypting.
+The HTTP handlers call these and never the store or the scheduler.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import IntuitError, StaleWriteError
-from qbo_daemon.core.models import Account, AccountStatus
+from qbo_daemon.core.models import Account, AccountStatus, ImportItem, iso
+from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
+from qbo_daemon.engine.outcome import OutcomeKind
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.intuit.client import IntuitClient
-from qbo_daemon.store.repository import ImportItem, Storage
+from qbo_daemon.store.port import AccountStore, AccountWrite
 
 log = structlog.get_logger("qbo_daemon.engine.accounts")
 
@@ -31,30 +40,121 @@ class Disconnected:
     revoke: RevokeOutcome
 
 
+class RefreshResult(StrEnum):
+    """How a refresh asked for on the status page ended, as its notice says."""
+
+    REFRESHED = "refreshed"  # new tokens stored (or the account was reconnected meanwhile)
+    FAILED = "failed"  # transient: the timer retries with backoff
+    REFUSED = "refused"  # the grant is dead: the user must connect again
+    PAUSED = "paused"  # Intuit refuses the daemon's client credentials
+    NOT_REFRESHED = "not_refreshed"  # nothing to refresh: no live connection
+
+
+_REFRESH_RESULTS = {
+    OutcomeKind.SUCCESS: RefreshResult.REFRESHED,
+    OutcomeKind.CURRENT: RefreshResult.REFRESHED,
+    OutcomeKind.TRANSIENT: RefreshResult.FAILED,
+    OutcomeKind.INVALID_GRANT: RefreshResult.REFUSED,
+    OutcomeKind.REFRESH_TOKEN_EXPIRED: RefreshResult.REFUSED,
+    OutcomeKind.INVALID_CLIENT: RefreshResult.PAUSED,
+    OutcomeKind.SKIPPED: RefreshResult.NOT_REFRESHED,
+}
+
+
 class AccountService:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         intuit: IntuitClient,
         scheduler: Scheduler,
         clock: Clock,
         events: Events,
-        *,
-        lead: timedelta,
+        policy: RefreshPolicy,
     ) -> None:
         self._storage = storage
         self._intuit = intuit
         self._scheduler = scheduler
         self._clock = clock
         self._events = events
-        self.lead = lead
+        self._policy = policy
+
+    # -- reading -------------------------------------------------------------------
+
+    async def list_accounts(self) -> list[dict[str, Any]]:
+        """Every account as the API shows it; never a secret."""
+        return [self.describe(account) for account in await self._storage.list_accounts()]
+
+    async def show(self, account_id: str) -> dict[str, Any]:
+        """One account as the API shows it; :class:`AccountNotFoundError` if unknown."""
+        return self.describe(await self._storage.load(account_id))
+
+    def describe(self, account: Account) -> dict[str, Any]:
+        """The account's public fields, its live timer and its status as of now."""
+        data = account.public_dict()
+        now = self._clock.now()
+        data["status"] = self._policy.shown_status(account, now).value
+        data["next_refresh_at"] = iso(self._scheduler.due_at(account.account_id))
+        data["hard_expiry_soon"] = self._policy.hard_expiry_soon(account, now)
+        return data
+
+    async def exists(self, account_id: str) -> bool:
+        return await self._storage.find(account_id) is not None
+
+    async def account_ids(self) -> set[str]:
+        return {account.account_id for account in await self._storage.list_accounts()}
+
+    # -- changing --------------------------------------------------------------------
+
+    async def refresh_now(self, account_id: str) -> Account:
+        """Refresh now (single flight); the account after it.
+
+        Raises :class:`AccountNotFoundError`, or :class:`UnavailableError`:
+        ``unavailable`` or ``invalid_client`` (retried later by the timer),
+        ``needs_reconnect`` or ``disconnected``.
+        """
+        await self._storage.load(account_id)  # unknown: not found, before anything else
+        outcome = await self._scheduler.refresh_now(account_id)
+        if outcome.fresh and outcome.account is not None:
+            return outcome.account
+        if outcome.kind is OutcomeKind.INVALID_CLIENT:
+            raise UnavailableError(
+                "invalid_client", "Intuit refused the daemon's client credentials"
+            )
+        if outcome.kind is OutcomeKind.TRANSIENT:
+            raise UnavailableError(
+                "unavailable", f"refresh failed, will be retried: {outcome.reason}"
+            )
+        account = await self._storage.load(account_id)
+        if account.status.scheduled:  # replaced meanwhile (reconnected or imported): it is fresh
+            return account
+        reconnect = f"send the user to the URL from POST /v1/accounts/{account_id}/authorize-url"
+        if account.status is AccountStatus.DISCONNECTED:
+            raise UnavailableError(
+                "disconnected", f"account {account_id!r} is disconnected; {reconnect}"
+            )
+        raise UnavailableError(
+            "needs_reconnect",
+            f"the user must reconnect QuickBooks ({account.last_error}): {reconnect}",
+        )
+
+    async def refresh(self, account_id: str) -> RefreshResult:
+        """Refresh now (single flight) and say how it ended, without raising for a failure."""
+        outcome = await self._scheduler.refresh_now(account_id)
+        result = _REFRESH_RESULTS[outcome.kind]
+        replaced = outcome.kind is OutcomeKind.SKIPPED and outcome.account is not None
+        if replaced and outcome.account is not None and outcome.account.status.scheduled:
+            return RefreshResult.REFRESHED  # reconnected or imported meanwhile: it is fresh
+        return result
 
     async def import_tokens(self, items: Sequence[ImportItem]) -> list[Account]:
         """Store existing connections (all or nothing) and schedule them at once.
 
         An account whose access token is not known to be valid is due now.
         """
-        accounts = await self._storage.import_accounts(items, lead=self.lead, now=self._clock.now())
+        now = self._clock.now()
+        accounts = await self._storage.upsert_connections(
+            [self._policy.imported(item, now=now) for item in items]
+        )
         for account in accounts:
             # A refresh that was in flight for a replaced account discards its result and
             # drops the timer when it ends: let it end before setting the new timer.
@@ -71,12 +171,15 @@ class AccountService:
         # Let a refresh in flight finish first, so the newest token is the one revoked.
         await self._scheduler.wait_idle(account_id)
         while True:
-            account = await self._storage.get_account(account_id)
+            account = await self._storage.load(account_id)
             if account.status is AccountStatus.DISCONNECTED:
                 return Disconnected(account, RevokeOutcome.NOT_NEEDED)
             revoke = await self._revoke(account)
             try:
-                forgotten = await self._storage.forget_tokens(account, now=self._clock.now())
+                gone = self._policy.disconnected(account, now=self._clock.now())
+                forgotten = await self._storage.commit(
+                    AccountWrite(gone, account.version, tokens=True)
+                )
             except StaleWriteError:
                 continue
             self._scheduler.unschedule(account_id)
@@ -85,9 +188,20 @@ class AccountService:
             )
             return Disconnected(forgotten, revoke)
 
-    async def rotate_keys(self, batch: int = 500) -> tuple[int, int]:
-        """Re-encrypt up to ``batch`` rows under the primary key: (done now, still to do)."""
-        return await self._storage.reencrypt(batch=batch)
+    async def rotate_keys(
+        self, batch: int = 500, *, expected_key_id: str | None = None
+    ) -> tuple[int, int, str]:
+        """Re-encrypt up to ``batch`` rows under the primary key.
+
+        Returns (done now, still to do, the primary key id). With
+        ``expected_key_id``, refuses (:class:`KeyMismatchError`) unless that is the
+        key the daemon encrypts with.
+        """
+        primary = self._storage.primary_key_id
+        if expected_key_id is not None and expected_key_id != primary:
+            raise KeyMismatchError(primary, expected_key_id)
+        done, remaining = await self._storage.reencrypt(batch=batch)
+        return done, remaining, primary
 
     async def _revoke(self, account: Account) -> RevokeOutcome:
         token = account.refresh_token or account.access_token

@@ -48,12 +48,13 @@ from qbo_daemon.core.errors import (
 )
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, valid_account_id
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.realm_check import RealmCheck
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.intuit import pkce
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.intuit.company import RealmVerdict
-from qbo_daemon.store.repository import RealmPolicy, Storage
+from qbo_daemon.store.port import AccountStore, RealmPolicy
 from qbo_daemon.store.states import answer_hash
 
 log = structlog.get_logger("qbo_daemon.engine.connect")
@@ -91,15 +92,15 @@ _REFUSALS = {
 class ConnectFlow:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         intuit: IntuitClient,
         scheduler: Scheduler,
         clock: Clock,
         metrics: Metrics,
         events: Events,
         realm_check: RealmCheck,
+        policy: RefreshPolicy,
         *,
-        lead: timedelta,
         state_ttl: timedelta = timedelta(minutes=10),
         allow_shared_realm: bool = False,
     ) -> None:
@@ -110,7 +111,7 @@ class ConnectFlow:
         self._metrics = metrics
         self._events = events
         self._realm_check = realm_check
-        self.lead = lead
+        self._policy = policy
         self._state_ttl = state_ttl
         self.allow_shared_realm = allow_shared_realm  # a reload may change it
         # In-flight callbacks per state: the hash of their answer, and their outcome.
@@ -245,14 +246,11 @@ class ConnectFlow:
             allow_shared=self.allow_shared_realm, allow_change=claim.allow_realm_change
         )
         try:
-            account, previous_realm = await self._storage.save_checked_connection(
-                account_id,
-                realm_id,
-                tokens,
-                lead=self.lead,
-                now=self._clock.now(),
-                policy=policy,
-                realm_verified=verified,
+            connected = self._policy.connected(
+                account_id, realm_id, tokens, now=self._clock.now(), realm_verified=verified
+            )
+            account, previous_realm = await self._storage.upsert_checked_connection(
+                connected, policy
             )
         except RealmConflictError as exc:
             # Not revoked: at Intuit the grant may be the same one another account uses.

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qbo_daemon.core.errors import QboDaemonError
-from qbo_daemon.core.models import ACCOUNT_ID_RULE, iso, parse_iso, valid_account_id
-from qbo_daemon.store.repository import ImportItem
+from qbo_daemon.core.models import ACCOUNT_ID_RULE, ImportItem, iso, parse_iso, valid_account_id
 
 TOKEN_FIELDS = (
     "realm_id",

@@ -26,10 +26,11 @@ import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import IntuitError, StorageError
-from qbo_daemon.core.models import Account, AccountStatus
+from qbo_daemon.core.models import Account
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.intuit.company import CompanyInfoClient, RealmCheckResult, RealmVerdict
-from qbo_daemon.store.repository import Attempt, Storage
+from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt
 
 log = structlog.get_logger("qbo_daemon.engine.realm_check")
 
@@ -45,12 +46,14 @@ class Recheck:
 class RealmCheck:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         company: CompanyInfoClient,
         intuit: IntuitClient,
         clock: Clock,
+        policy: RefreshPolicy,
     ) -> None:
         self._storage = storage
+        self._policy = policy
         self._company = company
         self._intuit = intuit
         self._clock = clock
@@ -103,7 +106,12 @@ class RealmCheck:
             return Recheck(account)
         if result.verdict is RealmVerdict.CONFIRMED:
             try:
-                return Recheck(await self._storage.mark_realm_verified(account, now=now))
+                verified = self._policy.realm_verified(account, now=now)
+                return Recheck(
+                    await self._storage.commit(
+                        AccountWrite(verified, account.version, tokens=False)
+                    )
+                )
             except StorageError as exc:  # a stale write included: the next refresh checks again
                 log.warning(
                     "realm.verified_not_noted", account_id=account.account_id, error=str(exc)
@@ -122,12 +130,9 @@ class RealmCheck:
             error=message,
         )
         try:
-            updated = await self._storage.record_failure(
-                account,
-                status=AccountStatus.NEEDS_RECONNECT,
-                error=message,
-                now=now,
-                attempt=attempt,
+            refused = self._policy.realm_refused(account, message, now=now)
+            updated = await self._storage.commit(
+                AccountWrite(refused, account.version, tokens=False, attempt=attempt)
             )
         except StorageError as exc:  # a stale write included: the next refresh checks again
             log.warning("realm.refusal_not_noted", account_id=account.account_id, error=str(exc))

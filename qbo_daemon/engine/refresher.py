@@ -1,45 +1,60 @@
-"""One refresh attempt of one account, from reading the row to the durable commit.
+"""One refresh attempt of one account: load once, call Intuit once, commit once.
 
 The :class:`Refresher` knows nothing of timers: the scheduler decides when,
-and makes sure only one attempt per account is in flight. An attempt:
+and makes sure only one attempt per account is in flight. :meth:`Refresher.attempt`
+reads top to bottom:
 
-1. takes a slot of the global concurrency limit, then reads the account (the
-   newest persisted refresh token, never an older one);
-2. gives up without calling Intuit when the refresh token is past its expiry
-   or its 5-year hard expiry;
-3. calls Intuit, and gives the slot back as soon as Intuit has answered;
-4. on success persists tokens, times and the attempt in one compare-and-swap
-   transaction before reporting success. If the database write fails after
-   Intuit answered, the new tokens stay in memory and the write is retried
-   until it lands (logged as critical): Intuit may already have rotated the
-   refresh token, and the one on disk may be dead;
-5. on failure records it and classifies it for the scheduler.
+1. **Load** the row once, inside a slot of the Intuit limit (``[refresh]
+   concurrency``): the newest persisted refresh token, never an older one,
+   even after a long wait for the slot.
+2. **Decide** from that row whether to call at all: not for an account that is
+   gone, disconnected or needs a reconnect; not when it changed since the
+   asker read it and is fresh already; not with a refresh token past its
+   expiry (the account then needs a reconnect).
+3. **Call** Intuit once; the slot is given back as soon as it answered.
+4. **Commit** once what the policy makes of the answer, as a compare-and-swap
+   on the version loaded in step 1, with the attempt's row. A conflict ends in
+   one explicit re-decision (:meth:`Refresher._commit`): if the connection was
+   replaced meanwhile (reconnect, import, disconnect) the newer credentials
+   win; if only bookkeeping moved (a key rotation) the same decision is made
+   again from the current row and committed.
+
+After a committed success, an account whose company Intuit has not confirmed
+yet is checked again (:meth:`RealmCheck.after_refresh
+<qbo_daemon.engine.realm_check.RealmCheck.after_refresh>`); refused, the
+attempt ends like a dead grant.
+
+New tokens are durable before success is reported. If the database refuses
+them, they are held in memory (:class:`~qbo_daemon.engine.state.AccountStates`)
+and the write is retried until it lands: Intuit may already have rotated the
+refresh token, and the one on disk may be dead.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from enum import StrEnum
+from datetime import datetime
 
 import structlog
 
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.errors import (
-    AccountNotFoundError,
     IntuitError,
     InvalidClientError,
     InvalidGrantError,
     StaleWriteError,
     StorageError,
-    TransientIntuitError,
 )
 from qbo_daemon.core.metrics import Metrics
-from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso
+from qbo_daemon.core.models import Account, TokenSet
+from qbo_daemon.engine.outcome import Outcome, OutcomeKind
+from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.realm_check import RealmCheck
+from qbo_daemon.engine.state import AccountStates, HeldTokens
 from qbo_daemon.intuit.client import IntuitClient, TokenResult
-from qbo_daemon.store.repository import Attempt, Storage
+from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt
 
 log = structlog.get_logger("qbo_daemon.refresh")
 
@@ -49,41 +64,36 @@ log = structlog.get_logger("qbo_daemon.refresh")
 _PERSIST_RETRY_INITIAL = 0.5
 _PERSIST_RETRY_MAX = 5.0
 
-
-class OutcomeKind(StrEnum):
-    SUCCESS = "success"
-    TRANSIENT = "transient"
-    INVALID_GRANT = "invalid_grant"
-    INVALID_CLIENT = "invalid_client"
-    REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105 - a name, not a secret
-    SKIPPED = "skipped"  # the account is gone, disconnected or already needs a reconnect
+# A write the engine decides from a row: the same decision, made again from a newer row.
+Decide = Callable[[Account], AccountWrite]
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    kind: OutcomeKind
-    account: Account | None
-    error: IntuitError | None = None
-    message: str | None = None
-    duration: float | None = None  # seconds the Intuit call took
-    intuit_tid: str | None = None
+class Call:
+    """One call to Intuit: its answer, when it was sent, how long it took."""
 
-    @property
-    def retry_after(self) -> float | None:
-        if isinstance(self.error, TransientIntuitError):
-            return self.error.retry_after
-        return None
+    result: TokenResult | IntuitError
+    started: datetime
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """A commit gave way: the connection changed meanwhile, and ``current`` is the row now."""
+
+    current: Account | None
 
 
 class Refresher:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         intuit: IntuitClient,
         clock: Clock,
         metrics: Metrics,
+        policy: RefreshPolicy,
+        states: AccountStates,
         *,
-        lead: timedelta,
         concurrency: int,
         realm_check: RealmCheck | None = None,
     ) -> None:
@@ -93,78 +103,87 @@ class Refresher:
         self._intuit = intuit
         self._clock = clock
         self._metrics = metrics
-        self.lead = lead
+        self._policy = policy
+        self._states = states
         self._slots = asyncio.Semaphore(concurrency)
-        self.in_flight = 0
-        # New tokens held in memory while their write is retried, per account, with the
-        # refresh token they replace (the row they belong to).
-        self._held: dict[str, tuple[str | None, TokenSet]] = {}
-
-    @property
-    def persist_failing(self) -> bool:
-        """Whether new tokens are held in memory because the database refuses them."""
-        return bool(self._held)
-
-    def held_tokens(self, account: Account) -> TokenSet | None:
-        """The tokens held for ``account`` while the database refuses them, if any.
-
-        Only for the row they were refreshed from: after a reconnect they are not its.
-        """
-        held = self._held.get(account.account_id)
-        if held is None or held[0] != account.refresh_token:
-            return None
-        return held[1]
+        self.calling = 0  # calls to Intuit in flight
 
     def set_concurrency(self, concurrency: int) -> None:
         """Takes effect for attempts that start from now on."""
         self._slots = asyncio.Semaphore(concurrency)
 
-    async def attempt(self, account_id: str, *, due: datetime | None) -> Outcome:
-        """Refresh ``account_id`` once. ``due`` is when the timer wanted it (for lateness)."""
-        slots = self._slots
-        async with slots:
-            # Read the row only once a slot is ours: in a storm the wait can be long, and
-            # a reconnect or import meanwhile must not make us present an older token.
-            try:
-                account = await self._storage.get_account(account_id)
-            except AccountNotFoundError:
-                return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
-            if not account.status.scheduled or account.refresh_token is None:
-                return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
-            now = self._clock.now()
-            dead = _refresh_token_death(account, now)
-            if dead is not None:
-                updated = await self._record_failure(
-                    account, AccountStatus.NEEDS_RECONNECT, dead, now=now, outcome="expired"
-                )
-                if updated is None:
-                    return await self._replaced(account_id)
-                return Outcome(OutcomeKind.REFRESH_TOKEN_EXPIRED, updated, message=dead)
+    async def attempt(
+        self, account_id: str, *, due: datetime | None, seen_version: int | None = None
+    ) -> Outcome:
+        """Refresh ``account_id`` once.
 
-            started_wall = self._clock.now()
-            if due is not None:
-                self._metrics.refresh_lateness((started_wall - due).total_seconds())
-            started = self._clock.monotonic()
-            self.in_flight += 1
-            self._metrics.set_refreshing(self.in_flight)
-            try:
-                result: TokenResult | IntuitError = await self._intuit.refresh(
-                    account.refresh_token
-                )
-            except IntuitError as error:
-                result = error
-            finally:
-                self.in_flight -= 1
-                self._metrics.set_refreshing(self.in_flight)
-            duration = self._clock.monotonic() - started
-        # The slot limits calls to Intuit; the write that follows waits on the database,
-        # and holding the slot through it would leave Intuit's capacity idle.
-        if isinstance(result, IntuitError):
-            return await self._failed(account, result, started_wall, duration)
-        saved = await self._persist(account, result, started_wall, duration)
-        self._metrics.refresh_attempt("success", duration)
-        if saved is None:
-            return await self._replaced(account_id)
+        ``due`` is when the timer wanted it (for the lateness metric).
+        ``seen_version`` is the version an asker saw too old to serve: if the
+        row moved on since and is fresh, no call is made (:attr:`OutcomeKind.CURRENT`).
+        """
+        async with self._slots:
+            account = await self._storage.find(account_id)  # load once
+            now = self._clock.now()
+            if account is None:
+                return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
+            refresh_token = account.refresh_token
+            if not account.status.scheduled or refresh_token is None:
+                return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
+            if self._refreshed_since(account, seen_version, now):
+                return Outcome(OutcomeKind.CURRENT, account, message="refreshed meanwhile")
+            dead = self._policy.refresh_token_death(account, now)
+            call = None if dead is not None else await self._call(refresh_token, due)
+        if dead is not None:
+            return await self._give_up(account, dead, now)
+        assert call is not None
+        if isinstance(call.result, IntuitError):
+            return await self._failed(account, call.result, call)
+        return await self._succeeded(account, call.result, call)
+
+    # -- the steps -------------------------------------------------------------------
+
+    def _refreshed_since(self, account: Account, seen_version: int | None, now: datetime) -> bool:
+        """Whether the row moved on since the asker saw it, to a token worth serving."""
+        return (
+            seen_version is not None
+            and account.version > seen_version
+            and valid_for(account, now) > self._policy.near_expiry
+        )
+
+    async def _call(self, refresh_token: str, due: datetime | None) -> Call:
+        started = self._clock.now()
+        if due is not None:
+            self._metrics.refresh_lateness((started - due).total_seconds())
+        began = self._clock.monotonic()
+        self.calling += 1
+        self._metrics.set_refreshing(self.calling)
+        try:
+            result: TokenResult | IntuitError = await self._intuit.refresh(refresh_token)
+        except IntuitError as error:
+            result = error
+        finally:
+            self.calling -= 1
+            self._metrics.set_refreshing(self.calling)
+        return Call(result, started, self._clock.monotonic() - began)
+
+    async def _succeeded(self, account: Account, result: TokenResult, call: Call) -> Outcome:
+        attempt = Attempt(
+            account_id=account.account_id,
+            started_at=call.started,
+            outcome="success",
+            duration_ms=call.duration * 1000,
+            intuit_tid=result.intuit_tid,
+        )
+
+        def decide(row: Account) -> AccountWrite:
+            refreshed = self._policy.refreshed(row, result.tokens, now=self._clock.now())
+            return AccountWrite(refreshed, row.version, tokens=True, attempt=attempt)
+
+        saved = await self._persist(account, result, decide)
+        self._metrics.refresh_attempt("success", call.duration)
+        if isinstance(saved, Replaced):
+            self._discarded(result.intuit_tid, answer="success")
+            return _replaced(saved)
         if self.realm_check is not None:
             checked = await self.realm_check.after_refresh(saved)
             if checked.refused is not None:
@@ -173,88 +192,132 @@ class Refresher:
                     OutcomeKind.INVALID_GRANT,
                     checked.account,
                     message=checked.refused,
-                    duration=duration,
+                    duration=call.duration,
                     intuit_tid=result.intuit_tid,
                 )
             saved = checked.account
-        return Outcome(OutcomeKind.SUCCESS, saved, duration=duration, intuit_tid=result.intuit_tid)
+        return Outcome(
+            OutcomeKind.SUCCESS, saved, duration=call.duration, intuit_tid=result.intuit_tid
+        )
 
-    async def _replaced(self, account_id: str) -> Outcome:
-        """The row was reconnected, imported or disconnected during the attempt: it wins.
+    async def _failed(self, account: Account, error: IntuitError, call: Call) -> Outcome:
+        if isinstance(error, InvalidGrantError):
+            kind, outcome = OutcomeKind.INVALID_GRANT, "invalid_grant"
+        elif isinstance(error, InvalidClientError):
+            kind, outcome = OutcomeKind.INVALID_CLIENT, "invalid_client"
+        else:
+            kind, outcome = OutcomeKind.TRANSIENT, "transient"
+        self._metrics.refresh_attempt(outcome, call.duration)
+        self._metrics.intuit_error(error.code or outcome)
+        attempt = Attempt(
+            account_id=account.account_id,
+            started_at=call.started,
+            outcome=outcome,
+            duration_ms=call.duration * 1000,
+            intuit_tid=error.intuit_tid,
+            error=str(error),
+        )
+        if kind is OutcomeKind.INVALID_CLIENT:
+            # Our credentials are wrong, not this account: mark nothing.
+            await self._storage.record_attempt(attempt)
+            return Outcome(kind, account, error)
+        if kind is OutcomeKind.INVALID_GRANT:
+            # Before calling the connection dead, look again: a refresh token that changed
+            # since it was loaded (a reconnect, an import, another writer) means this was a
+            # race, and the current row decides.
+            current = await self._storage.find(account.account_id)
+            if current is None or current.refresh_token != account.refresh_token:
+                self._discarded(error.intuit_tid, answer="invalid_grant")
+                return _replaced(Replaced(current))
+            account = current
+        now = self._clock.now()
 
-        The outcome carries the current row, so the scheduler keeps (or drops) the
-        timer that row asks for instead of acting on this attempt's result.
+        def decide(row: Account) -> AccountWrite:
+            failed = self._policy.failed(row, error, now=now)
+            return AccountWrite(failed, row.version, tokens=False, attempt=attempt)
+
+        noted = await self._commit(account, decide)
+        if isinstance(noted, Replaced):
+            # The failure was of tokens that are no longer this account's.
+            self._discarded(error.intuit_tid, answer=outcome)
+            return _replaced(noted)
+        return Outcome(kind, noted, error, duration=call.duration, intuit_tid=error.intuit_tid)
+
+    async def _give_up(self, account: Account, reason: str, now: datetime) -> Outcome:
+        """The refresh token is dead: the account needs a reconnect, without asking Intuit."""
+        attempt = Attempt(account.account_id, now, "expired", 0.0, error=reason)
+
+        def decide(row: Account) -> AccountWrite:
+            dead = self._policy.dead(row, reason, now=now)
+            return AccountWrite(dead, row.version, tokens=False, attempt=attempt)
+
+        noted = await self._commit(account, decide)
+        if isinstance(noted, Replaced):
+            return _replaced(noted)
+        return Outcome(OutcomeKind.REFRESH_TOKEN_EXPIRED, noted, message=reason)
+
+    # -- committing ------------------------------------------------------------------
+
+    async def _commit(self, account: Account, decide: Decide) -> Account | Replaced:
+        """Commit the decision made from ``account``; on a conflict, re-decide once.
+
+        The re-decision reads the row again: a different refresh token (a
+        reconnect, an import, a disconnect) means the connection was replaced and
+        its newer credentials win (:class:`Replaced`, nothing written); the same
+        one means only bookkeeping moved, and the decision is made again from the
+        current row. A second conflict raises :class:`StaleWriteError`.
         """
-        current = await self._storage.find_account(account_id)
-        return Outcome(OutcomeKind.SKIPPED, current, message="account replaced during refresh")
+        try:
+            return await self._storage.commit(decide(account))
+        except StaleWriteError:
+            current = await self._storage.find(account.account_id)
+            if current is None or current.refresh_token != account.refresh_token:
+                return Replaced(current)
+            return await self._storage.commit(decide(current))
 
     async def _persist(
-        self, account: Account, result: TokenResult, started: datetime, duration: float
-    ) -> Account | None:
-        """Write the new tokens durably; retry forever on storage failure.
-
-        Returns ``None`` when the row was replaced meanwhile (reconnected,
-        imported or disconnected): those newer credentials win.
-        """
+        self, account: Account, result: TokenResult, decide: Decide
+    ) -> Account | Replaced:
+        """Commit new tokens durably; while the database refuses, hold them and retry."""
         delay = _PERSIST_RETRY_INITIAL
         while True:
-            attempt = Attempt(
-                account_id=account.account_id,
-                started_at=started,
-                outcome="success",
-                duration_ms=duration * 1000,
-                intuit_tid=result.intuit_tid,
-            )
             try:
-                try:
-                    updated = await self._storage.save_refresh(
-                        account,
-                        result.tokens,
-                        lead=self.lead,
-                        now=self._clock.now(),
-                        attempt=attempt,
-                    )
-                except StaleWriteError:
-                    current = await self._still_ours(account)
-                    if current is None:
-                        self._held.pop(account.account_id, None)
-                        log.warning(
-                            "refresh.discarded",
-                            reason="the account was reconnected, imported or disconnected "
-                            "meanwhile",
-                            intuit_tid=result.intuit_tid,
-                        )
-                        return None
-                    # Only bookkeeping changed (a key rotation, a failure note): write again.
-                    account = current
-                    continue
-            except StorageError as exc:  # the write, or the re-read after a stale write
-                self._held[account.account_id] = (account.refresh_token, result.tokens)
-                log.critical(
-                    "refresh.persist_failed",
-                    error=str(exc),
-                    retry_in=delay,
-                    intuit_tid=result.intuit_tid,
-                    detail="new tokens are held in memory and the write is retried",
-                )
+                saved = await self._commit(account, decide)
+            except StorageError as exc:
+                self._held(account, result.tokens, exc, delay, result.intuit_tid)
                 try:
                     await self._clock.sleep(delay)
                 except asyncio.CancelledError:
                     # The shutdown drain ran out: one last write, or the tokens are gone.
-                    await self._last_write(account, result, attempt)
+                    await self._last_write(account, result, decide)
                     raise
                 delay = min(delay * 2, _PERSIST_RETRY_MAX)
                 continue
-            if self._held.pop(account.account_id, None) is not None:
+            if self._states.release(account.account_id):
                 log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid)
-            return updated
+            return saved
 
-    async def _last_write(self, account: Account, result: TokenResult, attempt: Attempt) -> None:
-        self._held.pop(account.account_id, None)
+    def _held(
+        self,
+        account: Account,
+        tokens: TokenSet,
+        error: StorageError,
+        retry_in: float,
+        intuit_tid: str | None,
+    ) -> None:
+        self._states.hold(account.account_id, HeldTokens(account.refresh_token, tokens))
+        log.critical(
+            "refresh.persist_failed",
+            error=str(error),
+            retry_in=retry_in,
+            intuit_tid=intuit_tid,
+            detail="new tokens are held in memory and the write is retried",
+        )
+
+    async def _last_write(self, account: Account, result: TokenResult, decide: Decide) -> None:
+        self._states.release(account.account_id)
         try:
-            await self._storage.save_refresh(
-                account, result.tokens, lead=self.lead, now=self._clock.now(), attempt=attempt
-            )
+            await self._commit(account, decide)
         except StorageError as exc:
             log.critical(
                 "refresh.tokens_lost",
@@ -266,91 +329,20 @@ class Refresher:
         else:
             log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid, on="shutdown")
 
-    async def _failed(
-        self, account: Account, error: IntuitError, started: datetime, duration: float
-    ) -> Outcome:
-        now = self._clock.now()
-        if isinstance(error, InvalidGrantError):
-            kind, outcome = OutcomeKind.INVALID_GRANT, "invalid_grant"
-        elif isinstance(error, InvalidClientError):
-            kind, outcome = OutcomeKind.INVALID_CLIENT, "invalid_client"
-        else:
-            kind, outcome = OutcomeKind.TRANSIENT, "transient"
-        self._metrics.refresh_attempt(outcome, duration)
-        self._metrics.intuit_error(error.code or outcome)
-        attempt = Attempt(
-            account_id=account.account_id,
-            started_at=started,
-            outcome=outcome,
-            duration_ms=duration * 1000,
-            intuit_tid=error.intuit_tid,
-            error=str(error),
+    def _discarded(self, intuit_tid: str | None, *, answer: str) -> None:
+        """Intuit's answer belongs to a connection that was replaced during the call."""
+        log.warning(
+            "refresh.discarded",
+            answer=answer,
+            reason="the account was reconnected, imported or disconnected meanwhile",
+            intuit_tid=intuit_tid,
         )
-        if kind is OutcomeKind.INVALID_CLIENT:
-            # Our credentials are wrong, not this account: mark nothing.
-            await self._storage.record_attempt(attempt)
-            return Outcome(kind, account, error)
-        if kind is OutcomeKind.INVALID_GRANT:
-            status = AccountStatus.NEEDS_RECONNECT
-        elif account.token_expires_at is not None and account.token_expires_at <= now:
-            status = AccountStatus.EXPIRED
-        else:
-            status = account.status
-        updated = await self._record_failure(account, status, str(error), now=now, attempt=attempt)
-        if updated is None:
-            # The failure was of tokens that are no longer this account's.
-            return await self._replaced(account.account_id)
-        return Outcome(kind, updated, error, duration=duration, intuit_tid=error.intuit_tid)
-
-    async def _record_failure(
-        self,
-        account: Account,
-        status: AccountStatus,
-        message: str,
-        *,
-        now: datetime,
-        attempt: Attempt | None = None,
-        outcome: str | None = None,
-    ) -> Account | None:
-        """Note the failure; ``None`` when the row was replaced meanwhile (nothing noted)."""
-        if attempt is None and outcome is not None:
-            attempt = Attempt(
-                account_id=account.account_id,
-                started_at=now,
-                outcome=outcome,
-                duration_ms=0.0,
-                error=message,
-            )
-        for _ in range(3):
-            try:
-                return await self._storage.record_failure(
-                    account, status=status, error=message, now=now, attempt=attempt
-                )
-            except StaleWriteError:
-                current = await self._still_ours(account)
-                if current is None:
-                    return None
-                account = current
-        return account
-
-    async def _still_ours(self, account: Account) -> Account | None:
-        """After a stale write: the current row if it still holds our refresh token.
-
-        ``None`` when the connection was replaced (reconnected, imported or
-        disconnected): the newer credentials win. Otherwise only bookkeeping
-        changed (a key rotation, a failure note) and the write may be redone.
-        """
-        current = await self._storage.find_account(account.account_id)
-        if current is None or current.refresh_token != account.refresh_token:
-            return None
-        return current
 
 
-def _refresh_token_death(account: Account, now: datetime) -> str | None:
-    """Why the refresh token can no longer work, or None while it lives."""
-    if account.refresh_token_expires_at is not None and account.refresh_token_expires_at <= now:
-        return f"refresh token expired at {iso(account.refresh_token_expires_at)}"
-    hard = account.refresh_token_hard_expires_at
-    if hard is not None and hard <= now:
-        return f"refresh token reached Intuit's 5-year hard expiry at {iso(hard)}"
-    return None
+def _replaced(replaced: Replaced) -> Outcome:
+    """The row was reconnected, imported or disconnected during the attempt: it wins.
+
+    The outcome carries the current row, so the scheduler keeps (or drops) the
+    timer that row asks for instead of acting on this attempt's result.
+    """
+    return Outcome(OutcomeKind.SKIPPED, replaced.current, message="account replaced during refresh")

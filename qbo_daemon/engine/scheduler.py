@@ -1,22 +1,28 @@
-"""When to refresh: exact per-account timers, backoff, single flight, catch-up.
+"""When to refresh: exact per-account timers, backoff, single flight, catch-up, the pause.
 
 One heap holds ``(due, seq, account_id)`` for every scheduled account and one
 dispatcher task sleeps until the earliest entry is due. A heap with one
 sleeper costs one small tuple per account and O(log n) per change, where a
 ``call_at`` handle per account would keep 100,000 timer handles in the event
 loop's own heap and make every reschedule a cancel plus a new handle. A
-reschedule pushes a new entry and forgets the old one by sequence number
-(lazy deletion), so nothing is ever searched for.
+reschedule pushes a new entry and forgets the old one (lazy deletion, checked
+by identity against ``_current``), so nothing is ever searched for.
 
 Due times are wall-clock instants (``reconnect_token_at``). The dispatcher
 never waits longer than ``max_wait`` (30 s) before re-reading the wall clock:
 asyncio's monotonic clock stops while a machine is suspended, so a long sleep
 would wake late by the length of the suspend.
 
-A due account is dispatched only when one of ``concurrency`` dispatch slots
-is free, so a catch-up storm of overdue accounts drains in due order, most
-overdue first, never all at once. The refresher holds a second limit of the
-same size around each Intuit call, shared with refreshes the API asks for.
+``[refresh] concurrency`` bounds the calls to Intuit in flight (the
+refresher's slots, shared with every asker). Timer attempts are dispatched
+through twice as many dispatch slots (:func:`_dispatch_width`), so an overdue
+storm drains in due order, most overdue first, and Intuit's capacity never
+idles while the other half read rows or commit.
+
+Every attempt runs as a task in its account's
+:class:`~qbo_daemon.engine.state.AccountState`; any other asker (the API, the
+CLI, a token read) awaits that same task: single flight. What an attempt's
+outcome means for the timer is decided in one place, :meth:`Scheduler._after`.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import heapq
 import itertools
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -37,16 +42,14 @@ import structlog
 from qbo_daemon.core.clock import Clock
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, TokenSet, iso
-from qbo_daemon.engine.refresher import Outcome, OutcomeKind, Refresher
+from qbo_daemon.engine.outcome import Outcome, OutcomeKind
+from qbo_daemon.engine.policy import RefreshPolicy, valid_for
+from qbo_daemon.engine.refresher import Refresher
+from qbo_daemon.engine.state import AccountState, AccountStates, ClientPause, PauseState
 from qbo_daemon.intuit.parse import after
-from qbo_daemon.store.repository import ScheduleEntry, Storage
+from qbo_daemon.store.port import AccountStore, ScheduleEntry
 
 log = structlog.get_logger("qbo_daemon.engine.scheduler")
-
-# Floor of a retry delay, so full jitter never turns into a hot loop.
-_MIN_RETRY_DELAY = 0.05
-# Finished attempts remembered for askers that read the row just before one finished.
-_RECENT_OUTCOMES = 1024
 
 
 class Events(Protocol):
@@ -59,16 +62,14 @@ class Scheduler:
     def __init__(
         self,
         refresher: Refresher,
-        storage: Storage,
+        storage: AccountStore,
         clock: Clock,
         metrics: Metrics,
         events: Events,
+        policy: RefreshPolicy,
+        states: AccountStates,
         *,
         concurrency: int,
-        backoff_initial: timedelta,
-        backoff_max: timedelta,
-        invalid_client_retry: timedelta,
-        hard_expiry_warning: timedelta,
         max_wait: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -77,29 +78,19 @@ class Scheduler:
         self._clock = clock
         self._metrics = metrics
         self._events = events
-        self.backoff_initial = backoff_initial.total_seconds()
-        self.backoff_max = backoff_max.total_seconds()
-        self.invalid_client_retry = invalid_client_retry.total_seconds()
-        self.hard_expiry_warning = hard_expiry_warning
+        self._policy = policy
+        self._states = states
         self._max_wait = max_wait
         self._rng = rng or random.Random()
         self._heap: list[tuple[float, int, str]] = []
         # The live heap entry of each scheduled account; any other entry is stale.
         self._current: dict[str, tuple[float, int, str]] = {}
         self._seq = itertools.count()
-        self._inflight: dict[str, asyncio.Task[Outcome]] = {}
-        # (finish number, outcome) of the latest finished attempt, for recent accounts.
-        self._finished = 0
-        self._recent: OrderedDict[str, tuple[int, Outcome]] = OrderedDict()
-        self._failures: dict[str, int] = {}
-        self._warned_hard_expiry: set[str] = set()
+        self._pause = ClientPause()
         self._dispatch_slots = asyncio.Semaphore(_dispatch_width(concurrency))
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
-        # invalid_client: refreshes pause until this wall time, then one probe goes out.
-        self._paused_until: float | None = None
-        self._probing = False
         # time.monotonic() of the dispatcher's latest turn. It turns at least every
         # max_wait seconds whatever it waits for, so an old value means it is wedged:
         # the systemd watchdog is fed only while it is recent (runtime/daemon.py).
@@ -118,15 +109,22 @@ class Scheduler:
 
     @property
     def credentials_ok(self) -> bool:
-        return self._paused_until is None
+        return self._pause.state is PauseState.RUNNING
 
     @property
     def scheduled(self) -> int:
+        """Accounts with a timer."""
         return len(self._current)
 
     @property
     def in_flight(self) -> int:
-        return len(self._inflight)
+        """Refresh attempts in flight (reading, calling Intuit or committing)."""
+        return self._states.attempts
+
+    @property
+    def holding_tokens(self) -> bool:
+        """Whether new tokens wait in memory because the database refuses them."""
+        return self._states.holding
 
     def due_at(self, account_id: str) -> datetime | None:
         entry = self._current.get(account_id)
@@ -139,6 +137,10 @@ class Scheduler:
         if not self._heap:
             return None
         return self._heap[0][0] - self._clock.now().timestamp()
+
+    def held_token(self, account: Account) -> TokenSet | None:
+        """New tokens Intuit gave for ``account``'s row that the database has not taken yet."""
+        return self._states.held_for(account)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class Scheduler:
             # asyncio.wait: one that died (the supervisor reported it) must not skip the drain.
             self._dispatcher.cancel()
             await asyncio.wait({self._dispatcher})
-        tasks = list(self._inflight.values())
+        tasks = list(self._states.in_flight())
         if tasks:
             log.info("scheduler.draining", in_flight=len(tasks), grace=grace)
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -184,8 +186,11 @@ class Scheduler:
         log.debug("refresh.scheduled", account_id=account_id, due=iso(due))
 
     def schedule_account(self, account: Account) -> None:
-        """Schedule a newly stored, reconnected or imported account at once."""
-        self._failures.pop(account.account_id, None)
+        """Time a newly stored, reconnected or imported account (or drop its timer)."""
+        state = self._states.get(account.account_id)
+        if state is not None:
+            state.recovered()  # a new connection: earlier failures were another's
+            self._states.forget_if_idle(account.account_id)
         if account.status.scheduled and account.reconnect_token_at is not None:
             self.schedule(account.account_id, account.reconnect_token_at)
             self._check_hard_expiry(
@@ -197,113 +202,109 @@ class Scheduler:
     def unschedule(self, account_id: str) -> None:
         if self._current.pop(account_id, None) is not None:
             log.debug("refresh.unscheduled", account_id=account_id)
-        self._failures.pop(account_id, None)
+        state = self._states.get(account_id)
+        if state is not None:
+            state.recovered()
+            self._states.forget_if_idle(account_id)
 
     def resume(self) -> None:
         """Credentials changed (reload): end an ``invalid_client`` pause now."""
-        if self._paused_until is not None:
-            self._paused_until = self._clock.now().timestamp()
-            self._wakeup.set()
+        self._pause.resume(self._clock.now().timestamp())
+        self._wakeup.set()
 
     def set_concurrency(self, concurrency: int) -> None:
         self._dispatch_slots = asyncio.Semaphore(_dispatch_width(concurrency))
         self._refresher.set_concurrency(concurrency)
         self._wakeup.set()
 
-    # -- refreshing ----------------------------------------------------------------
+    # -- asking for a refresh ----------------------------------------------------
 
-    def attempt_mark(self) -> int:
-        """A mark for :meth:`refresh`'s ``since``: take it before reading the row."""
-        return self._finished
+    async def refresh_now(self, account_id: str) -> Outcome:
+        """Refresh now (an operator asks), single flight: join an attempt in flight."""
+        state = self._states.get(account_id)
+        if state is not None and state.attempt is not None:
+            return await asyncio.shield(state.attempt)
+        refusal = self._refusal()
+        if refusal is not None:
+            return refusal
+        return await asyncio.shield(self._start(account_id))
 
-    async def refresh(
-        self, account_id: str, *, since: int | None = None, patient: bool = False
-    ) -> Outcome:
-        """Refresh now, single flight: a second asker waits for the first attempt.
+    async def refresh_for_token(self, account: Account) -> Outcome:
+        """A fresh token is wanted: ``account``, as the reader loaded it, has none worth serving.
 
-        With ``since`` (from :meth:`attempt_mark`), an attempt that finished after
-        the mark answers as well: the asker's row may predate that attempt's commit.
-        A ``patient`` asker (a token read, not an operator's "refresh now") starts no
-        attempt while the account waits out a failure's backoff or ``Retry-After``.
+        Joins an attempt in flight. While a failure's backoff runs, a token that
+        still lives waits for the timed retry: an app reading it in a loop during
+        an outage must not make every read a call to Intuit. A dead one means the
+        app is down until a refresh lands: an attempt starts now, once
+        ``Retry-After`` has passed and at most one per ``backoff_initial``.
         """
-        task = self._inflight.get(account_id)
-        if task is None:
-            recent = self._recent.get(account_id)
-            if since is not None and recent is not None and recent[0] > since:
-                return recent[1]
-            if self._stopping:
-                return Outcome(OutcomeKind.TRANSIENT, None, message="the daemon is shutting down")
-            if self._refusing():
-                return Outcome(
-                    OutcomeKind.INVALID_CLIENT,
-                    None,
-                    message="refreshes are paused: Intuit refuses the client credentials",
-                )
-            if patient and self._backing_off(account_id):
-                return Outcome(
+        account_id = account.account_id
+        state = self._states.get(account_id)
+        if state is not None and state.attempt is not None:
+            return await asyncio.shield(state.attempt)
+        refusal = self._refusal()
+        if refusal is not None:
+            return refusal
+        now = self._clock.now()
+        if state is not None and state.backing_off(now):
+            dead = valid_for(account, now) <= timedelta(0)
+            every = self._policy.dead_token_retry_every
+            if not (dead and state.may_retry_early(now, self._clock.monotonic(), every)):
+                return state.last or Outcome(
                     OutcomeKind.TRANSIENT,
                     None,
                     message="Intuit failed; the next try waits for its backoff",
                 )
-            task = self._start(account_id, due=None)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._start(account_id, seen_version=account.version))
+
+    def refresh_in_background(self, account_id: str) -> None:
+        """A valid token inside the lead was served: refresh it, unless one is under way."""
+        state = self._states.get(account_id)
+        if state is not None and (
+            state.attempt is not None or state.backing_off(self._clock.now())
+        ):
+            return
+        if self._refusal() is None:
+            self._start(account_id)
 
     async def wait_idle(self, account_id: str) -> None:
         """Wait until no refresh of ``account_id`` is in flight."""
-        task = self._inflight.get(account_id)
-        if task is not None:
-            await asyncio.wait({task})
+        state = self._states.get(account_id)
+        if state is not None and state.attempt is not None:
+            await asyncio.wait({state.attempt})
 
-    def held_tokens(self, account: Account) -> TokenSet | None:
-        """New tokens Intuit gave that the database has not taken yet (see Refresher)."""
-        return self._refresher.held_tokens(account)
+    def _refusal(self) -> Outcome | None:
+        """Why no attempt may start now, or None."""
+        if self._stopping:
+            return Outcome(OutcomeKind.TRANSIENT, None, message="the daemon is shutting down")
+        if not self._pause.allows_call(self._clock.now().timestamp()):
+            # Every asker would call Intuit with credentials it refuses.
+            return Outcome(
+                OutcomeKind.INVALID_CLIENT,
+                None,
+                message="refreshes are paused: Intuit refuses the client credentials",
+            )
+        return None
 
-    def refresh_in_background(self, account_id: str) -> None:
-        if (
-            account_id not in self._inflight
-            and not self._stopping
-            and not self._refusing()
-            and not self._backing_off(account_id)
-        ):
-            self._start(account_id, due=None)
-
-    def _backing_off(self, account_id: str) -> bool:
-        """A failed account's retry is timed (backoff, ``Retry-After``) and not yet due.
-
-        Without this, an app reading a dead token in a loop during an outage would
-        make every read a call to Intuit, past the backoff and ``Retry-After``.
-        """
-        entry = self._current.get(account_id)
-        return (
-            account_id in self._failures
-            and entry is not None
-            and entry[0] > self._clock.now().timestamp()
-        )
-
-    def _refusing(self) -> bool:
-        """Paused by ``invalid_client``: only the timed probe may call Intuit.
-
-        Without this every API asker would call Intuit with credentials it refuses.
-        """
-        if self._paused_until is None:
-            return False
-        return self._probing or self._clock.now().timestamp() < self._paused_until
+    # -- one attempt -------------------------------------------------------------
 
     def _start(
-        self, account_id: str, *, due: float | None, slot: asyncio.Semaphore | None = None
+        self,
+        account_id: str,
+        *,
+        due: float | None = None,
+        slot: asyncio.Semaphore | None = None,
+        seen_version: int | None = None,
     ) -> asyncio.Task[Outcome]:
-        task = asyncio.create_task(self._run(account_id, due), name=f"refresh:{account_id}")
-        self._inflight[account_id] = task
+        self._pause.starting(account_id)
+        task = asyncio.create_task(
+            self._run(account_id, due, seen_version), name=f"refresh:{account_id}"
+        )
+        self._states.began(account_id, task)
+        self._states.of(account_id).started = self._clock.monotonic()
 
         def done(_: asyncio.Task[Outcome]) -> None:
-            if self._inflight.get(account_id) is task:
-                del self._inflight[account_id]
-            if not task.cancelled() and task.exception() is None:
-                self._finished += 1
-                self._recent[account_id] = (self._finished, task.result())
-                self._recent.move_to_end(account_id)
-                if len(self._recent) > _RECENT_OUTCOMES:
-                    self._recent.popitem(last=False)
+            self._states.ended(account_id, task)
             if slot is not None:
                 slot.release()
             self._wakeup.set()
@@ -311,17 +312,20 @@ class Scheduler:
         task.add_done_callback(done)
         return task
 
-    async def _run(self, account_id: str, due: float | None) -> Outcome:
+    async def _run(self, account_id: str, due: float | None, seen_version: int | None) -> Outcome:
         structlog.contextvars.bind_contextvars(account_id=account_id)
         due_at = datetime.fromtimestamp(due, self._clock.now().tzinfo) if due else None
         try:
-            outcome = await self._refresher.attempt(account_id, due=due_at)
+            outcome = await self._refresher.attempt(
+                account_id, due=due_at, seen_version=seen_version
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a boundary: a database fault must not kill the timer
             log.exception("refresh.error", error=str(exc))
             # A probe that failed this way proved nothing; the next due account probes.
-            self._probing = False
+            self._pause.inconclusive(account_id, self._clock.now().timestamp(), retry=None)
+            self._wakeup.set()
             self._retry_later(account_id, None, reason=str(exc))
             return Outcome(OutcomeKind.TRANSIENT, None, message=str(exc))
         try:
@@ -334,56 +338,31 @@ class Scheduler:
                 exc_info=True,
                 detail="retrying at the backoff cap",
             )
-            self.schedule(account_id, after(self._clock.now(), self.backoff_max))
+            backoff_max = self._policy.settings.backoff_max.total_seconds()
+            self.schedule(account_id, after(self._clock.now(), backoff_max))
         return outcome
 
     def _after(self, account_id: str, outcome: Outcome) -> None:
-        now = self._clock.now()
+        """What an attempt's outcome means for the credentials and the account's timer."""
+        self._credentials_after(account_id, outcome)
         kind = outcome.kind
-        # Intuit accepting our client (a success, or a refusal of the grant itself)
-        # from any asker proves the credentials.
-        if kind in (OutcomeKind.SUCCESS, OutcomeKind.INVALID_GRANT):
-            self._probing = False
-            if self._paused_until is not None:
-                self._paused_until = None
-                log.info("intuit.credentials_ok", detail="refreshes resume")
-                self._metrics.set_healthy(True)
-                self._wakeup.set()
-        elif self._probing and kind is not OutcomeKind.INVALID_CLIENT:
-            # The probe proved nothing: an outage answers again after the retry
-            # interval; a skipped account hands the probe to the next due one.
-            self._probing = False
-            if kind is OutcomeKind.TRANSIENT and self._paused_until is not None:
-                self._paused_until = now.timestamp() + self.invalid_client_retry
-            self._wakeup.set()
         if kind is OutcomeKind.SUCCESS and outcome.account is not None:
-            account = outcome.account
-            failures = self._failures.pop(account_id, 0)
-            if account.reconnect_token_at is not None:
-                self.schedule(account_id, account.reconnect_token_at)
-            log.info(
-                "refresh.succeeded",
-                duration_ms=round((outcome.duration or 0.0) * 1000, 1),
-                next_due=iso(account.reconnect_token_at),
-                token_expires_at=iso(account.token_expires_at),
-                intuit_tid=outcome.intuit_tid,
-            )
-            if failures:
-                self._events.emit("account.recovered", account_id, after_failures=failures)
-            self._check_hard_expiry(account_id, account.refresh_token_hard_expires_at, now)
+            self._succeeded(account_id, outcome, outcome.account)
+        elif kind is OutcomeKind.CURRENT and outcome.account is not None:
+            if account_id not in self._current:
+                self.schedule_account(outcome.account)
         elif kind is OutcomeKind.TRANSIENT:
-            self._retry_later(account_id, outcome, reason=str(outcome.error))
+            self._retry_later(account_id, outcome, reason=outcome.reason)
         elif kind in (OutcomeKind.INVALID_GRANT, OutcomeKind.REFRESH_TOKEN_EXPIRED):
             self.unschedule(account_id)
-            reason = str(outcome.error) if outcome.error else (outcome.message or kind.value)
             self._events.emit(
                 "account.needs_reconnect",
                 account_id,
-                reason=reason,
+                reason=outcome.reason,
                 intuit_tid=outcome.error.intuit_tid if outcome.error else None,
             )
         elif kind is OutcomeKind.INVALID_CLIENT:
-            self._pause(account_id, outcome)
+            self._paused(account_id, outcome)
         elif kind is OutcomeKind.SKIPPED:
             current = outcome.account
             if current is not None and current.status.scheduled:
@@ -391,64 +370,95 @@ class Scheduler:
             else:
                 self.unschedule(account_id)
 
+    def _credentials_after(self, account_id: str, outcome: Outcome) -> None:
+        """Intuit accepting our client (a success, or a refusal of the grant itself)
+        from any asker proves the credentials; a probe that proved nothing hands on."""
+        kind = outcome.kind
+        if kind in (OutcomeKind.SUCCESS, OutcomeKind.INVALID_GRANT):
+            if self._pause.accepted():
+                log.info("intuit.credentials_ok", detail="refreshes resume")
+                self._metrics.set_healthy(True)
+                self._wakeup.set()
+        elif kind is not OutcomeKind.INVALID_CLIENT:
+            # An outage answers again after the retry interval; an account that needed
+            # no call hands the probe to the next due one.
+            retry = self._invalid_client_retry if kind is OutcomeKind.TRANSIENT else None
+            self._pause.inconclusive(account_id, self._clock.now().timestamp(), retry)
+            self._wakeup.set()
+
+    def _succeeded(self, account_id: str, outcome: Outcome, account: Account) -> None:
+        state = self._states.get(account_id)
+        failures = state.recovered() if state is not None else 0
+        if account.reconnect_token_at is not None:
+            self.schedule(account_id, account.reconnect_token_at)
+        log.info(
+            "refresh.succeeded",
+            duration_ms=round((outcome.duration or 0.0) * 1000, 1),
+            next_due=iso(account.reconnect_token_at),
+            token_expires_at=iso(account.token_expires_at),
+            intuit_tid=outcome.intuit_tid,
+        )
+        if failures:
+            self._events.emit("account.recovered", account_id, after_failures=failures)
+        self._check_hard_expiry(
+            account_id, account.refresh_token_hard_expires_at, self._clock.now()
+        )
+
     def _retry_later(self, account_id: str, outcome: Outcome | None, *, reason: str) -> None:
         now = self._clock.now()
-        failures = self._failures.get(account_id, 0) + 1
-        self._failures[account_id] = failures
+        state = self._states.of(account_id)
+        state.failures += 1
         account = outcome.account if outcome else None
         expired = bool(account and account.token_expires_at and account.token_expires_at <= now)
-        if expired:
-            # The access token is dead; the refresh token is not: keep trying at the cap.
-            delay = self._rng.uniform(self.backoff_max / 2, self.backoff_max)
-        else:
-            cap = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 32))
-            delay = self._rng.uniform(0, cap)
         retry_after = outcome.retry_after if outcome else None
-        if retry_after is not None:
-            # A floor under the backoff, but never past its cap: Intuit's word is not law.
-            delay = max(delay, min(retry_after, self.backoff_max))
-        delay = max(delay, _MIN_RETRY_DELAY)
-        due = after(now, delay)
-        if account and account.refresh_token_expires_at and due > account.refresh_token_expires_at:
-            # The last chance is just before the refresh token dies; at that instant
-            # the refresher marks the account needs_reconnect without calling Intuit.
-            due = max(account.refresh_token_expires_at, now)
-        self.schedule(account_id, due)
+        delay = self._policy.retry_delay(
+            state.failures, expired=expired, retry_after=retry_after, rng=self._rng
+        )
+        state.backoff_until = self._policy.retry_at(account, delay, now)
+        state.retry_after_until = (
+            now + timedelta(seconds=retry_after) if retry_after is not None else None
+        )
+        self.schedule(account_id, state.backoff_until)
         self._metrics.retry_scheduled()
         error = outcome.error if outcome else None
         log.warning(
             "refresh.retrying",
-            attempt=failures,
+            attempt=state.failures,
             delay=round(delay, 3),
             error=reason,
             status=account.status.value if account else None,
             intuit_tid=error.intuit_tid if error else None,
         )
 
-    def _pause(self, account_id: str, outcome: Outcome) -> None:
-        now = self._clock.now().timestamp()
-        first = self._paused_until is None
-        self._probing = False
-        self._paused_until = now + self.invalid_client_retry
-        self.schedule(account_id, self._clock.now())
+    def _paused(self, account_id: str, outcome: Outcome) -> None:
+        now = self._clock.now()
+        first = self._pause.refused(now.timestamp(), self._invalid_client_retry)
+        self.schedule(account_id, now)  # the first to probe when the pause ends
         self._metrics.set_healthy(False)
         log_method = log.error if first else log.warning
         log_method(
             "intuit.invalid_client",
-            error=str(outcome.error),
+            error=outcome.reason,
             intuit_tid=outcome.error.intuit_tid if outcome.error else None,
             detail="refreshes are paused; no account is marked; retrying",
-            retry_in=self.invalid_client_retry,
+            retry_in=self._invalid_client_retry,
         )
+
+    @property
+    def _invalid_client_retry(self) -> float:
+        return self._policy.settings.invalid_client_retry.total_seconds()
 
     def _check_hard_expiry(self, account_id: str, hard: datetime | None, now: datetime) -> None:
         if hard is None:
             return
-        if hard - now > self.hard_expiry_warning:
+        state = self._states.get(account_id)
+        if hard - now > self._policy.settings.hard_expiry_warning:
             # A reconnect brings a new hard expiry: warn again when that one nears.
-            self._warned_hard_expiry.discard(account_id)
-        elif account_id not in self._warned_hard_expiry:
-            self._warned_hard_expiry.add(account_id)
+            if state is not None and state.hard_expiry_warned:
+                state.hard_expiry_warned = False
+                self._states.forget_if_idle(account_id)
+        elif state is None or not state.hard_expiry_warned:
+            self._states.of(account_id).hard_expiry_warned = True
             self._events.emit("account.hard_expiry_soon", account_id, hard_expires_at=iso(hard))
 
     # -- the dispatcher ----------------------------------------------------------------
@@ -465,10 +475,9 @@ class Scheduler:
         while heap and self._current.get(heap[0][2]) is not heap[0]:
             heapq.heappop(heap)
 
-    def _dispatchable(self, now: float) -> bool:
-        if self._paused_until is None:
-            return True
-        return not self._probing and now >= self._paused_until
+    def _in_flight(self, account_id: str) -> bool:
+        state: AccountState | None = self._states.get(account_id)
+        return state is not None and state.attempt is not None
 
     async def _dispatch(self) -> None:
         while not self._stopping:
@@ -476,7 +485,7 @@ class Scheduler:
             self._wakeup.clear()
             self._drop_stale()
             now = self._clock.now().timestamp()
-            if self._heap and self._heap[0][0] <= now and self._dispatchable(now):
+            if self._heap and self._heap[0][0] <= now and self._pause.allows_call(now):
                 slot = self._dispatch_slots
                 try:
                     # Capped, so the loop keeps turning while every slot is busy.
@@ -491,27 +500,25 @@ class Scheduler:
                     self._stopping
                     or not self._heap
                     or self._heap[0][0] > now
-                    or not self._dispatchable(now)
+                    or not self._pause.allows_call(now)
                 ):
                     slot.release()
                     continue
                 due, _, account_id = heapq.heappop(self._heap)
                 del self._current[account_id]
-                if account_id in self._inflight:
+                if self._in_flight(account_id):
                     # An API refresh is already under way; its result reschedules.
                     slot.release()
                     continue
-                if self._paused_until is not None:
-                    self._probing = True
                 self._start(account_id, due=due, slot=slot)
                 continue
             wait = self._max_wait
-            if self._heap and not self._probing:
+            if self._heap and self._pause.state is not PauseState.PROBING:
                 # Paused, the next dispatch is when both the entry and the pause are due;
                 # waiting for only one of them would spin until the other comes.
                 next_at = self._heap[0][0]
-                if self._paused_until is not None:
-                    next_at = max(next_at, self._paused_until)
+                if self._pause.state is PauseState.PAUSED:
+                    next_at = max(next_at, self._pause.until)
                 wait = min(wait, max(next_at - now, 0.0))
             self._metrics.set_next_due(self._heap[0][0] - now if self._heap else None)
             await self._wait(wait)
@@ -529,9 +536,10 @@ class Scheduler:
 
 
 def _dispatch_width(concurrency: int) -> int:
-    """Timer refreshes in flight at once: twice the Intuit calls allowed.
+    """Timer attempts in flight at once: twice the Intuit calls allowed.
 
-    An attempt holds its Intuit slot only for the call; the other half are
-    reading rows or committing, so Intuit's capacity never idles on the database.
+    An attempt holds its Intuit slot only while it loads its row and calls
+    Intuit; the other half are committing, so Intuit's capacity never idles on
+    the database.
     """
     return 2 * concurrency

@@ -14,15 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from qbo_daemon.core.clock import Clock
-from qbo_daemon.core.errors import QboDaemonError
 from qbo_daemon.core.models import Account, AccountStatus
-from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.errors import UnavailableError
+from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.scheduler import Scheduler
-from qbo_daemon.store.repository import Storage
-
-# A token with less than this left (or less than the lead, if shorter) is
-# "about to expire": the caller waits for a fresh one.
-NEAR_EXPIRY = timedelta(seconds=60)
+from qbo_daemon.store.port import AccountStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,45 +28,30 @@ class AccessToken:
     expires_at: datetime
 
 
-class TokenUnavailableError(QboDaemonError):
-    """No valid token can be served; ``code`` is the API's error code."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-
-
 class TokenService:
     def __init__(
         self,
-        storage: Storage,
+        storage: AccountStore,
         scheduler: Scheduler,
         clock: Clock,
-        *,
-        wait: timedelta,
-        lead: timedelta,
+        policy: RefreshPolicy,
     ) -> None:
         self._storage = storage
         self._scheduler = scheduler
         self._clock = clock
-        self.wait = wait
-        self.near_expiry = min(NEAR_EXPIRY, lead)
+        self._policy = policy
 
     async def get(self, account_id: str) -> AccessToken:
         """A valid access token for ``account_id``.
 
         Raises :class:`~qbo_daemon.core.errors.AccountNotFoundError` or
-        :class:`TokenUnavailableError` (``needs_reconnect``, ``disconnected``,
+        :class:`UnavailableError` (``needs_reconnect``, ``disconnected``,
         ``unavailable``).
         """
-        # Taken before the read: a refresh finishing while we read answers us too,
-        # instead of a second refresh started from a row read just before its commit.
-        mark = self._scheduler.attempt_mark()
-        account = await self._storage.get_account(account_id)
+        account = await self._storage.load(account_id)
         _check_status(account)
         now = self._clock.now()
-        if _valid_for(account, now) > self.near_expiry:
+        if valid_for(account, now) > self._policy.near_expiry:
             if account.reconnect_token_at is not None and account.reconnect_token_at <= now:
                 self._scheduler.refresh_in_background(account_id)
             return _token(account)
@@ -79,23 +60,24 @@ class TokenService:
             return held
         try:
             outcome = await asyncio.wait_for(
-                self._scheduler.refresh(account_id, since=mark, patient=True),
-                self.wait.total_seconds(),
+                # A refresh that committed since our read answers without a call.
+                self._scheduler.refresh_for_token(account),
+                self._policy.settings.token_wait.total_seconds(),
             )
         except TimeoutError:
             outcome = None
-        if outcome is not None and outcome.kind is OutcomeKind.SUCCESS and outcome.account:
+        if outcome is not None and outcome.fresh and outcome.account is not None:
             return _token(outcome.account)
         # The refresh failed or is slow: the newest stored row decides.
-        account = await self._storage.get_account(account_id)
+        account = await self._storage.load(account_id)
         _check_status(account)
-        if _valid_for(account, self._clock.now()) > timedelta(0):
+        if valid_for(account, self._clock.now()) > timedelta(0):
             return _token(account)
         held = self._held(account, self._clock.now())
         if held is not None:
             return held
         reason = "Intuit could not be reached" if outcome else "the refresh is taking too long"
-        raise TokenUnavailableError(
+        raise UnavailableError(
             "unavailable",
             f"{reason} and no valid access token is left; retry shortly",
         )
@@ -105,7 +87,7 @@ class TokenService:
 
         No newer one can come before the write lands: waiting for it helps no one.
         """
-        held = self._scheduler.held_tokens(account)
+        held = self._scheduler.held_token(account)
         if held is None or held.token_expires_at <= now:
             return None
         return AccessToken(held.access_token, account.realm_id or "", held.token_expires_at)
@@ -113,28 +95,22 @@ class TokenService:
 
 def _check_status(account: Account) -> None:
     if account.status is AccountStatus.NEEDS_RECONNECT:
-        raise TokenUnavailableError(
+        raise UnavailableError(
             "needs_reconnect",
             f"the QuickBooks connection must be renewed by the user: {account.last_error}. "
             f"Send them to the URL from POST /v1/accounts/{account.account_id}/authorize-url",
         )
     if account.status is AccountStatus.DISCONNECTED or account.refresh_token is None:
-        raise TokenUnavailableError(
+        raise UnavailableError(
             "disconnected",
             "the account was disconnected; connect it again through "
             f"POST /v1/accounts/{account.account_id}/authorize-url",
         )
 
 
-def _valid_for(account: Account, now: datetime) -> timedelta:
-    if not account.access_token or account.token_expires_at is None:
-        return timedelta(0)
-    return account.token_expires_at - now
-
-
 def _token(account: Account) -> AccessToken:
     if not account.access_token or account.token_expires_at is None:
-        raise TokenUnavailableError("unavailable", "no access token is stored yet; retry shortly")
+        raise UnavailableError("unavailable", "no access token is stored yet; retry shortly")
     return AccessToken(
         access_token=account.access_token,
         realm_id=account.realm_id or "",

@@ -19,18 +19,10 @@ import structlog
 from aiohttp import web
 
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
-from qbo_daemon.core.models import (
-    ACCOUNT_ID_RULE,
-    Account,
-    AccountStatus,
-    iso,
-    shown_status,
-    valid_account_id,
-)
+from qbo_daemon.core.models import ACCOUNT_ID_RULE, Account, iso, valid_account_id
+from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
 from qbo_daemon.engine.imports import FieldError, Rejected, check_batch, parse_item
-from qbo_daemon.engine.refresher import OutcomeKind
 from qbo_daemon.engine.services import Services
-from qbo_daemon.engine.tokens import TokenUnavailableError
 from qbo_daemon.http.openapi import openapi_document
 
 SERVICES = web.AppKey("services", Services)
@@ -97,9 +89,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(400, "invalid_field", str(exc), exc.field)
     except AccountNotFoundError as exc:
         return error_response(404, "not_found", str(exc))
-    except TokenUnavailableError as exc:
-        status = 503 if exc.code == "unavailable" else 409
-        return error_response(status, exc.code, exc.detail)
+    except UnavailableError as exc:
+        return error_response(503 if exc.retry_later else 409, exc.code, exc.detail)
+    except KeyMismatchError as exc:
+        return error_response(409, "key_mismatch", str(exc))
     except CryptoError as exc:
         # The message names a key id at most, never a key.
         log.error("api.crypto_error", error=str(exc), path=request.path)
@@ -148,15 +141,7 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    # Gauges read at scrape time: the daemon's own update runs only every STATUS_INTERVAL.
-    try:
-        counts = await services.storage.status_counts()
-        services.metrics.set_accounts({s.value: counts.get(s.value, 0) for s in AccountStatus})
-    except StorageError as exc:  # still serve the rest, qbo_up included
-        log.warning("metrics.accounts_stale", error=str(exc))
-    services.metrics.set_next_due(services.scheduler.next_due_in())
-    body, content_type = services.metrics.render()
+    body, content_type = await request.app[SERVICES].metrics_text()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
@@ -167,15 +152,13 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 async def _list_accounts(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    accounts = await services.storage.list_accounts()
-    return web.json_response({"accounts": [_account_json(services, a) for a in accounts]})
+    accounts = await request.app[SERVICES].accounts.list_accounts()
+    return web.json_response({"accounts": accounts})
 
 
 async def _show_account(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    account = await services.storage.get_account(_account_id(request))
-    return web.json_response(_account_json(services, account))
+    return web.json_response(await services.accounts.show(_account_id(request)))
 
 
 async def _authorize_url(request: web.Request) -> web.Response:
@@ -201,28 +184,9 @@ async def _token(request: web.Request) -> web.Response:
 
 
 async def _refresh(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    account_id = _account_id(request)
-    await services.storage.get_account(account_id)  # 404 before anything else
-    outcome = await services.scheduler.refresh(account_id)
-    if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
-        return web.json_response(_account_json(services, outcome.account))
-    if outcome.kind is OutcomeKind.INVALID_CLIENT:
-        raise ApiError(503, "invalid_client", "Intuit refused the daemon's client credentials")
-    if outcome.kind is OutcomeKind.TRANSIENT:
-        detail = str(outcome.error) if outcome.error else (outcome.message or "refresh failed")
-        raise ApiError(503, "unavailable", f"refresh failed, will be retried: {detail}")
-    account = await services.storage.get_account(account_id)
-    if account.status.scheduled:  # replaced meanwhile (reconnected or imported): it is fresh
-        return web.json_response(_account_json(services, account))
-    reconnect = f"send the user to the URL from POST /v1/accounts/{account_id}/authorize-url"
-    if account.status is AccountStatus.DISCONNECTED:
-        raise ApiError(409, "disconnected", f"account {account_id!r} is disconnected; {reconnect}")
-    raise ApiError(
-        409,
-        "needs_reconnect",
-        f"the user must reconnect QuickBooks ({account.last_error}): {reconnect}",
-    )
+    accounts = request.app[SERVICES].accounts
+    account = await accounts.refresh_now(_account_id(request))
+    return web.json_response(accounts.describe(account))
 
 
 async def _import_tokens(request: web.Request) -> web.Response:
@@ -230,9 +194,9 @@ async def _import_tokens(request: web.Request) -> web.Response:
     account_id = _account_id(request)
     body = await _json_object(request, MAX_BODY)
     item = parse_item(body, now=services.clock.now(), account_id=account_id)
-    existed = await services.storage.find_account(account_id) is not None
+    existed = await services.accounts.exists(account_id)
     [account] = await services.accounts.import_tokens([item])
-    return web.json_response(_account_json(services, account), status=200 if existed else 201)
+    return web.json_response(services.accounts.describe(account), status=200 if existed else 201)
 
 
 async def _import_batch(request: web.Request) -> web.Response:
@@ -249,7 +213,7 @@ async def _import_batch(request: web.Request) -> web.Response:
     replace = _flag(body, "replace")
     dry_run = _flag(body, "dry_run")
     good, bad = check_batch(enumerate(rows), now=services.clock.now())
-    existing = {account.account_id for account in await services.storage.list_accounts()}
+    existing = await services.accounts.account_ids()
     if not replace:
         clash = [c for c in good if c.item.account_id in existing]
         good = [c for c in good if c.item.account_id not in existing]
@@ -285,7 +249,7 @@ async def _import_batch(request: web.Request) -> web.Response:
 async def _disconnect(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     result = await services.accounts.disconnect(_account_id(request))
-    data = _account_json(services, result.account)
+    data = services.accounts.describe(result.account)
     data["revoke"] = result.revoke.value
     return web.json_response(data)
 
@@ -307,16 +271,7 @@ async def _rotate_keys(request: web.Request) -> web.Response:
         raise ApiError(
             400, "invalid_field", "expected_key_id: expected a string", "expected_key_id"
         )
-    primary = services.storage.cipher.primary_key_id
-    if expected is not None and expected != primary:
-        raise ApiError(
-            409,
-            "key_mismatch",
-            f"the daemon encrypts with key id {primary}, not {expected}: it has not read the "
-            "new [storage] encryption_keys yet; reload it (systemctl reload qbo-daemon, or "
-            "SIGHUP) or restart it, then rotate again",
-        )
-    done, remaining = await services.accounts.rotate_keys(batch)
+    done, remaining, primary = await services.accounts.rotate_keys(batch, expected_key_id=expected)
     log.info("keys.rotated_batch", reencrypted=done, remaining=remaining, key_id=primary)
     return web.json_response(
         {"reencrypted": done, "remaining": remaining, "primary_key_id": primary}
@@ -333,17 +288,6 @@ def _account_id(request: web.Request) -> str:
             400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
         )
     return account_id
-
-
-def _account_json(services: Services, account: Account) -> dict[str, Any]:
-    data = account.public_dict()
-    now = services.clock.now()
-    data["status"] = shown_status(account.status, account.token_expires_at, now).value
-    data["next_refresh_at"] = iso(services.scheduler.due_at(account.account_id))
-    hard = account.refresh_token_hard_expires_at
-    warn = services.config.refresh.hard_expiry_warning
-    data["hard_expiry_soon"] = hard is not None and hard - now <= warn
-    return data
 
 
 async def _json_object(

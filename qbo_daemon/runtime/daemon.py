@@ -35,13 +35,15 @@ from qbo_daemon.config.load import Config
 from qbo_daemon.core.clock import Clock, SystemClock
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
 from qbo_daemon.core.metrics import Metrics
-from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
 from qbo_daemon.engine.connect import ConnectFlow
+from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.realm_check import RealmCheck
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.engine.services import Services
+from qbo_daemon.engine.state import AccountStates
+from qbo_daemon.engine.status_page import StatusPage
 from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.http.api import make_api_app
 from qbo_daemon.http.callback import error_page, make_callback_app
@@ -221,13 +223,16 @@ class Daemon:
         clock = self.clock
         refresh = config.refresh
         intuit = IntuitClient(session, config.intuit, clock)
-        realm_check = RealmCheck(storage, CompanyInfoClient(session, intuit), intuit, clock)
+        policy = RefreshPolicy(refresh)
+        states = AccountStates()
+        realm_check = RealmCheck(storage, CompanyInfoClient(session, intuit), intuit, clock, policy)
         refresher = Refresher(
             storage,
             intuit,
             clock,
             metrics,
-            lead=refresh.lead,
+            policy,
+            states,
             concurrency=refresh.concurrency,
             realm_check=realm_check,
         )
@@ -237,11 +242,9 @@ class Daemon:
             clock,
             metrics,
             events,
+            policy,
+            states,
             concurrency=refresh.concurrency,
-            backoff_initial=refresh.backoff_initial,
-            backoff_max=refresh.backoff_max,
-            invalid_client_retry=refresh.invalid_client_retry,
-            hard_expiry_warning=refresh.hard_expiry_warning,
             max_wait=self._max_wait,
         )
         return Services(
@@ -249,7 +252,6 @@ class Daemon:
             clock=clock,
             storage=storage,
             intuit=intuit,
-            refresher=refresher,
             scheduler=scheduler,
             connect=ConnectFlow(
                 storage,
@@ -259,13 +261,13 @@ class Daemon:
                 metrics,
                 events,
                 realm_check,
-                lead=refresh.lead,
+                policy,
                 allow_shared_realm=config.callback.allow_shared_realm,
             ),
-            tokens=TokenService(
-                storage, scheduler, clock, wait=refresh.token_wait, lead=refresh.lead
-            ),
-            accounts=AccountService(storage, intuit, scheduler, clock, events, lead=refresh.lead),
+            tokens=TokenService(storage, scheduler, clock, policy),
+            accounts=AccountService(storage, intuit, scheduler, clock, events, policy),
+            status=StatusPage(storage, scheduler),
+            policy=policy,
             metrics=metrics,
             events=events,
         )
@@ -387,10 +389,7 @@ class Daemon:
                 log.warning("daemon.status_failed", error=str(exc))
 
     async def _status_text(self, services: Services) -> str:
-        counts = await services.storage.status_counts()
-        services.metrics.set_accounts(
-            {status.value: counts.get(status.value, 0) for status in AccountStatus}
-        )
+        counts = await services.count_accounts()
         return (
             f"{counts.get('active', 0)} active, {counts.get('expired', 0)} expired, "
             f"{counts.get('needs_reconnect', 0)} need reconnect, "
@@ -471,7 +470,6 @@ class Daemon:
                 ),
                 ("[storage] path", old.storage.path, config.storage.path),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
-                ("[refresh] lead", old.refresh.lead, config.refresh.lead),
                 (
                     "[callback] success_redirect",
                     old.callback.success_redirect,
@@ -491,16 +489,12 @@ class Daemon:
             if before != after
         ]
         if services is not None and cipher is not None:
-            services.storage.cipher = cipher
+            services.storage.use_cipher(cipher)
             services.intuit.config = config.intuit
             services.scheduler.set_concurrency(config.refresh.concurrency)
-            services.scheduler.backoff_initial = config.refresh.backoff_initial.total_seconds()
-            services.scheduler.backoff_max = config.refresh.backoff_max.total_seconds()
-            services.scheduler.invalid_client_retry = (
-                config.refresh.invalid_client_retry.total_seconds()
+            services.policy.update(
+                replace(config.refresh, shutdown_grace=old.refresh.shutdown_grace)
             )
-            services.scheduler.hard_expiry_warning = config.refresh.hard_expiry_warning
-            services.tokens.wait = config.refresh.token_wait
             services.connect.allow_shared_realm = config.callback.allow_shared_realm
             services.scheduler.resume()
             if config.notify != old.notify and self._relay is not None and self._session:
@@ -523,9 +517,7 @@ class Daemon:
                 storage=replace(
                     config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
                 ),
-                refresh=replace(
-                    config.refresh, lead=old.refresh.lead, shutdown_grace=old.refresh.shutdown_grace
-                ),
+                refresh=replace(config.refresh, shutdown_grace=old.refresh.shutdown_grace),
                 intuit=replace(config.intuit, redirect_uri=old.intuit.redirect_uri),
             )
             services.intuit.config = config.intuit

@@ -301,11 +301,6 @@ def reset_logging() -> None:
     structlog.reset_defaults()
 
 
-def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    """A logger for ``name`` (pass ``__name__``); ``"qbo_daemon"`` when omitted."""
-    return structlog.stdlib.get_logger(name or "qbo_daemon")
-
-
 class AccessLogger(AbstractAccessLogger):
     """One ``http.request`` line per request: method, path without the query, status,
     duration_ms, remote. The query is left out because the OAuth callback's carries

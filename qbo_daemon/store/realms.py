@@ -15,19 +15,14 @@ so two callbacks cannot both pass it for one company.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import aiosqlite
 
 from qbo_daemon.core.errors import RealmConflictError
 from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.port import RealmPolicy
 from qbo_daemon.store.rows import REALM_DIGEST_PURPOSE
 
-
-@dataclass(frozen=True, slots=True)
-class RealmPolicy:
-    allow_shared: bool = False  # [callback] allow_shared_realm
-    allow_change: bool = False  # {"allow_realm_change": true} on the authorize-url request
+__all__ = ["RealmPolicy", "check_realm"]
 
 
 async def check_realm(

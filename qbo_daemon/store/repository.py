@@ -1,15 +1,17 @@
-"""SQLite storage: accounts, OAuth states and refresh attempts in one file.
+"""The storage port on SQLite: accounts, OAuth states and refresh attempts in one file.
 
-:class:`Storage` is what the rest of the daemon calls. Beside it: ``database.py``
-(the two connections, ``BEGIN IMMEDIATE`` under ``synchronous=FULL``, the group
-commit, batched reads), ``rows.py`` (rows as values, secrets encrypted bound to
-their place), ``account_upsert.py`` (a connection or import replacing the
-credentials), ``oauth_states.py``, ``schema.py`` (migrations) and ``dblock.py``.
+:class:`Storage` implements :class:`~qbo_daemon.store.port.AccountStore`. Beside
+it: ``sqlite.py`` (the two connections, ``BEGIN IMMEDIATE`` under
+``synchronous=FULL``, the group commit of typed write jobs, batched reads),
+``rows.py`` (the one row mapper and column list), ``upsert.py`` (a connection or
+import replacing the credentials), ``realms.py`` (which company a connection may
+bring), ``states.py``, ``status_queries.py`` (the status page's reads),
+``schema.py`` (migrations) and ``lock.py``.
 
 Token writes are compare-and-swap on ``version`` through the group commit: each
 returns only once its transaction is on disk, and a stale write fails alone with
 :class:`StaleWriteError`. A new connection or an import replaces the credentials
-on purpose, in its own transaction.
+on purpose, in its own transaction. Nothing here decides a time or a status.
 """
 
 from __future__ import annotations
@@ -27,37 +29,39 @@ from qbo_daemon.core.errors import (
     MissingKeyError,
     StaleWriteError,
 )
-from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso, reconnect_at
+from qbo_daemon.core.models import Account
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.lock import DatabaseLock
-from qbo_daemon.store.realms import RealmPolicy, check_realm
-from qbo_daemon.store.rows import (
-    ACCOUNT_COLUMNS,
+from qbo_daemon.store.port import (
+    AccountWrite,
     Attempt,
+    ClaimedState,
+    RealmPolicy,
     ScheduleEntry,
+    StateRecord,
+)
+from qbo_daemon.store.realms import check_realm
+from qbo_daemon.store.rows import (
+    NOTE_COLUMNS,
+    SELECT_ACCOUNTS,
+    TOKEN_COLUMNS,
     account_from_row,
+    account_values,
     attempt_from_row,
-    attempt_statements,
-    encrypt_secrets,
+    attempt_values,
     realm_digest,
     schedule_entries_from,
 )
-from qbo_daemon.store.sqlite import Database, ReadBatcher
-from qbo_daemon.store.states import ClaimedState, OAuthStates, StateRecord
+from qbo_daemon.store.sqlite import Database, ReadBatcher, RowUpdate, WriteJob
+from qbo_daemon.store.states import OAuthStates
 from qbo_daemon.store.status_queries import StatusQueries
-from qbo_daemon.store.upsert import (
-    NEW_ACCOUNT_INSERT,
-    ImportItem,
-    imported_tokens,
-    new_account_rows,
-    upsert_account,
-)
+from qbo_daemon.store.upsert import upsert_account
 
 __all__ = [
+    "AccountWrite",
     "Attempt",
     "ClaimedState",
     "DatabaseLock",
-    "ImportItem",
     "RealmPolicy",
     "ScheduleEntry",
     "StateRecord",
@@ -74,11 +78,11 @@ class Storage:
     def __init__(self, path: Path, database: Database, cipher: Cipher) -> None:
         self.path = path
         self._db = database
-        self.cipher = cipher
+        self._cipher = cipher
         self._states = OAuthStates(database)
         self._account_reads = ReadBatcher(self._account_rows, key="account_id")
         # The status page's reads (no token column), with whichever keys are current.
-        self.status_page = StatusQueries(database, lambda: self.cipher)
+        self.status_page = StatusQueries(database, lambda: self._cipher)
 
     @classmethod
     async def open(cls, path: Path, cipher: Cipher, *, attempts_keep: int = 100_000) -> Storage:
@@ -110,7 +114,7 @@ class Storage:
             updates = []
             for row in rows:
                 try:
-                    realm = self.cipher.decrypt(
+                    realm = self._cipher.decrypt(
                         row["realm_id"],
                         table="accounts",
                         column="realm_id",
@@ -118,7 +122,7 @@ class Storage:
                     )
                 except CryptoError:
                     continue
-                updates.append((realm_digest(self.cipher, realm), row["id"]))
+                updates.append((realm_digest(self._cipher, realm), row["id"]))
             async with self._db.transaction() as conn:
                 await conn.executemany(
                     "UPDATE accounts SET realm_digest = ? WHERE id = ? AND realm_digest IS NULL",
@@ -134,34 +138,36 @@ class Storage:
         """The database's group-commit writer task, for the daemon's supervisor."""
         return self._db.writer
 
+    @property
+    def primary_key_id(self) -> str:
+        return self._cipher.primary_key_id
+
+    def use_cipher(self, cipher: Cipher) -> None:
+        self._cipher = cipher
+
     # -- reading -----------------------------------------------------------
 
-    async def get_account(self, account_id: str) -> Account:
+    async def load(self, account_id: str) -> Account:
         """The account with its secrets decrypted."""
         row = await self._account_reads.get(account_id)
         if row is None:
             raise AccountNotFoundError(account_id)
-        return account_from_row(self.cipher, row, tokens=True)
+        return account_from_row(self._cipher, row, tokens=True)
+
+    async def find(self, account_id: str) -> Account | None:
+        row = await self._account_reads.get(account_id)
+        return None if row is None else account_from_row(self._cipher, row, tokens=True)
 
     async def _account_rows(self, account_ids: list[str]) -> list[sqlite3.Row]:
         return await self._db.fetchall(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts "
-            f"WHERE account_id IN ({', '.join('?' * len(account_ids))})",
+            f"{SELECT_ACCOUNTS} WHERE account_id IN ({', '.join('?' * len(account_ids))})",
             account_ids,
         )
 
-    async def find_account(self, account_id: str) -> Account | None:
-        try:
-            return await self.get_account(account_id)
-        except AccountNotFoundError:
-            return None
-
     async def list_accounts(self) -> list[Account]:
         """Every account, ordered by ``account_id``; tokens are not decrypted (they are None)."""
-        rows = await self._db.fetchall(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY account_id"
-        )
-        return [account_from_row(self.cipher, row, tokens=False) for row in rows]
+        rows = await self._db.fetchall(f"{SELECT_ACCOUNTS} ORDER BY account_id")
+        return [account_from_row(self._cipher, row, tokens=False) for row in rows]
 
     async def schedule_entries(self) -> list[ScheduleEntry]:
         """Every account the scheduler should time: active or expired, with times.
@@ -191,7 +197,7 @@ class Storage:
         return {row["status"]: row["n"] for row in rows}
 
     async def attempts(self, account_id: str | None = None, limit: int = 100) -> list[Attempt]:
-        """The newest attempts first, of one account or of all."""
+        """The newest attempts first, of one account or of all (the status page's history)."""
         where, params = ("WHERE account_id = ?", (account_id,)) if account_id else ("", ())
         rows = await self._db.fetchall(
             "SELECT account_id, started_at, outcome, duration_ms, intuit_tid, error "
@@ -212,35 +218,44 @@ class Storage:
             "WHERE key_id IS NOT NULL GROUP BY key_id"
         )
         for row in rows:
-            if row["key_id"] not in (cipher or self.cipher).key_ids:
+            if row["key_id"] not in (cipher or self._cipher).key_ids:
                 raise MissingKeyError(row["key_id"])
             if cipher is None:
-                await self.get_account(row["sample"])
+                await self.load(row["sample"])
 
     async def ping(self) -> None:
         await self._db.fetchone("SELECT 1", ())
 
-    # -- token writes --------------------------------------------------------
+    # -- writing -------------------------------------------------------------
 
-    async def save_connection(
-        self, account_id: str, realm_id: str, tokens: TokenSet, *, lead: timedelta, now: datetime
-    ) -> Account:
-        """Store a new connection, or replace the tokens of an existing account (reconnect)."""
+    async def commit(self, write: AccountWrite) -> Account:
+        """Store ``write`` if the row is still at its ``read_version``; durable when it returns."""
+        stored = replace(write.account, version=write.read_version + 1)
+        if write.tokens:
+            values = account_values(self._cipher, stored, TOKEN_COLUMNS)
+        else:
+            values = account_values(None, stored, NOTE_COLUMNS)
+        update = RowUpdate(stored.account_id, write.read_version, write.tokens, values)
+        attempt = attempt_values(write.attempt) if write.attempt is not None else None
+        await self._db.write(WriteJob(update, attempt))
+        return stored
+
+    async def record_attempt(self, attempt: Attempt) -> None:
+        """Record an attempt that changes no account (for example ``invalid_client``)."""
+        await self._db.write(WriteJob(None, attempt_values(attempt)))
+
+    async def upsert_connection(self, account: Account) -> Account:
+        """Store a new connection, or replace the credentials of an existing account."""
         async with self._db.transaction() as conn:
-            return await upsert_account(
-                conn, self.cipher, account_id, realm_id, tokens, lead=lead, now=now
-            )
+            return await upsert_account(conn, self._cipher, account)
 
-    async def save_checked_connection(
-        self,
-        account_id: str,
-        realm_id: str,
-        tokens: TokenSet,
-        *,
-        lead: timedelta,
-        now: datetime,
-        policy: RealmPolicy,
-        realm_verified: bool,
+    async def upsert_connections(self, accounts: Sequence[Account]) -> list[Account]:
+        """Store every account in one transaction: all or nothing."""
+        async with self._db.transaction() as conn:
+            return [await upsert_account(conn, self._cipher, account) for account in accounts]
+
+    async def upsert_checked_connection(
+        self, account: Account, policy: RealmPolicy
     ) -> tuple[Account, str | None]:
         """A connection from the callback: stored only if ``policy`` allows its company.
 
@@ -248,195 +263,12 @@ class Storage:
         holds the realm or the account held another one; returns the account and
         its previous realm when the connection changed it.
         """
+        assert account.realm_id is not None
         async with self._db.transaction() as conn:
-            previous = await check_realm(conn, self.cipher, account_id, realm_id, policy)
-            account = await upsert_account(
-                conn,
-                self.cipher,
-                account_id,
-                realm_id,
-                tokens,
-                lead=lead,
-                now=now,
-                realm_verified=realm_verified,
+            previous = await check_realm(
+                conn, self._cipher, account.account_id, account.realm_id, policy
             )
-            return account, previous
-
-    async def mark_realm_verified(self, account: Account, *, now: datetime) -> Account:
-        """Note that Intuit confirmed the account's realm, if the row is still at its version."""
-        updated = replace(account, realm_verified=True, version=account.version + 1, updated_at=now)
-        await self._db.write(
-            [
-                (
-                    "UPDATE accounts SET realm_verified = 1, version = version + 1, "
-                    "updated_at = ? WHERE account_id = ? AND version = ?",
-                    (iso(now), account.account_id, account.version),
-                )
-            ],
-            cas=(account.account_id, account.version),
-        )
-        return updated
-
-    async def import_accounts(
-        self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
-    ) -> list[Account]:
-        """Store every item in one transaction: all or nothing.
-
-        An access token without a known future expiry is treated as dead, so the
-        account is due for a refresh at once.
-        """
-        async with self._db.transaction() as conn:
-            stored = []
-            for item in items:
-                tokens = imported_tokens(item, now)
-                stored.append(
-                    await upsert_account(
-                        conn,
-                        self.cipher,
-                        item.account_id,
-                        item.realm_id,
-                        tokens,
-                        lead=lead,
-                        now=now,
-                    )
-                )
-            return stored
-
-    async def insert_accounts(
-        self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
-    ) -> int:
-        """Store new accounts in one transaction and one statement: all or nothing.
-
-        The bulk path (the benchmark loads 100,000 accounts through it): the same
-        rows as :meth:`import_accounts`, without its round trip per row, but an
-        existing ``account_id`` fails the whole batch instead of being replaced.
-        Returns how many accounts were stored.
-        """
-        rows = new_account_rows(self.cipher, items, lead=lead, now=now)
-        async with self._db.transaction() as conn:
-            await conn.executemany(NEW_ACCOUNT_INSERT, rows)
-        return len(rows)
-
-    async def save_refresh(
-        self,
-        account: Account,
-        tokens: TokenSet,
-        *,
-        lead: timedelta,
-        now: datetime,
-        attempt: Attempt | None = None,
-    ) -> Account:
-        """Persist a refresh's tokens and times if the row is still at ``account.version``.
-
-        Durable when this returns; raises :class:`StaleWriteError` when the row
-        changed meanwhile.
-        """
-        key_id = self.cipher.primary_key_id
-        due = reconnect_at(tokens.token_expires_at, lead, tokens.obtained_at)
-        hard = tokens.refresh_token_hard_expires_at or account.refresh_token_hard_expires_at
-        updated = replace(
-            account,
-            status=AccountStatus.ACTIVE,
-            access_token=tokens.access_token,
-            refresh_token=tokens.refresh_token,
-            token_expires_at=tokens.token_expires_at,
-            reconnect_token_at=due,
-            refresh_token_expires_at=tokens.refresh_token_expires_at,
-            refresh_token_hard_expires_at=hard,
-            failure_count=0,
-            last_error=None,
-            last_refreshed_at=now,
-            version=account.version + 1,
-            updated_at=now,
-        )
-        enc = encrypt_secrets(self.cipher, updated)
-        statements = [
-            (
-                "UPDATE accounts SET status = ?, realm_id = ?, realm_digest = ?, "
-                "access_token = ?, refresh_token = ?, key_id = ?, token_expires_at = ?, "
-                "reconnect_token_at = ?, refresh_token_expires_at = ?, "
-                "refresh_token_hard_expires_at = ?, failure_count = 0, last_error = NULL, "
-                "last_refreshed_at = ?, version = version + 1, updated_at = ? "
-                "WHERE account_id = ? AND version = ?",
-                (
-                    updated.status.value,
-                    enc["realm_id"],
-                    enc["realm_digest"],
-                    enc["access_token"],
-                    enc["refresh_token"],
-                    key_id,
-                    iso(updated.token_expires_at),
-                    iso(due),
-                    iso(updated.refresh_token_expires_at),
-                    iso(hard),
-                    iso(now),
-                    iso(now),
-                    account.account_id,
-                    account.version,
-                ),
-            )
-        ]
-        statements.extend(attempt_statements(attempt))
-        await self._db.write(statements, cas=(account.account_id, account.version))
-        return updated
-
-    async def record_failure(
-        self,
-        account: Account,
-        *,
-        status: AccountStatus,
-        error: str,
-        now: datetime,
-        attempt: Attempt | None = None,
-    ) -> Account:
-        """Note a failed refresh (and the status it leaves) if the row is still at its version."""
-        updated = replace(
-            account,
-            status=status,
-            failure_count=account.failure_count + 1,
-            last_error=error,
-            version=account.version + 1,
-            updated_at=now,
-        )
-        statements = [
-            (
-                "UPDATE accounts SET status = ?, failure_count = failure_count + 1, "
-                "last_error = ?, last_failure_at = ?, version = version + 1, updated_at = ? "
-                "WHERE account_id = ? AND version = ?",
-                (status.value, error, iso(now), iso(now), account.account_id, account.version),
-            )
-        ]
-        statements.extend(attempt_statements(attempt))
-        await self._db.write(statements, cas=(account.account_id, account.version))
-        return updated
-
-    async def record_attempt(self, attempt: Attempt) -> None:
-        """Record an attempt that changes no account (for example ``invalid_client``)."""
-        await self._db.write(attempt_statements(attempt), cas=None)
-
-    async def forget_tokens(self, account: Account, *, now: datetime) -> Account:
-        """Disconnect: drop every token, keep a tombstone row marked ``disconnected``."""
-        updated = replace(
-            account,
-            status=AccountStatus.DISCONNECTED,
-            access_token=None,
-            refresh_token=None,
-            reconnect_token_at=None,
-            version=account.version + 1,
-            updated_at=now,
-        )
-        await self._db.write(
-            [
-                (
-                    "UPDATE accounts SET status = 'disconnected', access_token = NULL, "
-                    "refresh_token = NULL, reconnect_token_at = NULL, version = version + 1, "
-                    "updated_at = ? WHERE account_id = ? AND version = ?",
-                    (iso(now), account.account_id, account.version),
-                )
-            ],
-            cas=(account.account_id, account.version),
-        )
-        return updated
+            return await upsert_account(conn, self._cipher, account), previous
 
     async def reencrypt(self, *, batch: int = 500) -> tuple[int, int]:
         """Re-encrypt up to ``batch`` rows not yet under the primary key.
@@ -445,36 +277,16 @@ class Storage:
         compare-and-swap: a row a refresh rewrote meanwhile is simply left for
         the next call (the refresh already wrote it under the primary key).
         """
-        primary = self.cipher.primary_key_id
+        primary = self._cipher.primary_key_id
         rows = await self._db.fetchall(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE key_id IS NOT NULL AND key_id != ? "
-            "LIMIT ?",
+            f"{SELECT_ACCOUNTS} WHERE key_id IS NOT NULL AND key_id != ? LIMIT ?",
             (primary, batch),
         )
         done = 0
         for row in rows:
-            account = account_from_row(self.cipher, row, tokens=True)
-            enc = encrypt_secrets(self.cipher, account)
+            account = account_from_row(self._cipher, row, tokens=True)
             try:
-                await self._db.write(
-                    [
-                        (
-                            "UPDATE accounts SET realm_id = ?, realm_digest = ?, "
-                            "access_token = ?, refresh_token = ?, key_id = ?, "
-                            "version = version + 1 WHERE account_id = ? AND version = ?",
-                            (
-                                enc["realm_id"],
-                                enc["realm_digest"],
-                                enc["access_token"],
-                                enc["refresh_token"],
-                                primary,
-                                account.account_id,
-                                account.version,
-                            ),
-                        )
-                    ],
-                    cas=(account.account_id, account.version),
-                )
+                await self.commit(AccountWrite(account, account.version, tokens=True))
                 done += 1
             except StaleWriteError:
                 continue
@@ -502,7 +314,7 @@ class Storage:
             account_id,
             now=now,
             ttl=ttl,
-            cipher=self.cipher,
+            cipher=self._cipher,
             code_verifier=code_verifier,
             allow_realm_change=allow_realm_change,
         )
@@ -514,7 +326,7 @@ class Storage:
         ``replayed`` (used before by the same answer) or ``used``; a failed
         check changes nothing.
         """
-        return await self._states.consume(state, answer, now=now, cipher=self.cipher)
+        return await self._states.consume(state, answer, now=now, cipher=self._cipher)
 
     async def finish_state(self, state: str, outcome: str) -> None:
         await self._states.finish(state, outcome)

@@ -1,72 +1,135 @@
-"""Rows of the ``accounts`` and ``refresh_attempts`` tables as values, and back.
+"""The one row mapper: accounts and refresh attempts as values, and back.
+
+:data:`ACCOUNT_COLUMNS` is the one list of the ``accounts`` table's columns;
+every statement on that table below is derived from it, and
+:func:`account_values` and :func:`account_from_row` are the only places that
+turn an :class:`Account` into column values and back.
 
 Secrets (realm id, access and refresh token) are encrypted with associated
 data naming the table, column and ``account_id``, so a ciphertext copied to
-another row does not decrypt. No I/O here.
+another row does not decrypt. Beside the realm, a keyed digest of it
+(``realm_digest``, under the same key) finds the accounts of one company
+without decrypting them (``store.realms``). No I/O here.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from qbo_daemon.core.models import Account, AccountStatus, iso, parse_iso
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.sqlite import Statement
+from qbo_daemon.store.port import Attempt, ScheduleEntry
 
+# Every column of ``accounts``: identity first, then what writes set.
 ACCOUNT_COLUMNS = (
-    "id, account_id, status, realm_id, access_token, refresh_token, key_id, token_expires_at, "
-    "reconnect_token_at, refresh_token_expires_at, refresh_token_hard_expires_at, failure_count, "
-    "last_error, last_refreshed_at, version, created_at, updated_at, realm_verified"
+    "id",
+    "account_id",
+    "created_at",
+    "status",
+    "realm_id",
+    "access_token",
+    "refresh_token",
+    "key_id",
+    "token_expires_at",
+    "reconnect_token_at",
+    "refresh_token_expires_at",
+    "refresh_token_hard_expires_at",
+    "failure_count",
+    "last_error",
+    "last_refreshed_at",
+    "version",
+    "updated_at",
+    "realm_verified",
+    "last_failure_at",
+    "realm_digest",
+)
+SECRET_COLUMNS = ("realm_id", "access_token", "refresh_token")
+# Written from the realm (and the key) with the secrets, never read back into an Account.
+_DERIVED = ("realm_digest",)
+# What a write of the credentials sets: all but the row's identity.
+TOKEN_COLUMNS = ACCOUNT_COLUMNS[3:]
+# What a failure note sets: the credentials (and the key they are under) stay.
+NOTE_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c not in (*SECRET_COLUMNS, *_DERIVED, "key_id"))
+# What a connection or an import sets on an existing row: when it last failed stays
+# (it is history, shown on the status page), everything else is the new connection's.
+CONNECTION_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c != "last_failure_at")
+# What a new row gets: all but the surrogate key.
+INSERT_COLUMNS = ACCOUNT_COLUMNS[1:]
+
+
+def _update(columns: tuple[str, ...]) -> str:
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    return f"UPDATE accounts SET {assignments} WHERE account_id = ? AND version = ?"
+
+
+SELECT_ACCOUNTS = f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts"
+# Compare-and-swap updates: their parameters are account_values(...) + (account_id, version).
+UPDATE_TOKENS = _update(TOKEN_COLUMNS)
+UPDATE_NOTE = _update(NOTE_COLUMNS)
+UPDATE_CONNECTION = _update(CONNECTION_COLUMNS)
+INSERT_ACCOUNT = (
+    f"INSERT INTO accounts ({', '.join(INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
 )
 # Keeps digests of realm ids apart from any other digest (store.crypto.Cipher.digest).
 REALM_DIGEST_PURPOSE = "accounts.realm_id"
+INSERT_ATTEMPT = (
+    "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms, "
+    "intuit_tid, error) VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduleEntry:
-    """What the scheduler needs of an account at start-up: times, no secrets."""
+def account_values(
+    cipher: Cipher | None, account: Account, columns: Iterable[str]
+) -> tuple[Any, ...]:
+    """The values of ``columns`` for ``account``, secrets encrypted under the primary key.
 
-    account_id: str
-    status: AccountStatus
-    reconnect_token_at: datetime
-    token_expires_at: datetime
-    refresh_token_expires_at: datetime | None
-    refresh_token_hard_expires_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One refresh attempt, for the append-only attempts table."""
-
-    account_id: str
-    started_at: datetime
-    outcome: str
-    duration_ms: float
-    intuit_tid: str | None = None
-    error: str | None = None
-
-
-def encrypt_secrets(cipher: Cipher, account: Account) -> dict[str, str | None]:
-    """The account's secret columns as stored: encrypted, or None where the value is.
-
-    Also ``realm_digest``, written with ``realm_id`` under the same key.
+    ``cipher`` may be None only when ``columns`` holds no secret.
     """
-    values = {
-        "realm_id": account.realm_id,
-        "access_token": account.access_token,
-        "refresh_token": account.refresh_token,
+    values: list[Any] = []
+    for column in columns:
+        if column in SECRET_COLUMNS:
+            assert cipher is not None, column
+            plain = getattr(account, column)
+            values.append(
+                None
+                if plain is None
+                else cipher.encrypt(
+                    plain, table="accounts", column=column, row_key=account.account_id
+                )
+            )
+        elif column == "key_id":
+            assert cipher is not None
+            values.append(cipher.primary_key_id)
+        elif column == "realm_digest":
+            assert cipher is not None
+            values.append(realm_digest(cipher, account.realm_id))
+        elif column == "status":
+            values.append(account.status.value)
+        elif column == "realm_verified":
+            values.append(int(account.realm_verified))
+        elif column in _TIMES:
+            values.append(iso(getattr(account, column)))
+        else:
+            values.append(getattr(account, column))
+    return tuple(values)
+
+
+_TIMES = frozenset(
+    {
+        "created_at",
+        "token_expires_at",
+        "reconnect_token_at",
+        "refresh_token_expires_at",
+        "refresh_token_hard_expires_at",
+        "last_refreshed_at",
+        "updated_at",
+        "last_failure_at",
     }
-    stored = {
-        column: None
-        if value is None
-        else cipher.encrypt(value, table="accounts", column=column, row_key=account.account_id)
-        for column, value in values.items()
-    }
-    stored["realm_digest"] = realm_digest(cipher, account.realm_id)
-    return stored
+)
 
 
 def realm_digest(cipher: Cipher, realm_id: str | None) -> str | None:
@@ -94,6 +157,7 @@ def account_from_row(cipher: Cipher, row: sqlite3.Row, *, tokens: bool) -> Accou
         created_at=parse_iso(row["created_at"]) or datetime.min,
         updated_at=parse_iso(row["updated_at"]) or datetime.min,
         realm_verified=bool(row["realm_verified"]),
+        last_failure_at=parse_iso(row["last_failure_at"]),
     )
 
 
@@ -125,27 +189,20 @@ def schedule_entries_from(rows: Iterable[sqlite3.Row]) -> list[ScheduleEntry]:
     return entries
 
 
-def attempt_statements(attempt: Attempt | None) -> list[Statement]:
-    """The insert of ``attempt``, to write with its account's update; none for None."""
-    if attempt is None:
-        return []
-    return [
-        (
-            "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms, "
-            "intuit_tid, error) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                attempt.account_id,
-                iso(attempt.started_at),
-                attempt.outcome,
-                round(attempt.duration_ms, 3),
-                attempt.intuit_tid,
-                attempt.error,
-            ),
-        )
-    ]
+def attempt_values(attempt: Attempt) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT_ATTEMPT`."""
+    return (
+        attempt.account_id,
+        iso(attempt.started_at),
+        attempt.outcome,
+        round(attempt.duration_ms, 3),
+        attempt.intuit_tid,
+        attempt.error,
+    )
 
 
 def attempt_from_row(row: sqlite3.Row) -> Attempt:
+    """An attempt of a row of ``refresh_attempts``."""
     return Attempt(
         account_id=row["account_id"],
         started_at=parse_iso(row["started_at"]) or datetime.min,

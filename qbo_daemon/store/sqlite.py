@@ -25,24 +25,53 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from qbo_daemon.core.errors import StaleWriteError, StorageError
+from qbo_daemon.store.rows import INSERT_ATTEMPT, UPDATE_NOTE, UPDATE_TOKENS
 from qbo_daemon.store.schema import migrate
-
-# One SQL statement and its parameters.
-Statement = tuple[str, tuple[Any, ...]]
 
 # How many attempt rows may be written between two trims of the attempts table.
 _TRIM_EVERY = 1000
-# How rows.attempt_statements begins: besides a job's compare-and-swap, the only
-# statement a batch may group (see _run_grouped), and what the trim counts.
-_ATTEMPT_INSERT = "INSERT INTO refresh_attempts"
 # Keys per query when concurrent reads are served together.
 _READ_BATCH = 500
 
 
+@dataclass(frozen=True, slots=True)
+class RowUpdate:
+    """A compare-and-swap update of one ``accounts`` row.
+
+    ``tokens`` picks the statement (:data:`~qbo_daemon.store.rows.UPDATE_TOKENS`,
+    or :data:`~qbo_daemon.store.rows.UPDATE_NOTE` that leaves the secrets);
+    ``values`` are its ``SET`` values, in that statement's column order.
+    """
+
+    account_id: str
+    read_version: int
+    tokens: bool
+    values: tuple[Any, ...]
+
+    @property
+    def parameters(self) -> tuple[Any, ...]:
+        return (*self.values, self.account_id, self.read_version)
+
+    @property
+    def sql(self) -> str:
+        return UPDATE_TOKENS if self.tokens else UPDATE_NOTE
+
+
+@dataclass(frozen=True, slots=True)
+class WriteJob:
+    """One caller's write for the group commit: an account update, an attempt, or both.
+
+    With an update, the job is all or nothing: a stale update writes its attempt
+    neither.
+    """
+
+    update: RowUpdate | None
+    attempt: tuple[Any, ...] | None  # the parameters of rows.INSERT_ATTEMPT
+
+
 @dataclass
 class _Job:
-    statements: list[Statement]
-    cas: tuple[str, int] | None
+    job: WriteJob
     future: asyncio.Future[None]
 
 
@@ -157,12 +186,11 @@ class Database:
                     raise StorageError(f"database write failed: {exc}") from exc
                 raise
 
-    async def write(self, statements: list[Statement], *, cas: tuple[str, int] | None) -> None:
-        """Run ``statements`` in the next group commit; return once it committed.
+    async def write(self, job: WriteJob) -> None:
+        """Run ``job`` in the next group commit; return once it committed.
 
-        With ``cas=(account_id, version)`` the first statement is a compare-and-swap:
-        when it changes no row, nothing of this call is written and
-        :class:`StaleWriteError` is raised.
+        When its update changes no row (the version moved on), nothing of the job
+        is written and :class:`StaleWriteError` is raised.
         """
         if self._closing or self._writer_task is None or self._writer_task.done():
             raise StorageError("storage is closed")
@@ -170,7 +198,7 @@ class Database:
         # A caller cancelled meanwhile never reads its outcome; read it here so
         # asyncio does not report an exception "never retrieved".
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.append(_Job(statements, cas, future))
+        self._queue.append(_Job(job, future))
         self._queued.set()
         # Shielded: a caller cancelled at shutdown must not leave its write half-known;
         # the write still commits with its batch.
@@ -189,7 +217,7 @@ class Database:
 
     async def _commit_batch(self, jobs: list[_Job]) -> None:
         """Run many callers' writes in one transaction and one fsync."""
-        batch = [(job.statements, job.cas[0] if job.cas else None) for job in jobs]
+        batch = [job.job for job in jobs]
         try:
             stale, attempts, trimmed = await _on_writer_thread(
                 self._writer,
@@ -209,8 +237,9 @@ class Database:
         for index, job in enumerate(jobs):
             if job.future.done():
                 continue
-            if index in stale and job.cas is not None:
-                job.future.set_exception(StaleWriteError(*job.cas))
+            update = job.job.update
+            if index in stale and update is not None:
+                job.future.set_exception(StaleWriteError(update.account_id, update.read_version))
             else:
                 job.future.set_result(None)
 
@@ -269,9 +298,6 @@ class ReadBatcher:
                     future.cancel()  # a no-op for the answered ones
 
 
-# A queued job as the writer thread sees it: its statements, and the account of its
-# compare-and-swap (the first statement) or None.
-_Batched = tuple[list[Statement], str | None]
 _T = TypeVar("_T")
 
 
@@ -290,14 +316,12 @@ async def _on_writer_thread(
 
 
 def _write_batch(
-    db: sqlite3.Connection, *, jobs: list[_Batched], trim_after: int, keep: int
+    db: sqlite3.Connection, *, jobs: list[WriteJob], trim_after: int, keep: int
 ) -> tuple[set[int], int, bool]:
     """The group commit's transaction, on the writer thread.
 
-    ``jobs`` holds each job's statements and, when the first is a
-    compare-and-swap, the account it is on. Returns the indexes of the stale jobs, the attempts
-    written, and whether the attempts table was trimmed (once ``trim_after``
-    attempts are written).
+    Returns the indexes of the stale jobs, the attempts written, and whether the
+    attempts table was trimmed (once ``trim_after`` attempts are written).
     """
     stale: set[int] = set()
     db.execute("BEGIN IMMEDIATE")
@@ -322,41 +346,38 @@ def _write_batch(
     return stale, attempts, trimmed
 
 
-def _run_grouped(db: sqlite3.Connection, jobs: list[_Batched]) -> int | None:
-    """Run the batch as one ``executemany`` per distinct statement; the attempts written.
+def _run_grouped(db: sqlite3.Connection, jobs: list[WriteJob]) -> int | None:
+    """Run the batch as one ``executemany`` per kind of write; the attempts written.
 
-    Taken only when it cannot change the outcome: every compare-and-swap is on a
-    different account and everything else only appends attempts (in job order),
-    so the grouped statements write what job-by-job ones would. Returns None when
-    that does not hold (nothing run), or when a compare-and-swap failed (the
-    caller rolls back and runs job by job, so the stale write fails alone).
+    Taken only when it cannot change the outcome: every update is on a different
+    account, and attempts only append (in job order), so the grouped statements
+    write what job-by-job ones would. Returns None when that does not hold
+    (nothing run), or when an update was stale (the caller rolls back and runs
+    job by job, so the stale write fails alone).
     """
-    keys = [account_id for _, account_id in jobs if account_id is not None]
-    if len(set(keys)) != len(keys):
+    updates = [job.update for job in jobs if job.update is not None]
+    if len({update.account_id for update in updates}) != len(updates):
         return None
-    groups: dict[tuple[str, bool], list[tuple[Any, ...]]] = {}
-    for statements, account_id in jobs:
-        for position, (sql, params) in enumerate(statements):
-            cas = account_id is not None and position == 0
-            if not cas and not sql.startswith(_ATTEMPT_INSERT):
-                return None
-            groups.setdefault((sql, cas), []).append(params)
-    for (sql, cas), rows in groups.items():
-        cursor = db.executemany(sql, rows)
-        if cas and cursor.rowcount != len(rows):
+    for sql in (UPDATE_TOKENS, UPDATE_NOTE):
+        rows = [update.parameters for update in updates if update.sql is sql]
+        if rows and db.executemany(sql, rows).rowcount != len(rows):
             return None
-    return sum(len(rows) for (_, cas), rows in groups.items() if not cas)
+    attempts = [job.attempt for job in jobs if job.attempt is not None]
+    if attempts:
+        db.executemany(INSERT_ATTEMPT, attempts)
+    return len(attempts)
 
 
-def _run_one_by_one(db: sqlite3.Connection, jobs: list[_Batched], stale: set[int]) -> int:
-    """Run each job's statements in turn; a failed compare-and-swap skips its job."""
+def _run_one_by_one(db: sqlite3.Connection, jobs: list[WriteJob], stale: set[int]) -> int:
+    """Run each job in turn; a stale update skips its job."""
     attempts = 0
-    for index, (statements, account_id) in enumerate(jobs):
-        for position, (sql, params) in enumerate(statements):
-            cursor = db.execute(sql, params)
-            if position == 0 and account_id is not None and cursor.rowcount != 1:
+    for index, job in enumerate(jobs):
+        if job.update is not None:
+            update = job.update
+            if db.execute(update.sql, update.parameters).rowcount != 1:
                 stale.add(index)
-                break
-            if sql.startswith(_ATTEMPT_INSERT):
-                attempts += 1
+                continue
+        if job.attempt is not None:
+            db.execute(INSERT_ATTEMPT, job.attempt)
+            attempts += 1
     return attempts

@@ -14,14 +14,16 @@ after URL keeps working with the newest ones, and the table stays small.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from qbo_daemon.core.errors import OAuthStateError
 from qbo_daemon.core.models import iso, parse_iso
 from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.port import ClaimedState, StateRecord
 from qbo_daemon.store.schema import sha256_hex
 from qbo_daemon.store.sqlite import Database
+
+__all__ = ["MAX_PENDING", "ClaimedState", "OAuthStates", "StateRecord", "answer_hash"]
 
 MAX_PENDING = 10
 
@@ -34,21 +36,6 @@ def answer_hash(code: str | None, error: str | None) -> str:
     if error is not None:
         return sha256_hex(f"error\0{error}")
     return sha256_hex(f"code\0{code or ''}")
-
-
-@dataclass(frozen=True, slots=True)
-class StateRecord:
-    account_id: str
-    outcome: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedState:
-    """A state the callback has just claimed: whom it was for, and what it carried."""
-
-    account_id: str
-    allow_realm_change: bool = False
-    code_verifier: str | None = field(default=None, repr=False)
 
 
 class OAuthStates:

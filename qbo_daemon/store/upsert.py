@@ -2,167 +2,52 @@
 
 Unlike a refresh, these writes are no compare-and-swap: they run in a transaction
 the caller holds, and the credentials they bring win over whatever the row held.
+The row keeps its identity (``id``, ``created_at``) and when it last failed
+(``last_failure_at``, history the status page shows); its ``version`` moves on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from typing import Any
+from dataclasses import replace
 
 import aiosqlite
 
-from qbo_daemon.core.models import Account, AccountStatus, TokenSet, iso, parse_iso, reconnect_at
+from qbo_daemon.core.models import Account, parse_iso
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.rows import encrypt_secrets, realm_digest
-
-# The bulk insert of new accounts; its parameters are :func:`new_account_rows`.
-NEW_ACCOUNT_INSERT = (
-    "INSERT INTO accounts (status, realm_id, access_token, refresh_token, key_id, "
-    "token_expires_at, reconnect_token_at, refresh_token_expires_at, "
-    "last_refreshed_at, updated_at, account_id, created_at, realm_digest, version) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+from qbo_daemon.store.rows import (
+    CONNECTION_COLUMNS,
+    INSERT_ACCOUNT,
+    INSERT_COLUMNS,
+    UPDATE_CONNECTION,
+    account_values,
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ImportItem:
-    """An existing connection brought in from elsewhere."""
-
-    account_id: str
-    realm_id: str
-    refresh_token: str
-    access_token: str | None = None
-    token_expires_at: datetime | None = None
-    refresh_token_expires_at: datetime | None = None
-
-
-def imported_tokens(item: ImportItem, now: datetime) -> TokenSet:
-    """An imported connection's tokens; an access token without a future expiry is dead."""
-    expires = item.token_expires_at
-    access = item.access_token
-    if access is None or expires is None or expires <= now:
-        access, expires = "", now
-    return TokenSet(
-        access_token=access,
-        refresh_token=item.refresh_token,
-        obtained_at=now,
-        token_expires_at=expires,
-        refresh_token_expires_at=item.refresh_token_expires_at or now + timedelta(days=100),
-    )
-
-
-def new_account_rows(
-    cipher: Cipher, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
-) -> list[tuple[Any, ...]]:
-    """The parameters of :data:`NEW_ACCOUNT_INSERT` for each item, secrets encrypted."""
-    key_id = cipher.primary_key_id
-    rows = []
-    for item in items:
-        tokens = imported_tokens(item, now)
-        secrets = {
-            "realm_id": item.realm_id,
-            "access_token": tokens.access_token,
-            "refresh_token": tokens.refresh_token,
-        }
-        enc = {
-            column: cipher.encrypt(value, table="accounts", column=column, row_key=item.account_id)
-            for column, value in secrets.items()
-        }
-        due = reconnect_at(tokens.token_expires_at, lead, tokens.obtained_at)
-        rows.append(
-            (
-                AccountStatus.ACTIVE.value,
-                enc["realm_id"],
-                enc["access_token"],
-                enc["refresh_token"],
-                key_id,
-                iso(tokens.token_expires_at),
-                iso(due),
-                iso(tokens.refresh_token_expires_at),
-                iso(now),
-                iso(now),
-                item.account_id,
-                iso(now),
-                realm_digest(cipher, item.realm_id),
-            )
-        )
-    return rows
-
-
-async def upsert_account(
-    conn: aiosqlite.Connection,
-    cipher: Cipher,
-    account_id: str,
-    realm_id: str,
-    tokens: TokenSet,
-    *,
-    lead: timedelta,
-    now: datetime,
-    realm_verified: bool = True,
-) -> Account:
-    """Store these credentials as the account's, creating it if new; inside a transaction.
-
-    ``realm_verified`` is False for a connection whose company Intuit could not
-    confirm yet (imports are an operator's word and count as confirmed).
-    """
+async def upsert_account(conn: aiosqlite.Connection, cipher: Cipher, account: Account) -> Account:
+    """Store ``account`` as the row of its ``account_id``, creating it if new; in a transaction."""
     cursor = await conn.execute(
-        "SELECT id, version, created_at FROM accounts WHERE account_id = ?", (account_id,)
+        "SELECT id, version, created_at, last_failure_at FROM accounts WHERE account_id = ?",
+        (account.account_id,),
     )
     existing = await cursor.fetchone()
-    due = reconnect_at(tokens.token_expires_at, lead, tokens.obtained_at)
-    account = Account(
-        id=existing["id"] if existing else 0,
-        account_id=account_id,
-        status=AccountStatus.ACTIVE,
-        realm_id=realm_id,
-        access_token=tokens.access_token,
-        refresh_token=tokens.refresh_token,
-        token_expires_at=tokens.token_expires_at,
-        reconnect_token_at=due,
-        refresh_token_expires_at=tokens.refresh_token_expires_at,
-        refresh_token_hard_expires_at=tokens.refresh_token_hard_expires_at,
-        failure_count=0,
-        last_error=None,
-        last_refreshed_at=now,
-        version=existing["version"] + 1 if existing else 1,
-        created_at=parse_iso(existing["created_at"]) or now if existing else now,
-        updated_at=now,
-        realm_verified=realm_verified,
-    )
-    enc = encrypt_secrets(cipher, account)
-    values = (
-        account.status.value,
-        enc["realm_id"],
-        enc["access_token"],
-        enc["refresh_token"],
-        cipher.primary_key_id,
-        iso(account.token_expires_at),
-        iso(due),
-        iso(account.refresh_token_expires_at),
-        iso(account.refresh_token_hard_expires_at),
-        iso(now),
-        iso(now),
-        enc["realm_digest"],
-        int(realm_verified),
-    )
-    if existing:
-        await conn.execute(
-            "UPDATE accounts SET status = ?, realm_id = ?, access_token = ?, "
-            "refresh_token = ?, key_id = ?, token_expires_at = ?, reconnect_token_at = ?, "
-            "refresh_token_expires_at = ?, refresh_token_hard_expires_at = ?, "
-            "last_refreshed_at = ?, updated_at = ?, realm_digest = ?, realm_verified = ?, "
-            "failure_count = 0, last_error = NULL, version = version + 1 WHERE account_id = ?",
-            (*values, account_id),
+    if existing is not None:
+        stored = replace(
+            account,
+            id=existing["id"],
+            version=existing["version"] + 1,
+            created_at=parse_iso(existing["created_at"]) or account.created_at,
+            last_failure_at=parse_iso(existing["last_failure_at"]),
         )
-        return account
-    cursor = await conn.execute(
-        "INSERT INTO accounts (status, realm_id, access_token, refresh_token, key_id, "
-        "token_expires_at, reconnect_token_at, refresh_token_expires_at, "
-        "refresh_token_hard_expires_at, last_refreshed_at, updated_at, realm_digest, "
-        "realm_verified, account_id, created_at, version) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
-        (*values, account_id, iso(now)),
-    )
-    return replace(account, id=cursor.lastrowid or 0)
+        # The transaction holds the row: the version read above is still the row's.
+        await conn.execute(
+            UPDATE_CONNECTION,
+            (
+                *account_values(cipher, stored, CONNECTION_COLUMNS),
+                account.account_id,
+                existing["version"],
+            ),
+        )
+        return stored
+    stored = replace(account, version=1)
+    cursor = await conn.execute(INSERT_ACCOUNT, account_values(cipher, stored, INSERT_COLUMNS))
+    return replace(stored, id=cursor.lastrowid or 0)

@@ -77,6 +77,7 @@ def test_defaults() -> None:
     r = config.refresh
     assert (r.lead, r.concurrency) == (timedelta(minutes=10), 8)
     assert (r.backoff_initial, r.backoff_max) == (timedelta(seconds=5), timedelta(minutes=5))
+    assert r.backoff_max_expired == timedelta(seconds=30)
     assert (r.token_wait, r.shutdown_grace) == (timedelta(seconds=30), timedelta(seconds=35))
     assert r.hard_expiry_warning == timedelta(days=30)
     assert r.invalid_client_retry == timedelta(minutes=5)
@@ -180,6 +181,7 @@ lead = "1h30m"
 concurrency = 64
 backoff_initial = 0.5
 backoff_max = "2m"
+backoff_max_expired = "45s"
 
 [log]
 format = "json"
@@ -209,6 +211,7 @@ secret = "hook-secret"
     assert config.storage.path == Path("/var/lib/qbo/db.sqlite3")
     assert config.refresh.lead == timedelta(hours=1, minutes=30)
     assert config.refresh.backoff_initial == timedelta(milliseconds=500)
+    assert config.refresh.backoff_max_expired == timedelta(seconds=45)
     assert (config.log.format, config.log.level) == ("json", "debug")
     assert config.notify.secret == Secret("hook-secret")
 
@@ -265,6 +268,10 @@ def test_unpadded_encryption_key_is_stored_padded(tmp_path: Path) -> None:
         (
             '[refresh]\nbackoff_initial = "10m"',
             "[refresh] backoff_max: must be at least backoff_initial (10m)",
+        ),
+        (
+            '[refresh]\nbackoff_max_expired = "0s"',
+            "[refresh] backoff_max_expired: must be greater than zero",
         ),
         ('[intuit]\ntimeout = "0"', "[intuit] timeout: must be greater than zero"),
         ("[storage]\nattempts_keep = 99", "[storage] attempts_keep: must be between 100"),

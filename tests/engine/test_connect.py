@@ -185,7 +185,7 @@ async def test_connect_stores_an_encrypted_row_with_times_from_intuits_answer(
 
     [exchange] = token_calls(simulator)
     assert (exchange.grant_type, exchange.status) == ("authorization_code", 200)
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert account.refresh_token == exchange.issued_refresh_token
     assert account.realm_id == realm_id
     assert account.access_token is not None
@@ -196,7 +196,7 @@ async def test_connect_stores_an_encrypted_row_with_times_from_intuits_answer(
     row = account_row(running, "acme")
     assert row["status"] == "active"
     assert (row["version"], row["failure_count"], row["last_error"]) == (1, 0, None)
-    assert row["key_id"] == running.services.storage.cipher.primary_key_id
+    assert row["key_id"] == running.services.storage.primary_key_id
     for column, plain in (
         ("realm_id", realm_id),
         ("access_token", account.access_token),
@@ -245,7 +245,7 @@ async def test_success_redirect_sends_the_browser_back_with_account_and_status(
         assert dict(location.query) == {"from": "qbo", "account_id": "acme", "status": "connected"}
         assert page.headers["Cache-Control"] == "no-store"
         assert page.headers["Referrer-Policy"] == "no-referrer"
-        account = await running.services.storage.get_account("acme")
+        account = await running.services.storage.load("acme")
         assert account.access_token
         assert account.refresh_token
         assert_not_shown(page, back.query["code"], account.access_token, account.refresh_token)
@@ -387,7 +387,7 @@ async def test_a_used_state_with_a_new_code_exchanges_nothing(
 
     assert len(exchanges(simulator)) == 1
     assert tuple(account_row(running, "acme")) == before
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert account.realm_id == first.query["realmId"]
 
 
@@ -548,7 +548,7 @@ async def test_a_double_fired_callback_exchanges_the_code_once(
     assert len(token_calls(simulator)) == 1
     assert account_row(running, "acme")["version"] == 1
     # A second exchange would have killed the connection (kill_on_code_reuse).
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert account.access_token is not None
     assert simulator.is_access_token_valid(account.access_token)
     status, token = await running.api("GET", "/v1/accounts/acme/token")
@@ -612,7 +612,7 @@ async def test_reconnecting_after_needs_reconnect_replaces_the_tokens(
     running = await daemon_factory()
     first_back = await callback_url(running, "acme")
     assert_says(await browse(first_back), 200, "QuickBooks is connected")
-    old = await running.services.storage.get_account("acme")
+    old = await running.services.storage.load("acme")
     assert old.refresh_token is not None
 
     simulator.invalidate(old.refresh_token)  # the user disconnected inside QuickBooks
@@ -636,7 +636,7 @@ async def test_reconnecting_after_needs_reconnect_replaces_the_tokens(
     assert row["id"] == dead["id"]
     assert row["created_at"] == dead["created_at"]
     assert account_count(running) == 1
-    new = await running.services.storage.get_account("acme")
+    new = await running.services.storage.load("acme")
     assert new.refresh_token not in (None, old.refresh_token)
     assert new.realm_id == second_back.query["realmId"]
     assert running.services.scheduler.due_at("acme") == new.reconnect_token_at
@@ -681,7 +681,7 @@ async def test_logs_never_carry_a_code_state_or_token(
     status, _ = await running.api("POST", "/v1/accounts/acme/refresh")
     assert status == 200
 
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert account.access_token
     assert account.refresh_token
     secrets_seen += [account.access_token, account.refresh_token]

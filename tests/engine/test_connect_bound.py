@@ -205,7 +205,7 @@ async def test_a_realm_refused_at_refresh_needs_reconnect_with_a_clear_error(
     [revoke] = calls(simulator, "revoke")
     assert revoke.status == 200
     assert revoke.presented_refresh_token == refreshed[-1].issued_refresh_token
-    [attempt] = [a for a in await running.services.storage.attempts("acme")][:1]
+    [attempt] = [a for a in await running.services.status.attempts("acme")][:1]
     assert attempt.outcome == "realm_refused"
 
 
@@ -218,7 +218,7 @@ async def test_a_company_connected_under_another_account_id_is_refused(
     running = await daemon_factory()
     first = await callback_url(running, "acme")
     assert_says(await browse(first), 200, "QuickBooks is connected")
-    acme = await running.services.storage.get_account("acme")
+    acme = await running.services.storage.load("acme")
 
     simulator.choose_realm(first.query["realmId"])  # the same company, for another tenant
     second = await callback_url(running, "beta")
@@ -249,7 +249,7 @@ async def test_a_disconnected_account_does_not_hold_its_company(
 
     simulator.choose_realm(first.query["realmId"])
     assert_says(await browse(await callback_url(running, "beta")), 200, "QuickBooks is connected")
-    beta = await running.services.storage.get_account("beta")
+    beta = await running.services.storage.load("beta")
     assert beta.realm_id == first.query["realmId"]
 
 
@@ -269,8 +269,8 @@ async def test_sharing_a_company_can_be_allowed_by_configuration(
 
     simulator.choose_realm(first.query["realmId"])
     assert_says(await browse(await callback_url(running, "beta")), 200, "QuickBooks is connected")
-    acme = await running.services.storage.get_account("acme")
-    beta = await running.services.storage.get_account("beta")
+    acme = await running.services.storage.load("acme")
+    beta = await running.services.storage.load("beta")
     assert acme.realm_id == beta.realm_id == first.query["realmId"]
     assert acme.access_token is not None
     assert simulator.is_access_token_valid(acme.access_token)
@@ -301,7 +301,7 @@ async def test_reconnecting_to_another_company_is_refused_unless_asked(
     moved = await consent(body["url"])
     assert_says(await browse(moved), 200, "QuickBooks is connected")
 
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert account.realm_id == moved.query["realmId"] != first.query["realmId"]
     assert account.realm_verified
     [event] = events(events_log, "account.realm_changed")

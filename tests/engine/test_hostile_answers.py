@@ -36,8 +36,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qbo_daemon.core.models import Account, AccountStatus, iso
-from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.outcome import OutcomeKind
+from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.scheduler import Scheduler
+from qbo_daemon.engine.state import AccountStates
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator, RequestLogEntry, SimulatorSettings
 from tests.engine.test_scheduler import Logs, advance, advance_to, settle
@@ -141,7 +143,7 @@ class World:
 
     async def stored(self, account_id: str) -> Account:
         """The row as the daemon reads it, tokens decrypted."""
-        return await self.daemon.services.storage.get_account(account_id)
+        return await self.daemon.services.storage.load(account_id)
 
     def token_calls(self) -> list[RequestLogEntry]:
         return [e for e in self.sim.request_log if e.endpoint == "token"]
@@ -281,7 +283,7 @@ async def test_unprintable_words_in_an_error_answer_are_recorded_readably(
     assert account.last_error is not None
     assert "down??" in account.last_error
     account.last_error.encode("utf-8")
-    [attempt] = await world.daemon.services.storage.attempts("acme")
+    [attempt] = await world.daemon.services.status.attempts("acme")
     assert (attempt.outcome, attempt.intuit_tid) == ("transient", None)
     assert_live_or_terminal(world, account.account_id, account.status)
     assert not escapes, escapes
@@ -299,26 +301,33 @@ async def test_a_failure_after_an_attempt_is_logged_and_the_timer_kept(
 ) -> None:
     grant = await world.imported("acme")
     services = world.daemon.services
-    refresh = services.config.refresh
-    # The daemon's own refresher and storage, under a scheduler whose events fail.
+    # The daemon's own storage, client and policy, under a scheduler whose events fail.
+    states = AccountStates()
+    refresher = Refresher(
+        services.storage,
+        services.intuit,
+        world.clock,
+        services.metrics,
+        services.policy,
+        states,
+        concurrency=1,
+    )
     scheduler = Scheduler(
-        services.refresher,
+        refresher,
         services.storage,
         world.clock,
         services.metrics,
         BrokenEvents(),
+        services.policy,
+        states,
         concurrency=1,
-        backoff_initial=refresh.backoff_initial,
-        backoff_max=refresh.backoff_max,
-        invalid_client_retry=refresh.invalid_client_retry,
-        hard_expiry_warning=refresh.hard_expiry_warning,
     )
     await world.answer(500, '{"error": "server_error"}')
-    failed = await scheduler.refresh("acme")
+    failed = await scheduler.refresh_now("acme")
     assert failed.kind is OutcomeKind.TRANSIENT
 
     # The success after a failure emits account.recovered, which raises.
-    recovered = await scheduler.refresh("acme")
+    recovered = await scheduler.refresh_now("acme")
     assert recovered.kind is OutcomeKind.SUCCESS
     assert scheduler.due_at("acme") == world.clock.now() + timedelta(seconds=BACKOFF_MAX)
     [line] = world.logs.lines("refresh.reschedule_failed")

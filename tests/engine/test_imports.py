@@ -275,5 +275,5 @@ async def test_a_batch_keeps_the_good_rows_and_reports_the_bad(
         running, "POST", "/v1/import", json={"accounts": [replacement], "replace": True}
     )
     assert [(e["account_id"], e["replaced"]) for e in report["imported"]] == [("stale", True)]
-    account = await running.services.storage.get_account("stale")
+    account = await running.services.storage.load("stale")
     assert account.refresh_token == replacement["refresh_token"]

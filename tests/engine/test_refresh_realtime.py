@@ -9,7 +9,7 @@ from qbo_daemon.simulator.app import IntuitSimulator
 from qbo_daemon.store.crypto import Cipher, EncryptionKey
 from qbo_daemon.store.repository import Storage
 from tests.conftest import StartDaemon
-from tests.harness import wait_for
+from tests.harness import attempts, wait_for
 
 EXPIRES_IN = 2  # seconds an access token lives
 LEAD = 1.0  # seconds before expiry a refresh is due
@@ -45,15 +45,14 @@ async def test_consecutive_real_refreshes_rotate_and_persist(
         running.database, Cipher([EncryptionKey.from_text(running.encryption_key)])
     )
     try:
-        stored = await storage.get_account("acme")
-        attempts = await storage.attempts("acme")
+        stored = await storage.load("acme")
     finally:
         await storage.close()
     refreshed = len(calls) - 1
     assert refreshed >= REFRESHES
     assert stored.refresh_token == newest
     assert stored.version == 1 + refreshed  # every refresh was written
-    assert [a.outcome for a in attempts] == ["success"] * refreshed
+    assert [a.outcome for a in attempts(running.database, "acme")] == ["success"] * refreshed
     # The newest access token too: it expires expires_in after the last call was sent.
     assert stored.access_token
     assert stored.token_expires_at is not None

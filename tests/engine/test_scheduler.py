@@ -30,7 +30,9 @@ from qbo_daemon.core.models import iso, parse_iso
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator, RequestLogEntry, SimulatorSettings
 from qbo_daemon.store.crypto import generate_key
-from tests.harness import RunningDaemon, run_daemon, wait_for
+from qbo_daemon.store.repository import Storage
+from tests.figures import write_figure
+from tests.harness import RunningDaemon, attempts, run_daemon, wait_for
 from tests.manual_clock import ManualClock
 
 T0 = datetime(2031, 3, 3, 9, 0, tzinfo=UTC)
@@ -311,7 +313,7 @@ async def test_refresh_fires_at_reconnect_token_at_not_earlier_not_later(
     # Expiry counts from when the request was sent, Intuit's expires_in after it.
     assert at(after, "token_expires_at") == due + timedelta(seconds=3600)
     assert at(after, "reconnect_token_at") == due + timedelta(seconds=3000)
-    [attempt] = await running.services.storage.attempts("acme")
+    [attempt] = attempts(running.database, "acme")
     assert (attempt.outcome, attempt.started_at) == ("success", due)
     assert attempt.intuit_tid == call.intuit_tid
     [line] = logs.lines("refresh.succeeded", account_id="acme")
@@ -395,7 +397,7 @@ async def test_transient_faults_are_retried_with_growing_capped_delays_then_succ
     assert (body["status"], body["failure_count"], body["last_error"]) == ("active", 0, None)
     [recovered] = logs.lines("account.recovered", account_id="acme")
     assert recovered["after_failures"] == len(faults)
-    outcomes = [a.outcome for a in await running.services.storage.attempts("acme")]
+    outcomes = [a.outcome for a in attempts(running.database, "acme")]
     assert outcomes == ["success"] + ["transient"] * len(faults)
 
 
@@ -428,7 +430,9 @@ async def test_retries_go_on_past_token_expiry_until_the_refresh_token_dies(
     start: Start, intuit: Intuit, clock: ManualClock, logs: Logs
 ) -> None:
     intuit.settings.update(refresh_expires_in=2 * 3600)
-    running = await start(backoff_initial="1s", backoff_max="5m")
+    # The cap once expired as long as backoff_max: two hours at the (shorter) default
+    # would be hundreds of retries.
+    running = await start(backoff_initial="1s", backoff_max="5m", backoff_max_expired="5m")
     assert await running.connect("acme") == 200
     await settle(running, clock)
     before = await account(running, "acme")
@@ -471,12 +475,94 @@ async def test_retries_go_on_past_token_expiry_until_the_refresh_token_dies(
     body = await account(running, "acme")
     assert body["status"] == "needs_reconnect"
     assert "expired" in body["last_error"]
-    [attempt, *_] = await running.services.storage.attempts("acme")
+    [attempt, *_] = attempts(running.database, "acme")
     assert (attempt.outcome, attempt.started_at) == ("expired", refresh_dies)
     [line] = logs.lines("account.needs_reconnect", account_id="acme")
     assert line["level"] == "error"
     await advance(running, clock, 3600)
     assert len(intuit.refreshes()) == len(calls)
+
+
+async def test_a_dead_token_is_read_back_at_once_not_at_the_next_backoff_slot(
+    start: Start, intuit: Intuit, clock: ManualClock, logs: Logs
+) -> None:
+    # The caps of a production config: backoff_max 5 min, backoff_max_expired its default.
+    running = await start(backoff_initial="1s", backoff_max="5m")
+    intuit.sim.inject("503", retry_after=2)
+    await imported(running, intuit, "acme", expires_in=-60)  # its access token died
+    await wait_for(lambda: len(intuit.refreshes()) == 1)
+    await settle(running, clock)
+    failed_at = clock.now()
+    [first] = intuit.refreshes()
+    assert (first.status, first.at) == (503, failed_at)
+    body = await account(running, "acme")
+    assert body["status"] == "expired"
+    [line] = logs.lines("refresh.retrying", account_id="acme")
+    assert line["status"] == "expired"
+    # Capped by backoff_max_expired (30 s) in its upper half, not by backoff_max (150-300 s).
+    assert 15 <= line["delay"] <= 30, line
+    retry_in = (at(body, "next_refresh_at") - failed_at).total_seconds()
+    assert abs(retry_in - line["delay"]) < 0.001
+
+    # Retry-After has passed; the timed retry has not come. The app reads its token.
+    await advance(running, clock, 2)
+    status, token = await running.api("GET", "/v1/accounts/acme/token")
+    assert status == 200, token
+    assert intuit.sim.is_access_token_valid(token["access_token"])
+    first, second = intuit.refreshes()
+    assert (second.status, second.at) == (200, failed_at + timedelta(seconds=2))
+    await settle(running, clock)
+    body = await account(running, "acme")
+    assert (body["status"], body["failure_count"]) == ("active", 0)
+    assert len(intuit.refreshes()) == 2  # the timed retry is gone with the failure
+    down = (second.at - failed_at).total_seconds()
+    write_figure(
+        "dead-token-retry",
+        f"| after one 503 with `Retry-After: 2` on an expired account | |\n"
+        f"| --- | --- |\n"
+        f"| timed retry (`backoff_max` 5 min, `backoff_max_expired` 30 s) | "
+        f"within 15–30 s (was 150–300 s) |\n"
+        f"| `GET …/token` {down:g} s after the 503 | 200 with a fresh token, "
+        f"{len(intuit.refreshes())} calls to Intuit in all |\n",
+    )
+
+
+async def test_readers_of_a_dead_token_start_one_attempt_per_backoff_initial(
+    start: Start, intuit: Intuit, clock: ManualClock
+) -> None:
+    running = await start(backoff_initial="5s", backoff_max="5m")
+    intuit.sim.inject("503", 3)  # no Retry-After: only the spacing holds readers back
+    await imported(running, intuit, "acme", expires_in=-60)
+    await wait_for(lambda: len(intuit.refreshes()) == 1)
+    await settle(running, clock)
+    began = clock.now()
+
+    async def readers(count: int) -> set[int]:
+        answers = await asyncio.gather(
+            *(running.api("GET", "/v1/accounts/acme/token") for _ in range(count))
+        )
+        await settle(running, clock)
+        return {status for status, _ in answers}
+
+    assert await readers(10) == {503}  # 0 s since the last attempt: none starts
+    assert len(intuit.refreshes()) == 1
+    for _ in range(2):
+        await advance(running, clock, 5)
+        assert await readers(10) == {503}  # one attempt, shared by all ten; Intuit says 503
+        assert await readers(10) == {503}  # and none more until 5 s have passed again
+    await advance(running, clock, 5)
+    assert await readers(10) == {200}
+    calls = intuit.refreshes()
+    assert [c.status for c in calls] == [503, 503, 503, 200]
+    assert [(c.at - began).total_seconds() for c in calls] == [0, 5, 10, 15]
+    write_figure(
+        "dead-token-readers",
+        f"| readers polling a dead token in waves of 10 while Intuit answers 503 | |\n"
+        f"| --- | --- |\n"
+        f"| calls to Intuit over {(calls[-1].at - began).total_seconds():g} s "
+        f"(`backoff_initial` 5 s) | {len(calls)}, "
+        f"at {', '.join(f'{(c.at - began).total_seconds():g}' for c in calls)} s |\n",
+    )
 
 
 async def test_invalid_grant_marks_needs_reconnect_and_stops(
@@ -537,7 +623,7 @@ async def test_invalid_client_pauses_all_refreshes_marks_no_account_and_recovers
         body = await account(running, account_id)
         assert (body["status"], body["failure_count"]) == ("active", 0)
     assert logs.lines("account.needs_reconnect") == []
-    [attempt] = await running.services.storage.attempts("first")
+    [attempt] = attempts(running.database, "first")
     assert attempt.outcome == "invalid_client"
 
     # Paused: askers are served the still valid token and do not call Intuit.
@@ -612,7 +698,9 @@ async def test_a_probe_that_fails_on_the_database_does_not_wedge_the_pause(
     assert not running.services.scheduler.credentials_ok
 
     # The probe is refused again, and noting the attempt fails: the database refuses writes.
-    writer = running.services.storage._db._writer
+    storage = running.services.storage
+    assert isinstance(storage, Storage)
+    writer = storage._db._writer
     await writer.execute("PRAGMA query_only = ON")
     await advance(running, clock, 120)
     await wait_for(lambda: len(intuit.refreshes()) == 2)
@@ -724,7 +812,7 @@ async def test_rotation_never_presents_a_refresh_token_older_than_the_newest(
         assert call.presented_refresh_token == newest  # never an older one
         newest = call.issued_refresh_token
     assert len(token_calls) >= 9  # at least one API refresh and one timer refresh per round
-    stored = await running.services.storage.get_account("acme")
+    stored = await running.services.storage.load("acme")
     assert stored.refresh_token == newest
     assert stored.status.value == "active"
 
@@ -866,7 +954,7 @@ async def test_a_reconnect_during_a_refresh_wins_and_keeps_its_timer(
     running = await start()
     assert await running.connect("acme") == 200
     await settle(running, clock)
-    old = await running.services.storage.get_account("acme")
+    old = await running.services.storage.load("acme")
     assert old.refresh_token is not None
     assert old.reconnect_token_at is not None
     if answer == "invalid_grant":
@@ -887,10 +975,14 @@ async def test_a_reconnect_during_a_refresh_wins_and_keeps_its_timer(
     [call] = intuit.refreshes()
     assert call.presented_refresh_token == old.refresh_token
     assert call.status == (200 if answer == "success" else 400)
-    new = await running.services.storage.get_account("acme")
+    new = await running.services.storage.load("acme")
     exchange = [e for e in intuit.sim.request_log if e.grant_type == "authorization_code"][-1]
     assert new.refresh_token == exchange.issued_refresh_token  # the new connection's
     assert new.status.value == "active"
     assert new.reconnect_token_at == exchange.at + timedelta(minutes=50)
     assert running.services.scheduler.due_at("acme") == new.reconnect_token_at
     assert logs.lines("account.needs_reconnect") == []
+    # The old token's answer was set aside, and said so: a race, not a dead connection.
+    [discarded] = logs.lines("refresh.discarded", account_id="acme")
+    assert (discarded["answer"], discarded["intuit_tid"]) == (answer, call.intuit_tid)
+    assert (new.failure_count, new.last_error) == (0, None)

@@ -472,7 +472,7 @@ async def test_refresh_now_and_authorize_url(running: RunningDaemon) -> None:
 
 async def test_delete_revokes_at_intuit_and_keeps_a_tombstone(running: RunningDaemon) -> None:
     assert await running.connect("acme") == 200
-    stored = await running.services.storage.get_account("acme")
+    stored = await running.services.storage.load("acme")
     logs = io.StringIO()
     configure_logging("json", "info", stream=logs)
 
@@ -508,7 +508,7 @@ async def test_delete_forgets_the_tokens_even_when_the_revoke_fails(
     status, body = await call(running, "DELETE", "/v1/accounts/acme")
     assert (status, body["status"], body["revoke"]) == (200, "disconnected", "failed")
     assert '"event": "account.revoke_failed"' in logs.getvalue()
-    account = await running.services.storage.get_account("acme")
+    account = await running.services.storage.load("acme")
     assert (account.access_token, account.refresh_token) == (None, None)
 
 
@@ -554,7 +554,7 @@ async def test_rotation_during_live_refreshes_then_the_old_key_is_dropped(
     await running.daemon.reload(load_config(running.config_path, {}))  # what SIGHUP does
     done, in_flight = 0, []
     while True:
-        in_flight.append(running.services.refresher.in_flight)
+        in_flight.append(running.services.scheduler.in_flight)
         status, answer = await call(
             running, "POST", "/v1/keys/rotate", json={"batch": 1, "expected_key_id": new_id}
         )

@@ -168,7 +168,7 @@ async def connect(setup: Setup, account_id: str = "acme") -> Page:
 
 
 async def stored(setup: Setup, account_id: str = "acme") -> Any:
-    return await setup.daemon.services.storage.get_account(account_id)
+    return await setup.daemon.services.storage.load(account_id)
 
 
 async def account_json(setup: Setup, account_id: str = "acme") -> dict[str, Any]:
@@ -642,7 +642,7 @@ async def test_an_ambiguous_callback_is_refused_and_changes_nothing(
     page = await connect(setup)
     assert page.status == 400, page.text
     assert setup.server.grant_types() == []
-    assert await setup.daemon.services.storage.find_account("acme") is None
+    assert await setup.daemon.services.storage.find("acme") is None
     assert_no_secret_logged(setup)
     assert_alive(setup)
     record(case, what, "400 page, no code exchanged, nothing stored")
@@ -659,7 +659,7 @@ async def test_a_user_who_declines_gets_a_clear_page_and_nothing_is_stored(
     assert "QuickBooks was not connected" in page.text
     assert "The user denied access" not in page.text  # the server's words are not echoed
     assert setup.server.grant_types() == []
-    assert await setup.daemon.services.storage.find_account("acme") is None
+    assert await setup.daemon.services.storage.find("acme") is None
     assert any(e["event"] == "connect.denied" for e in setup.log_events())
     assert_alive(setup)
     record(

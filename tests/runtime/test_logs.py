@@ -18,11 +18,15 @@ from qbo_daemon.runtime.logs import (
     REDACTED,
     AccessLogger,
     configure_logging,
-    get_logger,
     is_secret_name,
     redact_secrets,
     reset_logging,
 )
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A logger as the daemon's modules take one (``structlog.get_logger(__name__)``)."""
+    return structlog.stdlib.get_logger(name or "qbo_daemon")
 
 
 class _TTY(io.StringIO):

@@ -16,6 +16,7 @@ import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 from qbo_daemon.cli.demo import free_port, simulator_config_text
 from qbo_daemon.config.load import load_config
 from qbo_daemon.core.errors import MissingKeyError
+from qbo_daemon.core.models import parse_iso
 from qbo_daemon.simulator.app import IntuitSimulator
 from qbo_daemon.store.crypto import generate_key
 from tests.conftest import StartDaemon
@@ -371,3 +373,41 @@ async def test_reload_names_what_needs_a_restart(
     assert reloaded["restart_needed"] == ["[api] listen", "[refresh] shutdown_grace"]
     # Still served where it was.
     assert (await running.api("GET", "/v1/accounts"))[0] == 200
+
+
+async def test_reload_applies_a_new_lead_to_the_next_decision(
+    daemon_factory: StartDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running = await daemon_factory()
+    assert await running.connect("before") == 200
+    _, before = await running.api("GET", "/v1/accounts/before")
+    expires, due = parse_iso(before["token_expires_at"]), parse_iso(before["next_refresh_at"])
+    assert expires is not None
+    assert due is not None
+    assert expires - due == timedelta(minutes=10)
+
+    text = running.config_path.read_text(encoding="utf-8")
+    assert 'lead = "10m"' in text
+    running.config_path.write_text(text.replace('lead = "10m"', 'lead = "25m"'), encoding="utf-8")
+    capsys.readouterr()
+    await running.daemon.reload(load_config(running.config_path, {}))
+    [reloaded] = [
+        line
+        for line in map(json.loads, capsys.readouterr().err.splitlines())
+        if line["event"] == "daemon.reloaded"
+    ]
+    assert reloaded["restart_needed"] is None
+
+    # A new connection, and the next refresh of the old one, are timed by the new lead.
+    assert await running.connect("after") == 200
+    status, refreshed = await running.api("POST", "/v1/accounts/before/refresh")
+    assert status == 200
+    for account_id, shown in (("after", None), ("before", refreshed)):
+        if shown is None:
+            _, shown = await running.api("GET", f"/v1/accounts/{account_id}")
+        expires = parse_iso(shown["token_expires_at"])
+        for name in ("reconnect_token_at", "next_refresh_at"):
+            due = parse_iso(shown[name])
+            assert expires is not None
+            assert due is not None
+            assert expires - due == timedelta(minutes=25), (account_id, name)

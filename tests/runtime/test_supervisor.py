@@ -32,6 +32,7 @@ from qbo_daemon.core.models import Secret
 from qbo_daemon.runtime.supervisor import Supervisor, TaskDiedError
 from qbo_daemon.runtime.webhooks import WebhookNotifier
 from qbo_daemon.simulator.app import IntuitSimulator
+from qbo_daemon.store.repository import Storage
 from tests.faults.procs import DaemonProcess, SimulatorProcess
 from tests.figures import write_figure
 from tests.harness import start_daemon
@@ -122,7 +123,9 @@ async def test_a_supervised_task_that_ends_stops_the_daemon_and_fails_it(
     try:
         assert await running.connect("acme") == 200
         services = running.services
-        victim = services.scheduler.dispatcher if task == "dispatcher" else services.storage.writer
+        storage = services.storage
+        assert isinstance(storage, Storage)  # the daemon's store is SQLite's
+        victim = services.scheduler.dispatcher if task == "dispatcher" else storage.writer
         assert victim is not None
         with structlog.testing.capture_logs() as logs:
             victim.cancel()

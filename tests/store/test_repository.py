@@ -1,7 +1,9 @@
-"""Storage against real SQLite files and real AES-GCM keys.
+"""The storage port on SQLite, against real files and real AES-GCM keys.
 
 Every check reads what an operator would read: the rows (with the sqlite3
 module, not through Storage), the file's bytes and mode, the error message.
+What is written is decided as the engine decides it (its policy), and goes
+through the port's methods only.
 """
 
 from __future__ import annotations
@@ -33,22 +35,29 @@ from qbo_daemon.core.errors import (
     StaleWriteError,
     StorageError,
 )
-from qbo_daemon.core.models import Account, AccountStatus, TokenSet
+from qbo_daemon.core.models import Account, AccountStatus, ImportItem, TokenSet
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.repository import (
     Attempt,
     ClaimedState,
     DatabaseLock,
-    ImportItem,
     StateRecord,
     Storage,
 )
 from qbo_daemon.store.schema import MIGRATIONS, SCHEMA_VERSION, sha256_hex
 from qbo_daemon.store.states import answer_hash
+from tests.harness import attempts
+from tests.store.writes import (
+    LEAD,
+    forget_tokens,
+    import_accounts,
+    record_failure,
+    save_connection,
+    save_refresh,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-LEAD = timedelta(minutes=10)
 HOUR = timedelta(hours=1)
 
 # Distinctive values: none of them may ever appear in the database files.
@@ -130,8 +139,11 @@ async def storage(db_path: Path, cipher: Cipher) -> AsyncIterator[Storage]:
         await store.close()
 
 
+# -- writes as the engine decides them ------------------------------------------
+
+
 async def connect(storage: Storage, account_id: str = "acct-1", **kw: Any) -> Account:
-    return await storage.save_connection(account_id, REALM, tokens(**kw), lead=LEAD, now=NOW)
+    return await save_connection(storage, account_id, REALM, tokens(**kw), now=NOW)
 
 
 # -- a new database -----------------------------------------------------------
@@ -161,7 +173,7 @@ async def test_reopen_is_idempotent(db_path: Path, cipher: Cipher) -> None:
     await first.close()
     second = await Storage.open(db_path, cipher)
     try:
-        assert (await second.get_account("acct-1")).refresh_token == REFRESH
+        assert (await second.load("acct-1")).refresh_token == REFRESH
         assert query(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     finally:
         await second.close()
@@ -230,18 +242,18 @@ async def test_version_1_database_is_upgraded_and_keeps_its_rows(
         assert ("refresh_attempts_account",) in indexes
 
         await storage.verify_keys()
-        old = await storage.get_account("legacy-1")
+        old = await storage.load("legacy-1")
         assert (old.realm_id, old.access_token, old.refresh_token) == (REALM, ACCESS, REFRESH)
         assert old.status is AccountStatus.EXPIRED
         assert (old.failure_count, old.last_error, old.version) == (2, "timeout", 7)
         assert old.token_expires_at == datetime(2024, 6, 1, 10, tzinfo=UTC)
         assert old.created_at == datetime(2024, 1, 1, tzinfo=UTC)
         assert old.refresh_token_hard_expires_at is None
-        assert [a.outcome for a in await storage.attempts("legacy-1")] == ["transient"]
+        assert [a.outcome for a in attempts(db_path, "legacy-1")] == ["transient"]
 
         # The old row takes new writes, including the new column.
         hard = NOW + timedelta(days=1500)
-        await storage.save_refresh(old, tokens("A2", "R2", hard=hard), lead=LEAD, now=NOW)
+        await save_refresh(storage, old, tokens("A2", "R2", hard=hard), now=NOW)
         assert row(db_path, "legacy-1", "version, status, refresh_token_hard_expires_at") == (
             8,
             "active",
@@ -306,10 +318,8 @@ async def test_a_file_that_is_not_a_database_is_refused_without_leaking(
 
 async def test_save_connection_round_trip_and_utc_text(storage: Storage, db_path: Path) -> None:
     local_now = NOW.astimezone(timezone(timedelta(hours=2)))  # same instant, not UTC
-    saved = await storage.save_connection(
-        "acct-1", REALM, tokens(at=local_now), lead=LEAD, now=local_now
-    )
-    loaded = await storage.get_account("acct-1")
+    saved = await save_connection(storage, "acct-1", REALM, tokens(at=local_now), now=local_now)
+    loaded = await storage.load("acct-1")
     assert loaded == saved
     assert loaded.id > 0
     assert (loaded.realm_id, loaded.access_token, loaded.refresh_token) == (
@@ -332,7 +342,7 @@ async def test_save_connection_round_trip_and_utc_text(storage: Storage, db_path
     assert stored == (
         "active",
         1,
-        storage.cipher.primary_key_id,
+        storage.primary_key_id,
         "2025-03-01T13:00:00.000000Z",
         "2025-03-01T12:50:00.000000Z",
         "2025-06-09T12:00:00.000000Z",
@@ -342,15 +352,15 @@ async def test_save_connection_round_trip_and_utc_text(storage: Storage, db_path
     )
     secrets = row(db_path, "acct-1", "realm_id, access_token, refresh_token")
     for value in secrets:
-        assert value.startswith(f"v1.{storage.cipher.primary_key_id}.")
+        assert value.startswith(f"v1.{storage.primary_key_id}.")
 
     listed = await storage.list_accounts()
     assert [(a.account_id, a.realm_id, a.access_token, a.refresh_token) for a in listed] == [
         ("acct-1", REALM, None, None)
     ]
     with pytest.raises(AccountNotFoundError, match="nope"):
-        await storage.get_account("nope")
-    assert await storage.find_account("nope") is None
+        await storage.load("nope")
+    assert await storage.find("nope") is None
 
 
 async def test_short_lived_token_is_due_at_half_life(storage: Storage) -> None:
@@ -360,18 +370,18 @@ async def test_short_lived_token_is_due_at_half_life(storage: Storage) -> None:
 
 async def test_reconnect_replaces_tokens_and_reactivates(storage: Storage, db_path: Path) -> None:
     first = await connect(storage)
-    failed = await storage.record_failure(
-        first, status=AccountStatus.NEEDS_RECONNECT, error="invalid_grant", now=NOW
+    failed = await record_failure(
+        storage, first, status=AccountStatus.NEEDS_RECONNECT, error="invalid_grant", now=NOW
     )
     assert row(db_path, "acct-1", "status, version") == ("needs_reconnect", 2)
     assert await storage.schedule_entries() == []
 
     later = NOW + timedelta(days=3)
-    again = await storage.save_connection(
-        "acct-1", "REALM-2", tokens("ACCESS-2", "REFRESH-2", at=later), lead=LEAD, now=later
+    again = await save_connection(
+        storage, "acct-1", "REALM-2", tokens("ACCESS-2", "REFRESH-2", at=later), now=later
     )
     assert again.version == failed.version + 1 == 3
-    loaded = await storage.get_account("acct-1")
+    loaded = await storage.load("acct-1")
     assert loaded == again
     assert (loaded.realm_id, loaded.access_token, loaded.refresh_token) == (
         "REALM-2",
@@ -394,9 +404,7 @@ async def test_reconnect_replaces_tokens_and_reactivates(storage: Storage, db_pa
 
 async def test_no_secret_in_the_database_files(storage: Storage, db_path: Path) -> None:
     account = await connect(storage, account_id="acct-plaintext-marker")
-    await storage.save_refresh(
-        account, tokens(ACCESS + "-2", REFRESH + "-2"), lead=LEAD, now=NOW + HOUR
-    )
+    await save_refresh(storage, account, tokens(ACCESS + "-2", REFRESH + "-2"), now=NOW + HOUR)
     files = [db_path, Path(f"{db_path}-wal")]
 
     def contents() -> bytes:
@@ -417,9 +425,7 @@ async def test_ciphertext_moved_to_another_row_or_column_does_not_decrypt(
     storage: Storage, db_path: Path
 ) -> None:
     await connect(storage, account_id="victim")
-    await storage.save_connection(
-        "attacker", "REALM-X", tokens("ACCESS-X", "REFRESH-X"), lead=LEAD, now=NOW
-    )
+    await save_connection(storage, "attacker", "REALM-X", tokens("ACCESS-X", "REFRESH-X"), now=NOW)
     execute(
         db_path,
         "UPDATE accounts SET refresh_token = "
@@ -427,10 +433,10 @@ async def test_ciphertext_moved_to_another_row_or_column_does_not_decrypt(
         "WHERE account_id = 'attacker'",
     )
     with pytest.raises(DecryptionError, match="copied from another row") as caught:
-        await storage.get_account("attacker")
+        await storage.load("attacker")
     assert "'attacker'" in str(caught.value)
     assert REFRESH not in str(caught.value)
-    assert (await storage.get_account("victim")).refresh_token == REFRESH
+    assert (await storage.load("victim")).refresh_token == REFRESH
 
     # Same row, another column: refused as well.
     execute(
@@ -438,7 +444,7 @@ async def test_ciphertext_moved_to_another_row_or_column_does_not_decrypt(
         "UPDATE accounts SET access_token = refresh_token WHERE account_id = 'victim'",
     )
     with pytest.raises(DecryptionError, match="access_token"):
-        await storage.get_account("victim")
+        await storage.load("victim")
 
 
 async def test_missing_key_is_named_at_start(
@@ -456,7 +462,7 @@ async def test_missing_key_is_named_at_start(
         assert key_a.key_id in str(caught.value)
         assert "encryption_keys" in str(caught.value)
         with pytest.raises(MissingKeyError):
-            await other.get_account("acct-1")
+            await other.load("acct-1")
     finally:
         await other.close()
 
@@ -466,20 +472,18 @@ async def test_missing_key_is_named_at_start(
 
 async def test_stale_save_refresh_changes_nothing(storage: Storage, db_path: Path) -> None:
     v1 = await connect(storage)
-    v2 = await storage.save_refresh(v1, tokens("ACCESS-2", "REFRESH-2"), lead=LEAD, now=NOW)
+    v2 = await save_refresh(storage, v1, tokens("ACCESS-2", "REFRESH-2"), now=NOW)
     assert v2.version == 2
     before = query(db_path, "SELECT * FROM accounts")
 
     attempt = Attempt("acct-1", NOW, "success", 120.0, intuit_tid="tid-stale")
     with pytest.raises(StaleWriteError) as caught:
-        await storage.save_refresh(
-            v1, tokens("ACCESS-3", "REFRESH-3"), lead=LEAD, now=NOW, attempt=attempt
-        )
+        await save_refresh(storage, v1, tokens("ACCESS-3", "REFRESH-3"), now=NOW, attempt=attempt)
     assert (caught.value.account_id, caught.value.expected_version) == ("acct-1", 1)
     assert "'acct-1' changed since version 1" in str(caught.value)
     assert query(db_path, "SELECT * FROM accounts") == before
     assert query(db_path, "SELECT COUNT(*) FROM refresh_attempts") == [(0,)]
-    assert (await storage.get_account("acct-1")).refresh_token == "REFRESH-2"
+    assert (await storage.load("acct-1")).refresh_token == "REFRESH-2"
 
 
 async def test_two_concurrent_refreshes_of_one_version_one_wins(
@@ -487,14 +491,14 @@ async def test_two_concurrent_refreshes_of_one_version_one_wins(
 ) -> None:
     v1 = await connect(storage)
     results = await asyncio.gather(
-        storage.save_refresh(v1, tokens("ACCESS-A", "REFRESH-A"), lead=LEAD, now=NOW),
-        storage.save_refresh(v1, tokens("ACCESS-B", "REFRESH-B"), lead=LEAD, now=NOW),
+        save_refresh(storage, v1, tokens("ACCESS-A", "REFRESH-A"), now=NOW),
+        save_refresh(storage, v1, tokens("ACCESS-B", "REFRESH-B"), now=NOW),
         return_exceptions=True,
     )
     winners = [r for r in results if isinstance(r, Account)]
     losers = [r for r in results if isinstance(r, StaleWriteError)]
     assert (len(winners), len(losers)) == (1, 1), results
-    stored = await storage.get_account("acct-1")
+    stored = await storage.load("acct-1")
     assert stored.refresh_token == winners[0].refresh_token
     assert stored.version == 2
     assert row(db_path, "acct-1", "version") == (2,)
@@ -505,7 +509,7 @@ async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
 ) -> None:
     accounts = [await connect(storage, account_id=f"acct-{n:02d}") for n in range(40)]
     stale = accounts[7]
-    await storage.save_refresh(stale, tokens("ACCESS-1st", "REFRESH-1st"), lead=LEAD, now=NOW)
+    await save_refresh(storage, stale, tokens("ACCESS-1st", "REFRESH-1st"), now=NOW)
 
     commits: list[str] = []
     await storage._db._writer.set_trace_callback(
@@ -514,10 +518,10 @@ async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
     later = NOW + timedelta(minutes=50)
     results = await asyncio.gather(
         *(
-            storage.save_refresh(
+            save_refresh(
+                storage,
                 account,
                 tokens(f"ACCESS-{account.account_id}", f"REFRESH-{account.account_id}", at=later),
-                lead=LEAD,
                 now=later,
                 attempt=Attempt(account.account_id, later, "success", 200.0, "tid"),
             )
@@ -537,7 +541,7 @@ async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
     assert set(stored.values()) == {2}
     assert len(stored) == 39
     for account in accounts:
-        loaded = await storage.get_account(account.account_id)
+        loaded = await storage.load(account.account_id)
         if account is stale:
             assert loaded.refresh_token == "REFRESH-1st"
         else:
@@ -551,7 +555,7 @@ async def test_close_commits_what_is_queued(db_path: Path, cipher: Cipher) -> No
     accounts = [await connect(storage, account_id=f"acct-{n}") for n in range(5)]
     pending = [
         asyncio.create_task(
-            storage.save_refresh(a, tokens("ACCESS-2", f"R2-{a.account_id}"), lead=LEAD, now=NOW)
+            save_refresh(storage, a, tokens("ACCESS-2", f"R2-{a.account_id}"), now=NOW)
         )
         for a in accounts
     ]
@@ -560,7 +564,7 @@ async def test_close_commits_what_is_queued(db_path: Path, cipher: Cipher) -> No
     assert all(task.done() and task.exception() is None for task in pending)
     assert query(db_path, "SELECT DISTINCT version FROM accounts") == [(2,)]
     with pytest.raises(StorageError, match="closed"):
-        await storage.save_refresh(accounts[0], tokens(), lead=LEAD, now=NOW)
+        await save_refresh(storage, accounts[0], tokens(), now=NOW)
 
 
 # -- failures and disconnects -------------------------------------------------
@@ -568,7 +572,8 @@ async def test_close_commits_what_is_queued(db_path: Path, cipher: Cipher) -> No
 
 async def test_record_failure_counts_and_sets_status(storage: Storage, db_path: Path) -> None:
     account = await connect(storage)
-    first = await storage.record_failure(
+    first = await record_failure(
+        storage,
         account,
         status=AccountStatus.ACTIVE,
         error="connection reset",
@@ -582,8 +587,8 @@ async def test_record_failure_counts_and_sets_status(storage: Storage, db_path: 
         2,
     )
     later = NOW + HOUR
-    second = await storage.record_failure(
-        first, status=AccountStatus.EXPIRED, error="HTTP 503", now=later
+    second = await record_failure(
+        storage, first, status=AccountStatus.EXPIRED, error="HTTP 503", now=later
     )
     assert second.failure_count == 2
     assert row(db_path, "acct-1", "status, failure_count, last_error, version, updated_at") == (
@@ -593,41 +598,41 @@ async def test_record_failure_counts_and_sets_status(storage: Storage, db_path: 
         3,
         "2025-03-01T13:00:00.000000Z",
     )
-    assert await storage.get_account("acct-1") == second
-    assert [(a.outcome, a.error) for a in await storage.attempts("acct-1")] == [
+    assert await storage.load("acct-1") == second
+    assert [(a.outcome, a.error) for a in attempts(db_path, "acct-1")] == [
         ("transient", "connection reset")
     ]
     # Expired accounts are still scheduled; needs_reconnect ones are not.
     assert [e.status for e in await storage.schedule_entries()] == [AccountStatus.EXPIRED]
     with pytest.raises(StaleWriteError):
-        await storage.record_failure(first, status=AccountStatus.EXPIRED, error="x", now=later)
-    third = await storage.record_failure(
-        second, status=AccountStatus.NEEDS_RECONNECT, error="invalid_grant", now=later
+        await record_failure(storage, first, status=AccountStatus.EXPIRED, error="x", now=later)
+    third = await record_failure(
+        storage, second, status=AccountStatus.NEEDS_RECONNECT, error="invalid_grant", now=later
     )
     assert third.failure_count == 3
     assert await storage.schedule_entries() == []
     assert await storage.status_counts() == {"needs_reconnect": 1}
 
     # A successful refresh clears the failure bookkeeping.
-    await storage.save_refresh(third, tokens(at=later), lead=LEAD, now=later)
+    await save_refresh(storage, third, tokens(at=later), now=later)
     assert row(db_path, "acct-1", "status, failure_count, last_error") == ("active", 0, None)
 
 
 async def test_forget_tokens_leaves_a_tombstone(storage: Storage, db_path: Path) -> None:
     account = await connect(storage)
-    gone = await storage.forget_tokens(account, now=NOW + HOUR)
+    gone = await forget_tokens(storage, account, now=NOW + HOUR)
     assert gone.status is AccountStatus.DISCONNECTED
     assert row(
         db_path, "acct-1", "status, access_token, refresh_token, reconnect_token_at, version"
     ) == ("disconnected", None, None, None, 2)
-    loaded = await storage.get_account("acct-1")
+    loaded = await storage.load("acct-1")
     assert (loaded.access_token, loaded.refresh_token) == (None, None)
     assert loaded.status is AccountStatus.DISCONNECTED
     assert await storage.schedule_entries() == []
     with pytest.raises(StaleWriteError):
-        await storage.forget_tokens(account, now=NOW + HOUR)
+        await forget_tokens(storage, account, now=NOW + HOUR)
     with pytest.raises(StaleWriteError):  # a refresh that was in flight cannot resurrect it
-        await storage.save_refresh(account, tokens(), lead=LEAD, now=NOW + HOUR)
+        await save_refresh(storage, account, tokens(), now=NOW + HOUR)
     assert row(db_path, "acct-1", "refresh_token, version") == (None, 2)
 
 
@@ -644,9 +649,9 @@ async def test_import_is_all_or_nothing(storage: Storage, db_path: Path) -> None
         ImportItem("new-2", REALM, "REFRESH-new-2"),
     ]
     with pytest.raises(StorageError, match="database write failed: NOT NULL"):
-        await storage.import_accounts(items, lead=LEAD, now=NOW)
+        await import_accounts(storage, items, now=NOW)
     assert query(db_path, "SELECT * FROM accounts") == before
-    assert await storage.get_account("kept") == existing
+    assert await storage.load("kept") == existing
 
     # A failure the database raises late (here a trigger) rolls back the earlier items too.
     execute(
@@ -656,12 +661,12 @@ async def test_import_is_all_or_nothing(storage: Storage, db_path: Path) -> None
     )
     items[2] = ImportItem("poison", REALM, "REFRESH-poison")
     with pytest.raises(StorageError, match="poisoned row"):
-        await storage.import_accounts(items, lead=LEAD, now=NOW)
+        await import_accounts(storage, items, now=NOW)
     assert query(db_path, "SELECT * FROM accounts") == before
 
     # The storage is still usable: nothing was left half-open.
     del items[2]
-    stored = await storage.import_accounts(items, lead=LEAD, now=NOW)
+    stored = await import_accounts(storage, items, now=NOW)
     assert [a.account_id for a in stored] == ["new-1", "kept", "new-2"]
     assert query(db_path, "SELECT account_id FROM accounts ORDER BY account_id") == [
         ("kept",),
@@ -688,7 +693,7 @@ async def test_import_without_a_valid_access_token_is_due_at_once(
             refresh_token_expires_at=NOW + timedelta(days=30),
         ),
     ]
-    stored = await storage.import_accounts(items, lead=LEAD, now=NOW)
+    stored = await import_accounts(storage, items, now=NOW)
     assert all(a.version == 1 and a.status is AccountStatus.ACTIVE for a in stored)
     due = {e.account_id: e.reconnect_token_at for e in await storage.schedule_entries()}
     assert due == {
@@ -702,13 +707,13 @@ async def test_import_without_a_valid_access_token_is_due_at_once(
         "2025-06-09T12:00:00.000000Z",  # 100 days when unknown
     )
     assert row(db_path, "valid", "refresh_token_expires_at") == ("2025-03-31T12:00:00.000000Z",)
-    valid = await storage.get_account("valid")
+    valid = await storage.load("valid")
     assert (valid.access_token, valid.refresh_token, valid.realm_id) == (
         "ACCESS-4",
         "REFRESH-4",
         REALM,
     )
-    assert (await storage.get_account("no-access")).refresh_token == "REFRESH-1"
+    assert (await storage.load("no-access")).refresh_token == "REFRESH-1"
 
 
 # -- OAuth states -------------------------------------------------------------
@@ -783,7 +788,7 @@ async def test_refresh_attempts_stay_bounded(db_path: Path, cipher: Cipher) -> N
             await write_attempts(storage, 100, chunk * 100)
             (count,) = query(db_path, "SELECT COUNT(*) FROM refresh_attempts")[0]
             assert count <= limit, (chunk, count)
-        newest = await storage.attempts(limit=1)
+        newest = attempts(db_path, limit=1)
         assert newest[0].started_at == NOW + timedelta(seconds=2499)
     finally:
         await storage.close()
@@ -896,7 +901,7 @@ async def test_reencrypt_moves_every_row_to_the_new_key(
     old = await Storage.open(db_path, Cipher([key_a]))
     for n in range(23):
         await connect(old, account_id=f"acct-{n:02d}", access=f"A-{n}", refresh=f"R-{n}")
-    await old.forget_tokens(await old.get_account("acct-05"), now=NOW)  # a tombstone
+    await forget_tokens(old, await old.load("acct-05"), now=NOW)  # a tombstone
     await old.close()
     assert key_ids_on_disk(db_path) == {key_a.key_id}
 
@@ -914,7 +919,7 @@ async def test_reencrypt_moves_every_row_to_the_new_key(
     try:
         await new_only.verify_keys()
         for n in range(23):
-            account = await new_only.get_account(f"acct-{n:02d}")
+            account = await new_only.load(f"acct-{n:02d}")
             assert account.realm_id == REALM
             if n == 5:
                 assert account.refresh_token is None
@@ -935,10 +940,10 @@ async def test_refresh_during_reencrypt_is_not_lost(
     storage = await Storage.open(db_path, Cipher([key_b, key_a]))
     try:
         # Both read before either writes, then race to the writer.
-        racing = await storage.get_account("acct-10")
-        waiting = await storage.get_account("acct-15")
+        racing = await storage.load("acct-10")
+        waiting = await storage.load("acct-15")
         saved, (done, remaining) = await asyncio.gather(
-            storage.save_refresh(racing, tokens("ACCESS-new", "REFRESH-new"), lead=LEAD, now=NOW),
+            save_refresh(storage, racing, tokens("ACCESS-new", "REFRESH-new"), now=NOW),
             storage.reencrypt(),
         )
         assert saved.refresh_token == "REFRESH-new"
@@ -948,12 +953,10 @@ async def test_refresh_during_reencrypt_is_not_lost(
         # bookkeeping (same refresh token): it re-reads and writes again, as the
         # refresher does, and its tokens land.
         with pytest.raises(StaleWriteError):
-            await storage.save_refresh(
-                waiting, tokens("ACCESS-15", "REFRESH-15"), lead=LEAD, now=NOW
-            )
-        current = await storage.get_account("acct-15")
+            await save_refresh(storage, waiting, tokens("ACCESS-15", "REFRESH-15"), now=NOW)
+        current = await storage.load("acct-15")
         assert current.refresh_token == waiting.refresh_token
-        await storage.save_refresh(current, tokens("ACCESS-15", "REFRESH-15"), lead=LEAD, now=NOW)
+        await save_refresh(storage, current, tokens("ACCESS-15", "REFRESH-15"), now=NOW)
     finally:
         await storage.close()
     assert key_ids_on_disk(db_path) == {key_b.key_id}
@@ -961,9 +964,9 @@ async def test_refresh_during_reencrypt_is_not_lost(
     new_only = await Storage.open(db_path, Cipher([key_b]))
     try:
         await new_only.verify_keys()
-        assert (await new_only.get_account("acct-10")).refresh_token == "REFRESH-new"
-        assert (await new_only.get_account("acct-15")).refresh_token == "REFRESH-15"
-        assert (await new_only.get_account("acct-03")).refresh_token == REFRESH
+        assert (await new_only.load("acct-10")).refresh_token == "REFRESH-new"
+        assert (await new_only.load("acct-15")).refresh_token == "REFRESH-15"
+        assert (await new_only.load("acct-03")).refresh_token == REFRESH
     finally:
         await new_only.close()
 
@@ -985,34 +988,34 @@ async def test_failing_write_is_a_storage_error_and_writes_nothing(
 
     attempt = Attempt("acct-1", NOW, "success", 90.0, intuit_tid="tid-1")
     with pytest.raises(StorageError, match=r"database write failed: .*readonly"):
-        await storage.save_refresh(
-            account, tokens("ACCESS-2", "REFRESH-2"), lead=LEAD, now=NOW, attempt=attempt
+        await save_refresh(
+            storage, account, tokens("ACCESS-2", "REFRESH-2"), now=NOW, attempt=attempt
         )
     with pytest.raises(StorageError, match="readonly"):
-        await storage.import_accounts(
+        await import_accounts(
+            storage,
             [ImportItem("imp-1", REALM, "R-1"), ImportItem("imp-2", REALM, "R-2")],
-            lead=LEAD,
             now=NOW,
         )
     with pytest.raises(StorageError, match="readonly"):
-        await storage.save_connection("acct-2", REALM, tokens(), lead=LEAD, now=NOW)
+        await save_connection(storage, "acct-2", REALM, tokens(), now=NOW)
     with pytest.raises(StorageError, match="readonly"):
         await storage.create_state("state-1", "acct-1", now=NOW, ttl=HOUR)
     with pytest.raises(StorageError, match="readonly"):
-        await storage.record_failure(account, status=AccountStatus.EXPIRED, error="x", now=NOW)
+        await record_failure(storage, account, status=AccountStatus.EXPIRED, error="x", now=NOW)
 
     assert query(db_path, "SELECT * FROM accounts") == before
     assert query(db_path, "SELECT COUNT(*) FROM refresh_attempts") == [(0,)]
     assert query(db_path, "SELECT COUNT(*) FROM oauth_states") == [(0,)]
-    assert (await storage.get_account("acct-1")) == account
+    assert (await storage.load("acct-1")) == account
 
     # Once the database takes writes again, the caller's retry of the same write succeeds:
     # no transaction was left open and the version was not consumed.
     await set_query_only(storage, False)
-    saved = await storage.save_refresh(
-        account, tokens("ACCESS-2", "REFRESH-2"), lead=LEAD, now=NOW, attempt=attempt
+    saved = await save_refresh(
+        storage, account, tokens("ACCESS-2", "REFRESH-2"), now=NOW, attempt=attempt
     )
     assert saved.version == 2
     assert row(db_path, "acct-1", "version") == (2,)
-    assert (await storage.get_account("acct-1")).refresh_token == "REFRESH-2"
-    assert [a.intuit_tid for a in await storage.attempts()] == ["tid-1"]
+    assert (await storage.load("acct-1")).refresh_token == "REFRESH-2"
+    assert [a.intuit_tid for a in attempts(db_path)] == ["tid-1"]

@@ -16,7 +16,8 @@ from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.repository import RealmPolicy, Storage
 from qbo_daemon.store.schema import SCHEMA_VERSION, sha256_hex
 from qbo_daemon.store.states import MAX_PENDING, answer_hash
-from tests.store.test_repository import LEAD, NOW, REALM, build_version_1, query, tokens
+from tests.store.test_repository import NOW, REALM, build_version_1, query, tokens
+from tests.store.writes import POLICY, save_refresh
 
 TTL = timedelta(minutes=10)
 OTHER_REALM = "REALM-9130357766806786"
@@ -44,15 +45,8 @@ async def storage(db_path: Path, key: EncryptionKey) -> AsyncIterator[Storage]:
 async def save(
     storage: Storage, account_id: str, realm_id: str, **policy: bool
 ) -> tuple[object, str | None]:
-    return await storage.save_checked_connection(
-        account_id,
-        realm_id,
-        tokens(),
-        lead=LEAD,
-        now=NOW,
-        policy=RealmPolicy(**policy),
-        realm_verified=True,
-    )
+    connected = POLICY.connected(account_id, realm_id, tokens(), now=NOW)
+    return await storage.upsert_checked_connection(connected, RealmPolicy(**policy))
 
 
 def database_bytes(path: Path) -> bytes:
@@ -87,7 +81,7 @@ async def test_an_older_database_keeps_its_states_only_as_hashes_and_its_realms_
         [(digest,)] = query(db_path, "SELECT realm_digest FROM accounts")
         assert digest.startswith(f"{key.key_id}.")
         assert REALM.encode() not in database_bytes(db_path)
-        assert (await storage.get_account("legacy-1")).realm_verified is True
+        assert (await storage.load("legacy-1")).realm_verified is True
 
         # The pending state still completes its connect flow; the used one answers nothing.
         claim = await storage.consume_state("old-state", answer_hash("c", None), now=NOW)
@@ -138,7 +132,7 @@ async def test_a_realm_is_found_whatever_key_wrote_it(
     new_key = EncryptionKey.from_text(generate_key())
 
     # Mid-rotation: the new key encrypts, the old digest is still found.
-    storage.cipher = Cipher([new_key, key])
+    storage.use_cipher(Cipher([new_key, key]))
     with pytest.raises(RealmConflictError):
         await save(storage, "beta", REALM)
 
@@ -147,17 +141,17 @@ async def test_a_realm_is_found_whatever_key_wrote_it(
     [(digest,)] = query(db_path, "SELECT realm_digest FROM accounts")
     assert digest.startswith(f"{new_key.key_id}.")
     # ...so the old key can go.
-    storage.cipher = Cipher([new_key])
+    storage.use_cipher(Cipher([new_key]))
     with pytest.raises(RealmConflictError):
         await save(storage, "beta", REALM)
 
     # A refresh rewrites the realm under the primary key, and its digest with it.
-    storage.cipher = Cipher([key, new_key])
-    account = await storage.get_account("acme")
-    await storage.save_refresh(account, tokens("A2", "R2"), lead=LEAD, now=NOW)
+    storage.use_cipher(Cipher([key, new_key]))
+    account = await storage.load("acme")
+    await save_refresh(storage, account, tokens("A2", "R2"), now=NOW)
     [(digest,)] = query(db_path, "SELECT realm_digest FROM accounts")
     assert digest.startswith(f"{key.key_id}.")
-    storage.cipher = Cipher([key])
+    storage.use_cipher(Cipher([key]))
     with pytest.raises(RealmConflictError):
         await save(storage, "beta", REALM)
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from qbo_daemon.core.models import AccountStatus, iso
+from qbo_daemon.core.errors import TransientIntuitError
+from qbo_daemon.core.models import AccountStatus, ImportItem, TokenSet, iso
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
-from qbo_daemon.store.repository import Attempt, ImportItem, Storage
+from qbo_daemon.store.port import AccountWrite
+from qbo_daemon.store.repository import Attempt, Storage
 from qbo_daemon.store.schema import MIGRATIONS, sha256_hex
 from qbo_daemon.store.status_queries import (
     AccountRow,
@@ -24,9 +26,15 @@ from qbo_daemon.store.status_queries import (
     page_query,
     status_filter,
 )
+from tests.store.writes import (
+    POLICY,
+    import_accounts,
+    record_failure,
+    save_connection,
+    save_refresh,
+)
 
 NOW = datetime(2026, 11, 29, 12, 0, 30, tzinfo=UTC)
-LEAD = timedelta(minutes=10)
 
 
 @pytest.fixture
@@ -63,7 +71,7 @@ async def add(storage: Storage, count: int, prefix: str = "acct") -> list[str]:
         )
         for n, account_id in enumerate(ids)
     ]
-    await storage.insert_accounts(items, lead=LEAD, now=NOW)
+    await import_accounts(storage, items, now=NOW)
     return ids
 
 
@@ -295,13 +303,26 @@ async def test_a_failure_note_stamps_last_failure_and_a_success_keeps_it(
     storage: Storage,
 ) -> None:
     await add(storage, 1)
-    account = await storage.get_account("acct-0000")
+    account = await storage.load("acct-0000")
     later = NOW + timedelta(minutes=1)
-    await storage.record_failure(account, status=AccountStatus.ACTIVE, error="HTTP 503", now=later)
+    await record_failure(storage, account, status=AccountStatus.ACTIVE, error="HTTP 503", now=later)
     row = await storage.status_page.account("acct-0000", NOW)
     assert row.last_failure_at == later
     assert row.failure_count == 1
     assert row.last_error == "HTTP 503"
+
+    # As the engine writes them: a refresh and a reconnect keep when it last failed,
+    # and the policy's failure note stamps it anew.
+    failed = await storage.load("acct-0000")
+    fresh = TokenSet("A2", "R2", later, later + timedelta(hours=1), later + timedelta(days=100))
+    refreshed = await save_refresh(storage, failed, fresh, now=later)
+    await save_connection(storage, "acct-0000", refreshed.realm_id or "", fresh, now=later)
+    assert (await storage.status_page.account("acct-0000", NOW)).last_failure_at == later
+    current = await storage.load("acct-0000")
+    again = later + timedelta(minutes=1)
+    noted = POLICY.failed(current, TransientIntuitError("HTTP 502"), now=again)
+    await storage.commit(AccountWrite(noted, current.version, tokens=False))
+    assert (await storage.status_page.account("acct-0000", NOW)).last_failure_at == again
 
 
 async def test_migration_3_backfills_the_last_failure_from_the_attempts(db_path: Path) -> None:

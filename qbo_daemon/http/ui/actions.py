@@ -1,7 +1,7 @@
 """What the status page's buttons do, through the running daemon's services.
 
-The same operations as the token API: a refresh goes through the scheduler
-(single flight with every other asker), a connect link through the connect
+The same operations as the token API: a refresh goes through the account
+service (single flight with every other asker), a connect link through the connect
 flow (a fresh single-use state), a disconnect through the account service
 (revoke at Intuit, then forget). The guard has checked the session and the
 form's CSRF token before any of these runs.
@@ -14,8 +14,7 @@ from urllib.parse import quote
 import structlog
 from aiohttp import web
 
-from qbo_daemon.engine.accounts import RevokeOutcome
-from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.accounts import RefreshResult, RevokeOutcome
 from qbo_daemon.http.ui.guard import read_form
 from qbo_daemon.http.ui.html import UI_ROOT, render, safe_next, see_other
 from qbo_daemon.http.ui.keys import SERVICES, SESSION
@@ -24,12 +23,11 @@ from qbo_daemon.http.ui.pages import account_id_of
 log = structlog.get_logger("qbo_daemon.http.ui")
 
 _REFRESH_NOTICES = {
-    OutcomeKind.SUCCESS: "refreshed",
-    OutcomeKind.TRANSIENT: "refresh_failed",
-    OutcomeKind.INVALID_GRANT: "refresh_refused",
-    OutcomeKind.REFRESH_TOKEN_EXPIRED: "refresh_refused",
-    OutcomeKind.INVALID_CLIENT: "refresh_paused",
-    OutcomeKind.SKIPPED: "not_refreshed",
+    RefreshResult.REFRESHED: "refreshed",
+    RefreshResult.FAILED: "refresh_failed",
+    RefreshResult.REFUSED: "refresh_refused",
+    RefreshResult.PAUSED: "refresh_paused",
+    RefreshResult.NOT_REFRESHED: "not_refreshed",
 }
 _DISCONNECT_NOTICES = {
     RevokeOutcome.REVOKED: "disconnected",
@@ -42,13 +40,9 @@ async def refresh(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = account_id_of(request)
     form = await read_form(request)
-    await services.storage.status_page.account(account_id, services.clock.now())  # 404 first
+    await services.status.account(account_id, services.clock.now())  # 404 first
     _log(request, "ui.refresh_requested", account_id)
-    outcome = await services.scheduler.refresh(account_id)
-    notice = _REFRESH_NOTICES[outcome.kind]
-    replaced = outcome.kind is OutcomeKind.SKIPPED and outcome.account is not None
-    if replaced and outcome.account is not None and outcome.account.status.scheduled:
-        notice = "refreshed"  # reconnected or imported meanwhile: it is fresh
+    notice = _REFRESH_NOTICES[await services.accounts.refresh(account_id)]
     return see_other(_with_notice(safe_next(form.get("next") or _page(account_id)), notice))
 
 

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from qbo_daemon.engine.status_page import Attempt, MinuteCount, MinuteOutcomes
 from qbo_daemon.http.ui.views import duration
-from qbo_daemon.store.repository import Attempt
-from qbo_daemon.store.status_queries import MinuteCount, MinuteOutcomes
 
 WIDTH = 560.0  # about the width of a half-page card: one unit is one pixel there
 WIDE = 1120.0  # a full-width card

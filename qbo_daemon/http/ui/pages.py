@@ -1,7 +1,8 @@
 """The status page's pages: overview, the accounts table, one account, confirmations.
 
-Reads go through :attr:`Storage.status_page <qbo_daemon.store.repository.Storage>`, which
-never selects a token column, and the running scheduler (next due times).
+Reads go through the engine's status service (:class:`qbo_daemon.engine.status_page.StatusPage`):
+the store's status queries, which never select a token column, and the running
+scheduler (next due times).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, AccountStatus, valid_account_id
+from qbo_daemon.engine.status_page import Cursor, PageRequest, Sort
 from qbo_daemon.http.ui.charts import due_chart, durations_chart, outcomes_chart
 from qbo_daemon.http.ui.guard import Refused
 from qbo_daemon.http.ui.html import render
 from qbo_daemon.http.ui.keys import SERVICES
 from qbo_daemon.http.ui.views import STATUS_HINTS, explain
-from qbo_daemon.store.status_queries import Cursor, PageRequest, Sort
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -61,7 +62,7 @@ NOTICES = {
 
 async def overview(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    queries = services.storage.status_page
+    queries = services.status
     now = services.clock.now()
     window_name = request.query.get("history", "3h")
     window = HISTORY_WINDOWS.get(window_name)
@@ -74,7 +75,7 @@ async def overview(request: web.Request) -> web.Response:
     near_count, near = await queries.near_hard_expiry(
         now, services.config.refresh.hard_expiry_warning, 8
     )
-    scheduler = services.scheduler
+    scheduler = services.status
     return render(
         request,
         "overview.html",
@@ -105,16 +106,14 @@ async def accounts(request: web.Request) -> web.Response:
     sort = _choice(query.get("sort", ""), Sort, "sort") or Sort.NEXT_REFRESH
     search = query.get("q", "").strip()[:MAX_SEARCH]
     after, before = _cursor(query.get("after")), _cursor(query.get("before"))
-    page = await services.storage.status_page.page(
-        PageRequest(status, search, sort, after, before, PAGE_SIZE), now
-    )
-    queries = services.storage.status_page
+    queries = services.status
+    page = await queries.page(PageRequest(status, search, sort, after, before, PAGE_SIZE), now)
     base = {"status": status.value if status else "", "q": search, "sort": sort.value}
     return render(
         request,
         "accounts.html",
         page=page,
-        due={row.account_id: services.scheduler.due_at(row.account_id) for row in page.rows},
+        due={row.account_id: queries.due_at(row.account_id) for row in page.rows},
         counts=await queries.status_counts(now),
         filter_status=status,
         statuses=list(AccountStatus),
@@ -135,14 +134,14 @@ async def account(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = account_id_of(request)
     now = services.clock.now()
-    row = await services.storage.status_page.account(account_id, now)
-    attempts = await services.storage.attempts(account_id, limit=ATTEMPTS_SHOWN)
+    row = await services.status.account(account_id, now)
+    attempts = await services.status.attempts(account_id, limit=ATTEMPTS_SHOWN)
     notice = NOTICES.get(request.query.get("notice", ""))
     return render(
         request,
         "account.html",
         row=row,
-        due=services.scheduler.due_at(account_id),
+        due=services.status.due_at(account_id),
         explanation=explain(row.status, row.last_error, row.failure_count),
         attempts=attempts,
         durations=durations_chart(attempts),
@@ -155,7 +154,7 @@ async def account(request: web.Request) -> web.Response:
 async def confirm_disconnect(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = account_id_of(request)
-    row = await services.storage.status_page.account(account_id, services.clock.now())
+    row = await services.status.account(account_id, services.clock.now())
     return render(request, "disconnect.html", row=row)
 
 

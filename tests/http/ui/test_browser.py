@@ -124,7 +124,7 @@ async def test_refresh_now_updates_the_row(
     await page.goto(running.api_url + "/ui/accounts/acme")
     await page.click("#refresh-now")
     await page.wait_for_selector("#notice")
-    attempts = await running.services.storage.attempts("acme")
+    attempts = await running.services.status.attempts("acme")
     assert attempts[0].outcome == "success"
     assert attempts[0].intuit_tid
     table = await page.inner_text("#attempts")
@@ -222,7 +222,7 @@ async def test_a_wrong_key_is_refused_and_a_form_without_its_token_rejected(
     assert cookie["sameSite"] == "Strict"
     assert await page.evaluate("document.cookie") == ""  # out of the script's reach
 
-    before = await running.services.storage.get_account("acme")
+    before = await running.services.storage.load("acme")
     await page.goto(running.api_url + "/ui/accounts/acme")
     await page.eval_on_selector(
         "form[action$='/refresh'] input[name=csrf]", "field => field.remove()"
@@ -234,7 +234,7 @@ async def test_a_wrong_key_is_refused_and_a_form_without_its_token_rejected(
     assert response.status == 403
     assert "Form rejected" in await page.inner_text("h1")
     await seen.shot("no-csrf")
-    after = await running.services.storage.get_account("acme")
+    after = await running.services.storage.load("acme")
     assert after.version == before.version
     assert after.last_refreshed_at == before.last_refreshed_at
 

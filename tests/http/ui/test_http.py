@@ -104,7 +104,7 @@ async def test_a_form_without_its_csrf_token_changes_nothing(
     running: RunningDaemon, client: UiClient
 ) -> None:
     assert await running.connect("acme") == 200
-    before = await running.services.storage.get_account("acme")
+    before = await running.services.storage.load("acme")
     await client.sign_in(running.api_key)
     for data in ({}, {"csrf": ""}, {"csrf": "x" * 43}):
         status, page, _ = await client.post("/ui/accounts/acme/refresh", data)
@@ -112,10 +112,10 @@ async def test_a_form_without_its_csrf_token_changes_nothing(
         assert "Form rejected" in page
         status, _, _ = await client.post("/ui/accounts/acme/disconnect", data)
         assert status == 403
-    after = await running.services.storage.get_account("acme")
+    after = await running.services.storage.load("acme")
     assert after.version == before.version
     assert after.status == before.status
-    assert await running.services.storage.attempts("acme") == []
+    assert await running.services.status.attempts("acme") == []
     # With the page's token the same form works.
     _, page, _ = await client.get("/ui/accounts/acme")
     status, _, response = await client.post("/ui/accounts/acme/refresh", {"csrf": csrf_of(page)})
