@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +22,8 @@ log = structlog.get_logger("qbo_daemon.engine.accounts")
 
 # Items per transaction of an import: a refresh's commit waits behind one chunk at most.
 IMPORT_CHUNK = 1000
+# Accounts scheduled between two turns of the event loop.
+_YIELD_EVERY = 100
 
 
 class ImportInterruptedError(StorageError):
@@ -86,7 +89,7 @@ class AccountService:
                 if not results:
                     raise
                 raise ImportInterruptedError(results, exc) from exc
-            for imported in done:
+            for number, imported in enumerate(done, 1):
                 if imported.account is None:
                     continue
                 # A refresh that was in flight for a replaced account discards its result
@@ -94,6 +97,8 @@ class AccountService:
                 await self._scheduler.wait_idle(imported.account_id)
                 self._scheduler.schedule_account(imported.account)
                 log.debug("account.imported", account_id=imported.account_id)
+                if number % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let refreshes and requests in between
             results.extend(done)
         now = self._clock.now()
         stored = [r.account for r in results if r.account is not None]

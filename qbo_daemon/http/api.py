@@ -28,10 +28,12 @@ from qbo_daemon.engine.imports import Checked, FieldError, Rejected, check_batch
 from qbo_daemon.engine.refresher import OutcomeKind
 from qbo_daemon.engine.services import Services
 from qbo_daemon.engine.tokens import TokenUnavailableError
+from qbo_daemon.http.jsonbody import CollectorPause, dumps_object, loads_object
 from qbo_daemon.http.openapi import openapi_document
 from qbo_daemon.store.repository import Imported
 
 SERVICES = web.AppKey("services", Services)
+COLLECTOR_PAUSE = web.AppKey("collector_pause", CollectorPause)
 MAX_BODY = 64 * 1024
 # 32 MiB holds about 100,000 rows; they are stored a thousand per transaction.
 MAX_IMPORT_BODY = 32 * 1024 * 1024
@@ -63,6 +65,7 @@ def error_response(status: int, code: str, detail: str, field: str | None = None
 def make_api_app(services: Services) -> web.Application:
     app = web.Application(client_max_size=MAX_IMPORT_BODY, middlewares=[_errors, _auth])
     app[SERVICES] = services
+    app[COLLECTOR_PAUSE] = CollectorPause()
     r = app.router
     r.add_get("/healthz", _healthz)
     r.add_get("/readyz", _readyz)
@@ -228,10 +231,15 @@ async def _import_tokens(request: web.Request) -> web.Response:
 
 
 async def _import_batch(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
     raw = await _read_body(request, MAX_IMPORT_BODY)
+    with request.app[COLLECTOR_PAUSE]():
+        return await _import_rows(request.app[SERVICES], raw)
+
+
+async def _import_rows(services: Services, raw: bytes) -> web.Response:
     # Parsing and checking 100,000 rows takes seconds: off the event loop, which
-    # meanwhile serves refreshes, the callback and the watchdog.
+    # meanwhile serves refreshes, the callback and the watchdog; and in short steps
+    # (http.jsonbody), as one long C call would hold the GIL and stop the loop anyway.
     batch = await asyncio.to_thread(_check_import, raw, services.clock.now())
     good = batch.good
     ids = [checked.item.account_id for checked in good]
@@ -288,12 +296,12 @@ def _import_answer(batch: _ImportBatch, results: list[Imported], now: datetime) 
         {"index": r.position, "account_id": r.account_id, "field": r.field, "reason": r.reason}
         for r in bad
     ]
-    return json.dumps({"imported": imported, "skipped": skipped, "dry_run": batch.dry_run})
+    return dumps_object({"imported": imported, "skipped": skipped, "dry_run": batch.dry_run})
 
 
 def _check_import(raw: bytes, now: datetime) -> _ImportBatch:
     """The body of ``POST /v1/import``, parsed and every row checked (on a worker thread)."""
-    body = _parse_object(raw)
+    body = _parse_object(raw, loads_object)
     _only(body, {"accounts", "replace", "dry_run"})
     rows = body.get("accounts")
     if not isinstance(rows, list):
@@ -384,9 +392,9 @@ async def _json_object(
     return _parse_object(raw)
 
 
-def _parse_object(raw: bytes) -> dict[str, Any]:
+def _parse_object(raw: bytes, loads: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         # RecursionError: "[[[[..." nested past the interpreter's limit fits in a body.
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
