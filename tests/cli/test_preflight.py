@@ -164,6 +164,8 @@ def test_risky_settings_are_warned_about_by_check_config_and_run(tmp_path: Path)
     ]
     assert all(line["level"] == "warning" for line in logged if line["event"] == "config.warning")
     assert [f"{s}: {d}" if s else d for s, d in seen] == warnings
+    for secret in ("short-api-key", short_secret):
+        assert secret not in json.dumps(logged)
     write_figures(
         {
             "preflight-warnings": f"{len(warnings)} of {len(expected)} risky settings named, "
