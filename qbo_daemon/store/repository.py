@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from qbo_daemon.core.errors import (
@@ -47,10 +48,12 @@ from qbo_daemon.store.states import ClaimedState, OAuthStates, StateRecord
 from qbo_daemon.store.status_queries import StatusQueries
 from qbo_daemon.store.upsert import (
     NEW_ACCOUNT_INSERT,
+    Imported,
     ImportItem,
-    imported_tokens,
     new_account_rows,
+    prepare_import,
     upsert_account,
+    write_import,
 )
 
 __all__ = [
@@ -58,6 +61,7 @@ __all__ = [
     "ClaimedState",
     "DatabaseLock",
     "ImportItem",
+    "Imported",
     "RealmPolicy",
     "ScheduleEntry",
     "StateRecord",
@@ -66,6 +70,8 @@ __all__ = [
 
 # Rows per query when the scheduler loads every account at start-up.
 _SCHEDULE_CHUNK = 5000
+# Account ids per "IN (...)" query.
+_ID_CHUNK = 500
 
 
 class Storage:
@@ -278,29 +284,38 @@ class Storage:
         return updated
 
     async def import_accounts(
-        self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
-    ) -> list[Account]:
+        self,
+        items: Sequence[ImportItem],
+        *,
+        lead: timedelta,
+        now: datetime,
+        replace_existing: bool = True,
+    ) -> list[Imported]:
         """Store every item in one transaction: all or nothing.
 
-        An access token without a known future expiry is treated as dead, so the
-        account is due for a refresh at once.
+        Whether each account exists is read inside that transaction; an existing
+        one is replaced, or with ``replace_existing=False`` left as it is (reported, not
+        stored). An access token without a known future expiry is treated as dead,
+        so the account is due for a refresh at once. The rows are encrypted on a
+        worker thread and written in one hand-off to the writer's thread: keep
+        ``items`` to about a thousand, as token writes wait behind the transaction.
         """
-        async with self._db.transaction() as conn:
-            stored = []
-            for item in items:
-                tokens = imported_tokens(item, now)
-                stored.append(
-                    await upsert_account(
-                        conn,
-                        self.cipher,
-                        item.account_id,
-                        item.realm_id,
-                        tokens,
-                        lead=lead,
-                        now=now,
-                    )
-                )
-            return stored
+        prepared = await asyncio.to_thread(prepare_import, self.cipher, items, lead=lead, now=now)
+        return await self._db.run_transaction(
+            partial(write_import, prepared=prepared, replace_existing=replace_existing)
+        )
+
+    async def existing_account_ids(self, account_ids: Sequence[str]) -> set[str]:
+        """Which of ``account_ids`` are stored (a snapshot: for reports, not for writes)."""
+        found: set[str] = set()
+        for start in range(0, len(account_ids), _ID_CHUNK):
+            chunk = account_ids[start : start + _ID_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = await self._db.fetchall(
+                f"SELECT account_id FROM accounts WHERE account_id IN ({marks})", chunk
+            )
+            found.update(row["account_id"] for row in rows)
+        return found
 
     async def insert_accounts(
         self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
