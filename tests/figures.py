@@ -1,20 +1,19 @@
 """Figures in docs/, written by the test that measured them, after its assertions.
 
-A figure sits in a document between two markers::
-
-    <!-- figure: NAME -->
-    ...replaced by the test's own text...
-    <!-- /figure: NAME -->
-
-``QBO_WRITE_FIGURES=1 pytest ...`` rewrites it there; any other run only
-prints it, so running the tests leaves the documents alone, and the number a
-reader sees is one a passing run asserted, never one typed by hand.
+A figure sits in a document between two markers, ``<!-- figure: NAME -->`` and
+``<!-- /figure: NAME -->`` (the space after the colon is optional): around a
+block (:func:`write_figure`) or inline in a sentence or a table cell
+(:func:`write_figures`). ``QBO_WRITE_FIGURES=1 pytest ...`` rewrites them
+there; any other run only prints them, so running the tests leaves the
+documents alone, and the number a reader sees is one a passing run asserted,
+never one typed by hand.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -22,18 +21,30 @@ RELIABILITY = DOCS / "reliability.md"
 
 
 def write_figure(name: str, text: str, doc: Path = RELIABILITY) -> None:
-    """Print ``text``; with ``QBO_WRITE_FIGURES=1`` also put it in ``doc`` as figure ``name``."""
-    print(f"\n[figure {name}]\n{text}")
+    """Figure ``name`` as a block of lines: ``text`` between the markers, each on its own line."""
+    write_figures({name: "\n" + text.rstrip("\n") + "\n"}, doc)
+
+
+def write_figures(figures: Mapping[str, str], doc: Path = RELIABILITY) -> None:
+    """Print each figure; with ``QBO_WRITE_FIGURES=1`` also put each in ``doc`` as is."""
+    for name, value in figures.items():
+        print(f"\n[figure {name}] {value.strip()}")
     if os.environ.get("QBO_WRITE_FIGURES") != "1":
         return
-    content = doc.read_text(encoding="utf-8")
-    pattern = re.compile(
-        rf"(<!-- figure: {re.escape(name)} -->\n).*?(<!-- /figure: {re.escape(name)} -->)",
-        re.DOTALL,
-    )
-    updated, found = pattern.subn(
-        lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content
-    )
-    assert found == 1, f"{doc.name} has no figure block {name!r}"
-    if updated != content:
-        doc.write_text(updated, encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
+    for name, value in figures.items():
+        pattern = re.compile(
+            rf"(<!-- figure: ?{re.escape(name)} -->)(.*?)(<!-- /figure: ?{re.escape(name)} -->)",
+            re.DOTALL,
+        )
+        # A function, not a template: the value may hold backslashes.
+        text, found = pattern.subn(lambda m, v=value: m[1] + v + m[3], text)  # type: ignore[misc]
+        assert found == 1, f"{doc.name} has no figure block {name!r}"
+    scratch = doc.with_name(f".{doc.name}.{os.getpid()}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    os.replace(scratch, doc)
+
+
+def thousands(value: float) -> str:
+    """``12,345``: how the documents write counts."""
+    return f"{round(value):,}"

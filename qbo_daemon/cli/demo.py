@@ -108,6 +108,10 @@ async def run_demo(
     api_port, callback_port = free_port(), free_port()
     api_key = secrets.token_urlsafe(24)
     config_path = data_dir / "demo.toml"
+    # The demo's own throw-away key, kept in its own config: a rerun on the same
+    # --data-dir must read the database the previous run wrote.
+    keys = load_config(config_path, {}).storage.encryption_keys if config_path.exists() else ()
+    encryption_key = keys[0].reveal() if keys else generate_key()
     config_path.write_text(
         simulator_config_text(
             simulator,
@@ -115,7 +119,7 @@ async def run_demo(
             api_port=api_port,
             callback_port=callback_port,
             api_key=api_key,
-            encryption_key=generate_key(),
+            encryption_key=encryption_key,
             lead=f"{max(expires_in // 4, 5)}s",
             backoff_initial="2s",
             backoff_max="15s",

@@ -19,7 +19,8 @@ import structlog
 
 from qbo_daemon import __version__
 from qbo_daemon.cli.common import EXIT_OK, EXIT_USAGE, fail, read_config
-from qbo_daemon.config.load import Config, load_config, require_credentials
+from qbo_daemon.cli.preflight import preflight
+from qbo_daemon.config.load import Config, load_config
 from qbo_daemon.config.render import render_config
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
 from qbo_daemon.runtime.daemon import Daemon
@@ -106,9 +107,19 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The effective configuration, then every problem ``run`` would find (the same checks)."""
     config = read_config(args)
     print(render_config(config), end="")
-    print(f"# configuration OK ({config.source or 'defaults'})", file=sys.stderr)
+    findings = preflight(config)
+    for finding in findings:
+        print(f"qbo-daemon: {finding.severity}: {finding}", file=sys.stderr)
+    errors = sum(1 for f in findings if f.is_error)
+    source = config.source or "defaults"
+    if errors:
+        print(f"# {errors} error(s) in {source}: `run` would refuse to start", file=sys.stderr)
+        return EXIT_USAGE
+    warned = f", {len(findings)} warning(s)" if findings else ""
+    print(f"# configuration OK ({source}{warned})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -119,8 +130,15 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = read_config(args)
-    require_credentials(config)
+    findings = preflight(config)  # what check-config reports, refused before anything starts
+    errors = [f for f in findings if f.is_error]
+    for error in errors:
+        fail(str(error), EXIT_USAGE)
+    if errors:
+        return EXIT_USAGE
     configure_logging(config.log.format, config.log.level)
+    for finding in findings:
+        log.warning("config.warning", setting=finding.setting, detail=finding.message)
     path: Path | None = args.config
     name, factory = loop_factory()
     log.info("loop.selected", loop=name)

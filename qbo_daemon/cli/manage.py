@@ -24,8 +24,10 @@ from qbo_daemon.cli.rotate import Progress, Rotation, rotate_offline, rotate_onl
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, valid_account_id
 from qbo_daemon.engine.imports import ImportFileError, check_rows, item_json, read_file, read_rows
 
-# One import is one transaction: 100,000 rows take a while to encrypt and store.
+# 100,000 rows take a while to check, encrypt and store (a thousand per transaction).
 IMPORT_TIMEOUT = 600.0
+# Skipped rows printed one per line; the rest are counted (--json lists every one).
+MAX_PRINTED_SKIPS = 50
 
 ROTATE_HELP = """\
 Re-encrypt every stored secret under the first key of [storage] encryption_keys.
@@ -51,7 +53,8 @@ account_id, created_at, updated_at, token_expires_at, reconnect_token_at).
 Fields: account_id, realm_id (or companyid), refresh_token, and optionally
 access_token, token_expires_at, refresh_token_expires_at. Times without an
 offset are UTC. Every row is checked and reported by line number; the good
-rows are stored in one transaction, bad and duplicate rows are skipped.
+rows are stored a thousand per transaction, bad and duplicate rows are skipped
+(at most 50 skipped rows are printed one by one; --json lists every one).
 An account whose access token is not known to be valid is refreshed at once.
 Accounts that exist already are skipped unless --replace is given.
 Exit status: 0 when every row was imported, 1 when any row was skipped.
@@ -265,11 +268,15 @@ def _print_import(report: dict[str, Any]) -> None:
     now = _now()
     rows = [(entry["line"], entry, True) for entry in report["imported"]]
     rows += [(entry["line"], entry, False) for entry in report["skipped"]]
+    unprinted = max(0, len(report["skipped"]) - MAX_PRINTED_SKIPS)
+    printed = 0
     for line, entry, ok in sorted(rows, key=lambda row: int(row[0])):
         who = entry.get("account_id") or "?"
         if not ok:
-            where = f"{entry['field']}: " if entry.get("field") else ""
-            print(f"line {line}: skipped {who}: {where}{entry['reason']}")
+            printed += 1
+            if printed <= MAX_PRINTED_SKIPS:
+                where = f"{entry['field']}: " if entry.get("field") else ""
+                print(f"line {line}: skipped {who}: {where}{entry['reason']}")
             continue
         verb = "would import" if report["dry_run"] else "imported"
         note = " (replaced)" if entry.get("replaced") else ""
@@ -278,6 +285,8 @@ def _print_import(report: dict[str, Any]) -> None:
         elif entry.get("next_refresh_at"):
             note += f", next refresh {relative(entry['next_refresh_at'], now)}"
         print(f"line {line}: {verb} {who}{note}")
+    if unprinted:
+        print(f"... and {unprinted:,} more skipped rows not shown (--json lists every row)")
     done, skipped = len(report["imported"]), len(report["skipped"])
     verb = "would import" if report["dry_run"] else "imported"
     tail = " (dry run: nothing was stored)" if report["dry_run"] else ""

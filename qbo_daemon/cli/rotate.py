@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from qbo_daemon.cli.apiclient import ApiClient
 from qbo_daemon.config.load import Config
-from qbo_daemon.core.errors import ConfigError, DatabaseLockedError, QboDaemonError
+from qbo_daemon.core.errors import DatabaseLockedError, QboDaemonError
 from qbo_daemon.store.crypto import EncryptionKey
 from qbo_daemon.store.keys import load_cipher
 from qbo_daemon.store.repository import DatabaseLock, Storage
@@ -70,9 +70,7 @@ async def rotate_offline(config: Config, batch: int, progress: Progress) -> Rota
     path = config.storage.path
     if not path.exists():
         raise QboDaemonError(f"no database at {path}: nothing to re-encrypt")
-    key_file = path.with_name(path.name + ".key")
-    if not config.storage.encryption_keys and not key_file.exists():
-        raise ConfigError("no encryption keys configured", key="storage")
+    cipher = load_cipher(config.storage.encryption_keys, path)  # none configured: says how
     lock = DatabaseLock(path)
     try:
         lock.acquire()
@@ -82,11 +80,7 @@ async def rotate_offline(config: Config, batch: int, progress: Progress) -> Rota
             "check [api] listen, or stop it and run this command again"
         ) from None
     try:
-        storage = await Storage.open(
-            path,
-            load_cipher(config.storage.encryption_keys, config.storage.path),
-            attempts_keep=config.storage.attempts_keep,
-        )
+        storage = await Storage.open(path, cipher, attempts_keep=config.storage.attempts_keep)
         try:
             await storage.verify_keys()
             done = stalls = 0

@@ -438,11 +438,9 @@ def _notify(section: _Section, sources: _Sources) -> NotifyConfig:
 def require_credentials(config: Config) -> None:
     """Refuse to run without client credentials and API keys.
 
-    Encryption keys may be missing: the daemon then makes a key file beside
-    the database (development) and warns.
-
-    ``load_config`` lets them be missing so that ``demo`` and ``check-config``
-    work; the daemon's ``run`` calls this before it starts anything.
+    ``load_config`` lets them be missing so that ``demo`` works; ``run`` and
+    ``check-config`` call this through ``cli.preflight``, which also refuses a
+    missing encryption key (the daemon never makes one beside the database).
     """
     how = "in the file, a {0}_file, ${1} or $CREDENTIALS_DIRECTORY/{0}"
     missing: list[tuple[str, str, str]] = []

@@ -7,6 +7,7 @@ The HTTP handlers call these and never the store or the scheduler.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,16 +17,42 @@ from typing import Any
 import structlog
 
 from qbo_daemon.core.clock import Clock
-from qbo_daemon.core.errors import IntuitError, StaleWriteError
+from qbo_daemon.core.errors import IntuitError, StaleWriteError, StorageError
 from qbo_daemon.core.models import Account, AccountStatus, ImportItem, iso
 from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
 from qbo_daemon.engine.outcome import OutcomeKind
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
 from qbo_daemon.intuit.client import IntuitClient
-from qbo_daemon.store.port import AccountStore, AccountWrite
+from qbo_daemon.store.port import AccountStore, AccountWrite, Imported
+
+__all__ = [
+    "AccountService",
+    "Disconnected",
+    "ImportInterruptedError",
+    "Imported",
+    "RefreshResult",
+    "RevokeOutcome",
+]
 
 log = structlog.get_logger("qbo_daemon.engine.accounts")
+
+
+# Items per transaction of an import: a refresh's commit waits behind one chunk at most.
+IMPORT_CHUNK = 1000
+# Accounts scheduled between two turns of the event loop.
+_YIELD_EVERY = 100
+
+
+class ImportInterruptedError(StorageError):
+    """An import stopped part way: ``stored`` (the first items, in order) are stored."""
+
+    def __init__(self, stored: list[Imported], cause: StorageError) -> None:
+        super().__init__(
+            f"the database failed after {len(stored)} rows were stored "
+            f"(they are kept and scheduled); the rest were not stored: {cause}"
+        )
+        self.stored = stored
 
 
 class RevokeOutcome(StrEnum):
@@ -103,6 +130,10 @@ class AccountService:
     async def account_ids(self) -> set[str]:
         return {account.account_id for account in await self._storage.list_accounts()}
 
+    async def existing_ids(self, account_ids: Sequence[str]) -> set[str]:
+        """Which of ``account_ids`` are stored (a snapshot: for a dry run, not for writes)."""
+        return await self._storage.existing_account_ids(account_ids)
+
     # -- changing --------------------------------------------------------------------
 
     async def refresh_now(self, account_id: str) -> Account:
@@ -146,24 +177,50 @@ class AccountService:
             return RefreshResult.REFRESHED  # reconnected or imported meanwhile: it is fresh
         return result
 
-    async def import_tokens(self, items: Sequence[ImportItem]) -> list[Account]:
-        """Store existing connections (all or nothing) and schedule them at once.
+    async def import_tokens(
+        self, items: Sequence[ImportItem], *, replace_existing: bool = True
+    ) -> list[Imported]:
+        """Store existing connections and schedule them at once, in order.
 
-        An account whose access token is not known to be valid is due now.
+        Written in chunks of :data:`IMPORT_CHUNK` items, each its own transaction
+        (all or nothing), so a refresh's commit never waits behind a whole import;
+        each chunk is scheduled as soon as it is stored. An account whose access
+        token is not known to be valid is due now. When a chunk cannot be stored,
+        :class:`ImportInterruptedError` says which items were.
         """
+        results: list[Imported] = []
+        for start in range(0, len(items), IMPORT_CHUNK):
+            chunk = items[start : start + IMPORT_CHUNK]
+            now = self._clock.now()
+            try:
+                done = await self._storage.import_connections(
+                    [self._policy.imported(item, now=now) for item in chunk],
+                    replace_existing=replace_existing,
+                )
+            except StorageError as exc:
+                if not results:
+                    raise
+                raise ImportInterruptedError(results, exc) from exc
+            for number, imported in enumerate(done, 1):
+                if imported.account is None:
+                    continue
+                # A refresh that was in flight for a replaced account discards its result
+                # and drops the timer when it ends: let it end before setting the new timer.
+                await self._scheduler.wait_idle(imported.account_id)
+                self._scheduler.schedule_account(imported.account)
+                log.debug("account.imported", account_id=imported.account_id)
+                if number % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let refreshes and requests in between
+            results.extend(done)
         now = self._clock.now()
-        accounts = await self._storage.upsert_connections(
-            [self._policy.imported(item, now=now) for item in items]
+        stored = [r.account for r in results if r.account is not None]
+        log.info(
+            "accounts.imported",
+            count=len(stored),
+            refreshing_now=sum(1 for a in stored if _due(a, now)),
+            not_replaced=len(results) - len(stored),
         )
-        for account in accounts:
-            # A refresh that was in flight for a replaced account discards its result and
-            # drops the timer when it ends: let it end before setting the new timer.
-            await self._scheduler.wait_idle(account.account_id)
-            self._scheduler.schedule_account(account)
-            log.debug("account.imported", account_id=account.account_id)
-        due_now = sum(1 for a in accounts if _due(a, self._clock.now()))
-        log.info("accounts.imported", count=len(accounts), refreshing_now=due_now)
-        return accounts
+        return results
 
     async def disconnect(self, account_id: str) -> Disconnected:
         """Revoke at Intuit (best effort), then forget the tokens, keeping a tombstone."""

@@ -4,7 +4,8 @@ The same checks run in the CLI (which reports a bad row by its line number
 before anything is sent) and in the daemon (which is the authority, for
 ``PUT /v1/accounts/{id}/tokens`` and ``POST /v1/import``). A bad row is
 refused with the field and the reason; the good rows of a batch are stored
-in one transaction.
+in transactions of a thousand rows (``engine.accounts.IMPORT_CHUNK``). Every
+check here is linear in the rows, and the daemon runs them off its event loop.
 
 A CSV export of the classic ``qbo_accounts`` table is read as it is:
 ``companyid`` is the realm id, and ``id``, ``created_at``, ``updated_at`` and
@@ -43,6 +44,8 @@ IGNORED_COLUMNS = frozenset({"id", "created_at", "updated_at", "reconnect_token_
 # Intuit access tokens live one hour; an expiry further ahead is a wrong time zone or unit.
 MAX_ACCESS_TOKEN_AHEAD = timedelta(hours=1, minutes=5)
 MAX_TEXT = 4096
+# Positions a duplicate's reason names; the rest are counted.
+LISTED_POSITIONS = 5
 
 Format = Literal["auto", "jsonl", "csv"]
 _REALM = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -188,7 +191,12 @@ def _time(data: Mapping[str, Any], field: str) -> datetime | None:
 def check_batch(
     entries: Iterable[tuple[int, object]], *, now: datetime
 ) -> tuple[list[Checked], list[Rejected]]:
-    """Validate every row; a duplicate account or refresh token refuses every copy of it."""
+    """Validate every row; a duplicate account or refresh token refuses every copy of it.
+
+    Linear in the rows: copies are found through dicts, and each group of copies is
+    described once, on its first row (naming at most :data:`LISTED_POSITIONS` others);
+    the other copies point to that row.
+    """
     good: list[Checked] = []
     bad: list[Rejected] = []
     for position, data in entries:
@@ -209,19 +217,28 @@ def check_batch(
     kept = []
     for checked in good:
         item = checked.item
-        twins = [p for p in by_account[item.account_id] if p != checked.position]
+        group = by_account[item.account_id]
         field, what = "account_id", "duplicate account_id"
-        if not twins:
-            twins = [p for p in by_token[item.refresh_token] if p != checked.position]
+        if len(group) == 1:
+            group = by_token[item.refresh_token]
             field, what = "refresh_token", "the same refresh token as another row"
-        if twins:
-            others = ", ".join(str(p) for p in twins)
-            reason = f"{what} (also at {others}); every copy is refused"
-            bad.append(Rejected(checked.position, item.account_id, field, reason))
-        else:
+        if len(group) == 1:
             kept.append(checked)
+            continue
+        reason = f"{what} ({_copies(group, checked.position)}); every copy is refused"
+        bad.append(Rejected(checked.position, item.account_id, field, reason))
     bad.sort(key=lambda r: r.position)
     return kept, bad
+
+
+def _copies(group: list[int], position: int) -> str:
+    """Where the other copies are: listed on the group's first row, referred to elsewhere."""
+    if position != group[0]:
+        return f"first at {group[0]}"
+    others = group[1 : 1 + LISTED_POSITIONS]
+    listed = ", ".join(str(p) for p in others)
+    more = len(group) - 1 - len(others)
+    return f"also at {listed} and {more:,} more" if more else f"also at {listed}"
 
 
 def item_json(item: ImportItem) -> dict[str, Any]:

@@ -9,25 +9,31 @@ and only ``GET .../token`` carries an access token. ``/healthz``, ``/readyz``,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
-from qbo_daemon.core.models import ACCOUNT_ID_RULE, Account, iso, valid_account_id
+from qbo_daemon.core.models import ACCOUNT_ID_RULE, iso, valid_account_id
+from qbo_daemon.engine.accounts import Imported, ImportInterruptedError
 from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
-from qbo_daemon.engine.imports import FieldError, Rejected, check_batch, parse_item
+from qbo_daemon.engine.imports import Checked, FieldError, Rejected, check_batch, parse_item
 from qbo_daemon.engine.services import Services
+from qbo_daemon.http.jsonbody import CollectorPause, dumps_object, loads_object
 from qbo_daemon.http.openapi import openapi_document
 
 SERVICES = web.AppKey("services", Services)
+COLLECTOR_PAUSE = web.AppKey("collector_pause", CollectorPause)
 MAX_BODY = 64 * 1024
-# One import batch is one transaction; 32 MiB holds about 100,000 rows.
+# 32 MiB holds about 100,000 rows; they are stored a thousand per transaction.
 MAX_IMPORT_BODY = 32 * 1024 * 1024
 MAX_IMPORT_ROWS = 100_000
 MAX_ROTATE_BATCH = 10_000
@@ -59,6 +65,7 @@ def error_response(status: int, code: str, detail: str, field: str | None = None
 def make_api_app(services: Services) -> web.Application:
     app = web.Application(client_max_size=MAX_IMPORT_BODY, middlewares=[_errors, _auth])
     app[SERVICES] = services
+    app[COLLECTOR_PAUSE] = CollectorPause()
     r = app.router
     r.add_get("/healthz", _healthz)
     r.add_get("/readyz", _readyz)
@@ -194,14 +201,84 @@ async def _import_tokens(request: web.Request) -> web.Response:
     account_id = _account_id(request)
     body = await _json_object(request, MAX_BODY)
     item = parse_item(body, now=services.clock.now(), account_id=account_id)
-    existed = await services.accounts.exists(account_id)
-    [account] = await services.accounts.import_tokens([item])
-    return web.json_response(services.accounts.describe(account), status=200 if existed else 201)
+    [imported] = await services.accounts.import_tokens([item])
+    assert imported.account is not None  # replaced when it exists
+    status = 200 if imported.existed else 201
+    return web.json_response(services.accounts.describe(imported.account), status=status)
 
 
 async def _import_batch(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    body = await _json_object(request, MAX_IMPORT_BODY)
+    raw = await _read_body(request, MAX_IMPORT_BODY)
+    with request.app[COLLECTOR_PAUSE]():
+        return await _import_rows(request.app[SERVICES], raw)
+
+
+async def _import_rows(services: Services, raw: bytes) -> web.Response:
+    # Parsing and checking 100,000 rows takes seconds: off the event loop, which
+    # meanwhile serves refreshes, the callback and the watchdog; and in short steps
+    # (http.jsonbody), as one long C call would hold the GIL and stop the loop anyway.
+    batch = await asyncio.to_thread(_check_import, raw, services.clock.now())
+    good = batch.good
+    ids = [checked.item.account_id for checked in good]
+    if batch.dry_run:
+        found = await services.accounts.existing_ids(ids)
+        results = [Imported(account_id, account_id in found, None) for account_id in ids]
+    else:
+        try:
+            results = await services.accounts.import_tokens(
+                [checked.item for checked in good], replace_existing=batch.replace
+            )
+        except ImportInterruptedError as exc:
+            log.error("api.import_interrupted", stored=len(exc.stored), error=str(exc))
+            last = good[len(exc.stored) - 1].position
+            raise ApiError(
+                503,
+                "storage_unavailable",
+                f"the database failed part way: the rows up to index {last} are stored and "
+                f"scheduled; the rows after index {last} were not stored: send them again",
+            ) from None
+    text = await asyncio.to_thread(_import_answer, batch, results, services.clock.now())
+    return web.Response(text=text, content_type="application/json")
+
+
+@dataclass(frozen=True, slots=True)
+class _ImportBatch:
+    good: list[Checked]
+    bad: list[Rejected]
+    replace: bool
+    dry_run: bool
+
+
+def _import_answer(batch: _ImportBatch, results: list[Imported], now: datetime) -> str:
+    """The JSON answer of ``POST /v1/import`` (on a worker thread: it can be 10 MB)."""
+    bad = list(batch.bad)
+    imported = []
+    for checked, result in zip(batch.good, results, strict=True):
+        if result.existed and not batch.replace:
+            reason = "already exists; not replaced"
+            bad.append(Rejected(checked.position, result.account_id, "account_id", reason))
+            continue
+        entry: dict[str, Any] = {
+            "index": checked.position,
+            "account_id": result.account_id,
+            "replaced": result.existed,
+        }
+        if result.account is not None:
+            due = result.account.reconnect_token_at
+            entry["refreshing_now"] = due is not None and due <= now
+            entry["next_refresh_at"] = iso(due)
+        imported.append(entry)
+    bad.sort(key=lambda r: r.position)
+    skipped = [
+        {"index": r.position, "account_id": r.account_id, "field": r.field, "reason": r.reason}
+        for r in bad
+    ]
+    return dumps_object({"imported": imported, "skipped": skipped, "dry_run": batch.dry_run})
+
+
+def _check_import(raw: bytes, now: datetime) -> _ImportBatch:
+    """The body of ``POST /v1/import``, parsed and every row checked (on a worker thread)."""
+    body = _parse_object(raw, loads_object)
     _only(body, {"accounts", "replace", "dry_run"})
     rows = body.get("accounts")
     if not isinstance(rows, list):
@@ -212,38 +289,8 @@ async def _import_batch(request: web.Request) -> web.Response:
         )
     replace = _flag(body, "replace")
     dry_run = _flag(body, "dry_run")
-    good, bad = check_batch(enumerate(rows), now=services.clock.now())
-    existing = await services.accounts.account_ids()
-    if not replace:
-        clash = [c for c in good if c.item.account_id in existing]
-        good = [c for c in good if c.item.account_id not in existing]
-        bad.extend(
-            Rejected(c.position, c.item.account_id, "account_id", "already exists; not replaced")
-            for c in clash
-        )
-        bad.sort(key=lambda r: r.position)
-    stored: list[Account] = []
-    if good and not dry_run:
-        stored = await services.accounts.import_tokens([c.item for c in good])
-    now = services.clock.now()
-    imported = []
-    for index, checked in enumerate(good):
-        entry: dict[str, Any] = {
-            "index": checked.position,
-            "account_id": checked.item.account_id,
-            "replaced": checked.item.account_id in existing,
-        }
-        if stored:
-            account = stored[index]
-            due = account.reconnect_token_at
-            entry["refreshing_now"] = due is not None and due <= now
-            entry["next_refresh_at"] = iso(due)
-        imported.append(entry)
-    skipped = [
-        {"index": r.position, "account_id": r.account_id, "field": r.field, "reason": r.reason}
-        for r in bad
-    ]
-    return web.json_response({"imported": imported, "skipped": skipped, "dry_run": dry_run})
+    good, bad = check_batch(enumerate(rows), now=now)
+    return _ImportBatch(good, bad, replace, dry_run)
 
 
 async def _disconnect(request: web.Request) -> web.Response:
@@ -296,8 +343,12 @@ async def _json_object(
     raw = await _read_body(request, limit)
     if not raw.strip() and allow_empty:
         return {}
+    return _parse_object(raw)
+
+
+def _parse_object(raw: bytes, loads: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
+        data = loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         # RecursionError: "[[[[..." nested past the interpreter's limit fits in a body.
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None

@@ -351,14 +351,18 @@ _PATHS: dict[str, Any] = {
     },
     "/v1/import": {
         "post": _protected(
-            "Import many connections: every row validated, the good ones stored in one "
-            "transaction, the bad ones reported by index",
+            "Import many connections: every row validated, the good ones stored a "
+            "thousand per transaction, the bad ones reported by index",
             {
                 "200": _json(
                     "What was imported and what was skipped, and why.", _ref("ImportReport")
                 ),
                 "400": _error("`invalid_json` or `invalid_field` (the body as a whole)."),
                 "413": _TOO_LARGE,
+                "503": _error(
+                    "`storage_unavailable`; when the database failed part way, `detail` "
+                    "names the last row stored: send the rows after it again."
+                ),
             },
             account=False,
             body={"required": True, "content": {JSON: {"schema": _ref("ImportBatch")}}},

@@ -21,7 +21,7 @@ class DatabaseLock:
         self._file: TextIO | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # No mkdir: a database path in a missing directory is a mistake to report.
         handle = self.path.open("a")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

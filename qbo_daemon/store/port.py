@@ -60,6 +60,15 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Imported:
+    """What an import did with one account."""
+
+    account_id: str
+    existed: bool  # the account was there when the write's transaction read it
+    account: Account | None  # as stored; None when it existed and was not to be replaced
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleEntry:
     """What the scheduler needs of an account at start-up: times, no secrets."""
 
@@ -153,6 +162,22 @@ class AccountStore(Protocol):
 
     async def upsert_connections(self, accounts: Sequence[Account]) -> list[Account]:
         """:meth:`upsert_connection` for each, in one transaction: all or nothing."""
+        ...
+
+    async def import_connections(
+        self, accounts: Sequence[Account], *, replace_existing: bool = True
+    ) -> list[Imported]:
+        """Imported connections, in one transaction (all or nothing), in order.
+
+        Whether each account exists is read inside that transaction; an existing
+        one is replaced like :meth:`upsert_connection`, or with
+        ``replace_existing=False`` left as it is (reported, not stored). Keep a
+        call to about a thousand accounts: token writes wait behind it.
+        """
+        ...
+
+    async def existing_account_ids(self, account_ids: Sequence[str]) -> set[str]:
+        """Which of ``account_ids`` are stored (a snapshot: for reports, not for writes)."""
         ...
 
     async def upsert_checked_connection(

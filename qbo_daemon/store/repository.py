@@ -21,6 +21,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from qbo_daemon.core.errors import (
@@ -36,6 +37,7 @@ from qbo_daemon.store.port import (
     AccountWrite,
     Attempt,
     ClaimedState,
+    Imported,
     RealmPolicy,
     ScheduleEntry,
     StateRecord,
@@ -55,13 +57,14 @@ from qbo_daemon.store.rows import (
 from qbo_daemon.store.sqlite import Database, ReadBatcher, RowUpdate, WriteJob
 from qbo_daemon.store.states import OAuthStates
 from qbo_daemon.store.status_queries import StatusQueries
-from qbo_daemon.store.upsert import upsert_account
+from qbo_daemon.store.upsert import prepare_import, upsert_account, write_import
 
 __all__ = [
     "AccountWrite",
     "Attempt",
     "ClaimedState",
     "DatabaseLock",
+    "Imported",
     "RealmPolicy",
     "ScheduleEntry",
     "StateRecord",
@@ -70,6 +73,8 @@ __all__ = [
 
 # Rows per query when the scheduler loads every account at start-up.
 _SCHEDULE_CHUNK = 5000
+# Account ids per "IN (...)" query.
+_ID_CHUNK = 500
 
 
 class Storage:
@@ -253,6 +258,34 @@ class Storage:
         """Store every account in one transaction: all or nothing."""
         async with self._db.transaction() as conn:
             return [await upsert_account(conn, self._cipher, account) for account in accounts]
+
+    async def import_connections(
+        self, accounts: Sequence[Account], *, replace_existing: bool = True
+    ) -> list[Imported]:
+        """Store imported connections in one transaction: all or nothing, in order.
+
+        Whether each account exists is read inside that transaction; an existing
+        one is replaced, or with ``replace_existing=False`` left as it is. The rows
+        are encrypted on a worker thread and written in one hand-off to the
+        writer's thread: keep ``accounts`` to about a thousand, as token writes
+        wait behind the transaction.
+        """
+        prepared = await asyncio.to_thread(prepare_import, self._cipher, accounts)
+        return await self._db.run_transaction(
+            partial(write_import, prepared=prepared, replace_existing=replace_existing)
+        )
+
+    async def existing_account_ids(self, account_ids: Sequence[str]) -> set[str]:
+        """Which of ``account_ids`` are stored (a snapshot: for reports, not for writes)."""
+        found: set[str] = set()
+        for start in range(0, len(account_ids), _ID_CHUNK):
+            chunk = account_ids[start : start + _ID_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = await self._db.fetchall(
+                f"SELECT account_id FROM accounts WHERE account_id IN ({marks})", chunk
+            )
+            found.update(row["account_id"] for row in rows)
+        return found
 
     async def upsert_checked_connection(
         self, account: Account, policy: RealmPolicy

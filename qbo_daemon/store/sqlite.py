@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 
 from qbo_daemon.core.errors import StaleWriteError, StorageError
 from qbo_daemon.store.rows import INSERT_ATTEMPT, UPDATE_NOTE, UPDATE_TOKENS
 from qbo_daemon.store.schema import migrate
+
+log = structlog.get_logger("qbo_daemon.store.sqlite")
 
 # How many attempt rows may be written between two trims of the attempts table.
 _TRIM_EVERY = 1000
@@ -75,6 +78,28 @@ class _Job:
     future: asyncio.Future[None]
 
 
+def _create_if_missing(path: Path) -> None:
+    """Create an empty, owner-only database file at ``path`` if none is there (logged)."""
+    if not path.parent.is_dir():
+        raise StorageError(
+            f"cannot open database {path}: its directory {path.parent} does not exist"
+        )
+    try:
+        # Owner-only: SQLite gives the -wal and -shm files the main file's mode,
+        # and a later chmod would not reach them.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+    os.close(fd)
+    log.warning(
+        "storage.database_created",
+        path=os.path.abspath(path),
+        detail="no database was at this path: a new, empty one was created",
+    )
+
+
 async def _connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     try:
@@ -114,12 +139,13 @@ class Database:
 
     @classmethod
     async def open(cls, path: Path, *, attempts_keep: int) -> Database:
-        """Open (creating or migrating) the database at ``path``; start the writer."""
+        """Open (creating or migrating) the database at ``path``; start the writer.
+
+        The directory must exist: a typo in the path must not silently start an
+        empty database somewhere new. A new database is logged at warning level.
+        """
+        _create_if_missing(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Create a new database owner-only: SQLite gives the -wal and -shm files
-            # the main file's mode, and a later chmod would not reach them.
-            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
             writer = await _connect(path)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -185,6 +211,19 @@ class Database:
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(f"database write failed: {exc}") from exc
                 raise
+
+    async def run_transaction(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction on the writer thread.
+
+        One hand-off to the writer's thread for the whole transaction, however many
+        statements ``fn`` runs: the group commit waits behind it for no more than
+        ``fn`` itself. Committed when ``fn`` returns, rolled back when it raises.
+        """
+        async with self._tx_lock:
+            try:
+                return await _on_writer_thread(self._writer, partial(_in_transaction, fn))
+            except sqlite3.Error as exc:
+                raise StorageError(f"database write failed: {exc}") from exc
 
     async def write(self, job: WriteJob) -> None:
         """Run ``job`` in the next group commit; return once it committed.
@@ -309,9 +348,22 @@ async def _on_writer_thread(
     A group commit as separate ``execute`` calls costs a round trip per statement,
     and each waits for a turn of the busy event loop (milliseconds in a storm).
     aiosqlite has no public call for this; ``_execute`` and ``_conn`` are what its
-    own cursors use.
+    own cursors use. They are private, so pyproject.toml caps aiosqlite below its
+    next minor release: a new one is admitted once these tests pass on it.
     """
     result: _T = await conn._execute(fn, conn._conn)  # type: ignore[no-untyped-call]
+    return result
+
+
+def _in_transaction(fn: Callable[[sqlite3.Connection], _T], db: sqlite3.Connection) -> _T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
     return result
 
 

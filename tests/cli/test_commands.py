@@ -305,6 +305,39 @@ def test_import_json_lines_from_stdin_dry_run_and_a_bad_file(
     assert result.stderr.startswith("qbo-daemon: error: line 1: unknown column 'account'")
 
 
+def test_an_export_with_one_placeholder_token_prints_a_bounded_report(
+    daemon: Daemon, simulator: Simulator, tmp_path: Path
+) -> None:
+    """Thousands of rows refused for one reason: fifty lines and a count, not thousands."""
+    grant = simulator.grant()
+    rows = 3000
+    export = tmp_path / "qbo_accounts.csv"
+    export.write_text(
+        "account_id,companyid,refresh_token\n"
+        + "".join(f"ph-{n},{grant['realm_id']},PLACEHOLDER\n" for n in range(rows)),
+        encoding="utf-8",
+    )
+    result = cli("import", str(export), config=daemon.config)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 52
+    assert lines[0] == (
+        "line 2: skipped ph-0: refresh_token: the same refresh token as another row "
+        f"(also at 3, 4, 5, 6, 7 and {rows - 6:,} more); every copy is refused"
+    )
+    assert lines[1] == (
+        "line 3: skipped ph-1: refresh_token: the same refresh token as another row "
+        "(first at 2); every copy is refused"
+    )
+    assert (
+        lines[-2] == f"... and {rows - 50:,} more skipped rows not shown (--json lists every row)"
+    )
+    assert lines[-1] == f"imported 0 of {rows} rows, skipped {rows}"
+
+    listed = json.loads(cli("import", str(export), "--json", config=daemon.config).stdout)
+    assert len(listed["skipped"]) == rows
+
+
 # -- refresh, connect, disconnect ----------------------------------------------------------
 
 

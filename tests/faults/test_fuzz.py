@@ -23,8 +23,7 @@ import contextlib
 import http.client
 import socket
 import sqlite3
-import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,7 @@ from hypothesis import strategies as st
 from qbo_daemon.store.schema import sha256_hex
 from tests.faults.conftest import Report
 from tests.faults.procs import DaemonProcess, SimulatorProcess
+from tests.figures import thousands, write_figures
 
 EXAMPLES = 250
 LONG_EXAMPLES = 3000
@@ -122,8 +122,44 @@ class FuzzEnv:
     expired_state: str
     pending_state: str
     dirty: set[str] = field(default_factory=set)
-    tried: Counter[str] = field(default_factory=Counter)
-    statuses: Counter[int] = field(default_factory=Counter)
+    # Per run ("fuzz-api", "schemathesis-negative", ...): the statuses answered, and the
+    # faults seen (a 5xx, a row changed by a refused request, an answer off the document).
+    statuses: defaultdict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
+    faults: Counter[str] = field(default_factory=Counter)
+
+    def answered(self, run: str, status: int) -> None:
+        self.statuses[run][status] += 1
+        if status >= 500:
+            self.faults[run] += 1
+
+    def unchanged(self, run: str, before: tuple[Any, ...], what: str) -> None:
+        """Assert no row, state or code exchange changed since ``before``."""
+        changed = fingerprint(self) != before
+        self.faults[run] += changed
+        assert not changed, what
+
+    def summary(self, run: str) -> dict[str, Any]:
+        statuses = self.statuses[run]
+        return {
+            "requests": sum(statuses.values()),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "faults": self.faults[run],
+        }
+
+    def figures(self, run: str) -> dict[str, str]:
+        """This run's figures for docs/reliability.md; written only after its assertions."""
+        statuses = self.statuses[run]
+        requests = thousands(sum(statuses.values()))
+        answers = ", ".join(f"{k or 'closed'} ×{thousands(v)}" for k, v in sorted(statuses.items()))
+        return {
+            f"{run}-runs": requests,
+            f"{run}-hits": str(self.faults[run]),
+            run: f"{requests} requests, answered {answers}; faults: {self.faults[run]}",
+        }
+
+    def write(self, run: str, report: Report) -> None:
+        report(run, self.summary(run))
+        write_figures(self.figures(run))
 
 
 @pytest.fixture(scope="module")
@@ -277,17 +313,16 @@ def api_calls(draw: st.DrawFn, api_key: str) -> ApiCall:
     return ApiCall(method, target, headers, body, first if "{}" in route else None)
 
 
-def check_api(env: FuzzEnv, call: ApiCall) -> None:
+def check_api(env: FuzzEnv, call: ApiCall, run: str) -> None:
     before = fingerprint(env)
     status = send(env.daemon.api_port, call.method, call.target, call.headers, call.body)
-    env.tried["api"] += 1
-    env.statuses[status] += 1
+    env.answered(run, status)
     assert status < 500, (status, call)
     if status < 300:
         if call.account_id is not None:
             env.dirty.add(call.account_id)
         return
-    assert fingerprint(env) == before, f"{status} but a row changed: {call}"
+    env.unchanged(run, before, f"{status} but a row changed: {call}")
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -298,13 +333,14 @@ def fuzz_settings(examples: int) -> settings:
     )
 
 
-def test_api_fuzz(env: FuzzEnv) -> None:
+def test_api_fuzz(env: FuzzEnv, report: Report) -> None:
     @fuzz_settings(EXAMPLES)
     @given(call=api_calls(env.daemon.api_key))
     def run(call: ApiCall) -> None:
-        check_api(env, call)
+        check_api(env, call, "fuzz-api")
 
     run()
+    env.write("fuzz-api", report)
 
 
 @st.composite
@@ -328,7 +364,7 @@ def callback_queries(draw: st.DrawFn, env: FuzzEnv) -> str:
     return "&".join(f"{k}={v}" for k, v in pairs)
 
 
-def test_callback_fuzz(env: FuzzEnv) -> None:
+def test_callback_fuzz(env: FuzzEnv, report: Report) -> None:
     path = urlsplit(env.daemon.callback_url).path
 
     @fuzz_settings(EXAMPLES)
@@ -336,12 +372,12 @@ def test_callback_fuzz(env: FuzzEnv) -> None:
     def run(query: str, suffix: str) -> None:
         before = fingerprint(env)
         status = send(env.daemon.callback_port, "GET", f"{path}{suffix}?{query}", {}, None)
-        env.tried["callback"] += 1
-        env.statuses[status] += 1
+        env.answered("fuzz-callback", status)
         assert status < 500, (status, query)
-        assert fingerprint(env) == before, f"{status} but something changed: {query}"
+        env.unchanged("fuzz-callback", before, f"{status} but something changed: {query}")
 
     run()
+    env.write("fuzz-callback", report)
 
 
 def raw_request(port: int, data: bytes) -> int | None:
@@ -357,7 +393,7 @@ def raw_request(port: int, data: bytes) -> int | None:
     return int(first[1])
 
 
-def test_raw_bytes_fuzz(env: FuzzEnv) -> None:
+def test_raw_bytes_fuzz(env: FuzzEnv, report: Report) -> None:
     unsafe = st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 
     @fuzz_settings(EXAMPLES // 2)
@@ -377,39 +413,24 @@ def test_raw_bytes_fuzz(env: FuzzEnv) -> None:
             + b"X-Fuzz: " + header + b"\r\nConnection: close\r\n\r\n"
         )  # fmt: skip
         status = raw_request(number, data)
-        env.tried["raw"] += 1
-        env.statuses[status or 0] += 1
+        env.answered("fuzz-raw", status or 0)  # 0: closed without an answer
         assert status is None or status < 500, (status, data)
-        after = fingerprint(env)
         if status is None or status >= 400:
-            assert after == before, data
+            env.unchanged("fuzz-raw", before, repr(data))
 
     run()
-
-
-def test_fuzz_report(env: FuzzEnv, report: Report) -> None:
-    """Runs last in this module: the daemon is still up and answers."""
-    assert env.daemon.api("GET", "/healthz")[0] == 200
-    time.sleep(0.1)
-    report(
-        "fuzz",
-        {
-            "inputs": dict(env.tried),
-            "statuses": {str(k): v for k, v in sorted(env.statuses.items())},
-            "5xx": 0,
-            "rows_changed_by_4xx": 0,
-        },
-    )
+    env.write("fuzz-raw", report)
 
 
 @pytest.mark.slow
-def test_api_fuzz_long(env: FuzzEnv) -> None:
+def test_api_fuzz_long(env: FuzzEnv, report: Report) -> None:
     @fuzz_settings(LONG_EXAMPLES)
     @given(call=api_calls(env.daemon.api_key))
     def run(call: ApiCall) -> None:
-        check_api(env, call)
+        check_api(env, call, "fuzz-api-long")
 
     run()
+    env.write("fuzz-api-long", report)
 
 
 KNOWN_BAD = [

@@ -32,6 +32,7 @@ import requests
 
 from tests.faults.conftest import Report
 from tests.faults.procs import DaemonProcess, Gate, SimulatorProcess, wait_until
+from tests.figures import write_figures
 
 TOKEN = re.compile(rb"sim-(?:at|rt|ac)-[A-Za-z0-9_-]{16,}")
 VERIFIER = re.compile(rb"(?<=code_verifier=)[A-Za-z0-9_-]{43,128}")
@@ -167,24 +168,36 @@ def test_no_secret_anywhere(tmp_path: Path, report: Report) -> None:
         kinds = {"at": 0, "rt": 0, "ac": 0}
         for token in tokens:
             kinds[token[4:6]] = kinds.get(token[4:6], 0) + 1
-        report(
-            "secrets",
-            {
-                "access_tokens": kinds["at"],
-                "refresh_tokens": kinds["rt"],
-                "codes": kinds["ac"],
-                "keys_and_client_secret": len(keys),
-                "states": len(states),
-                "pkce_verifiers": len(verifiers),
-                "log_lines": len(daemon.lines),
-                "answers": len(answers),
-                "database_bytes": sum(len(b) for b in running_files + stopped_files),
-                "hits": 0,
-            },
-        )
         assert kinds["at"] >= 10, kinds
         assert kinds["rt"] >= 10, kinds
         assert kinds["ac"] >= 3, kinds
+        searched_bytes = sum(len(b) for b in running_files + stopped_files)
+        figures: dict[str, Any] = {
+            "access_tokens": kinds["at"],
+            "refresh_tokens": kinds["rt"],
+            "codes": kinds["ac"],
+            "keys_and_client_secret": len(keys),
+            "states": len(states),
+            "pkce_verifiers": len(verifiers),
+            "log_lines": len(daemon.lines),
+            "answers": len(answers),
+            "database_bytes": searched_bytes,
+            "hits": len(hits) + len(state_hits),
+        }
+        report("secrets", figures)
+        write_figures(
+            {
+                "secrets-searched": f"{kinds['at']} access tokens, {kinds['rt']} refresh "
+                f"tokens, {kinds['ac']} codes, client secret, Basic header, API key, "
+                f"encryption key, {len(states)} states, {len(verifiers)} PKCE verifiers",
+                "secrets-hits": str(figures["hits"]),
+                "secrets-places": f"the daemon's stdout and stderr ({len(daemon.lines)} "
+                f"lines), {len(answers)} API and callback answers (a `GET …/token` answer "
+                "may carry its own access token and must carry nothing else), and the "
+                "database, `-wal` and `-shm` bytes, copied while running and after the stop "
+                f"({searched_bytes / 1000:,.0f} KB). Hits: {figures['hits']}",
+            }
+        )
     finally:
         browser.close()
         daemon.close()

@@ -127,6 +127,7 @@ def cipher(key_a: EncryptionKey) -> Cipher:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
     return tmp_path / "data" / "qbo.sqlite3"
 
 
@@ -269,7 +270,7 @@ async def test_version_1_database_is_upgraded_and_keeps_its_rows(
 
 
 async def test_newer_schema_is_refused_clearly(db_path: Path, cipher: Cipher) -> None:
-    db_path.parent.mkdir(parents=True)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
         conn.create_function("qbo_sha256", 1, sha256_hex)  # migration 4 hashes states
         for migration in MIGRATIONS:
@@ -288,7 +289,7 @@ async def test_newer_schema_is_refused_clearly(db_path: Path, cipher: Cipher) ->
 
 
 def write_garbage(path: Path) -> None:
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"certainly not an SQLite database\n" * 200)
 
 
@@ -667,7 +668,11 @@ async def test_import_is_all_or_nothing(storage: Storage, db_path: Path) -> None
     # The storage is still usable: nothing was left half-open.
     del items[2]
     stored = await import_accounts(storage, items, now=NOW)
-    assert [a.account_id for a in stored] == ["new-1", "kept", "new-2"]
+    assert [(r.account_id, r.existed) for r in stored] == [
+        ("new-1", False),
+        ("kept", True),
+        ("new-2", False),
+    ]
     assert query(db_path, "SELECT account_id FROM accounts ORDER BY account_id") == [
         ("kept",),
         ("new-1",),
@@ -693,8 +698,8 @@ async def test_import_without_a_valid_access_token_is_due_at_once(
             refresh_token_expires_at=NOW + timedelta(days=30),
         ),
     ]
-    stored = await import_accounts(storage, items, now=NOW)
-    assert all(a.version == 1 and a.status is AccountStatus.ACTIVE for a in stored)
+    stored = [r.account for r in await import_accounts(storage, items, now=NOW)]
+    assert all(a and a.version == 1 and a.status is AccountStatus.ACTIVE for a in stored)
     due = {e.account_id: e.reconnect_token_at for e in await storage.schedule_entries()}
     assert due == {
         "no-access": NOW,

@@ -25,6 +25,7 @@ OTHER_REALM = "REALM-9130357766806786"
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()  # a database in a missing directory is refused
     return tmp_path / "data" / "qbo.sqlite3"
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from qbo_daemon.config.load import default_config
 from qbo_daemon.core.models import Account, AccountStatus, ImportItem, TokenSet
 from qbo_daemon.engine.policy import RefreshPolicy
-from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt
+from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt, Imported
 
 LEAD = timedelta(minutes=10)
 POLICY = RefreshPolicy(replace(default_config({}).refresh, lead=LEAD))
@@ -66,6 +66,12 @@ async def forget_tokens(storage: AccountStore, account: Account, *, now: datetim
 
 
 async def import_accounts(
-    storage: AccountStore, items: Sequence[ImportItem], *, now: datetime
-) -> list[Account]:
-    return await storage.upsert_connections([POLICY.imported(i, now=now) for i in items])
+    storage: AccountStore,
+    items: Sequence[ImportItem],
+    *,
+    now: datetime,
+    replace_existing: bool = True,
+) -> list[Imported]:
+    return await storage.import_connections(
+        [POLICY.imported(i, now=now) for i in items], replace_existing=replace_existing
+    )
