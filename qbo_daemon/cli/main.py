@@ -17,7 +17,14 @@ from pathlib import Path
 import structlog
 
 from qbo_daemon import __version__
-from qbo_daemon.cli.common import EXIT_OK, EXIT_USAGE, fail, read_config
+from qbo_daemon.cli.common import (
+    CONFIG_HELP,
+    EXIT_BROKEN_PIPE,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    read_config,
+)
 from qbo_daemon.config.load import Config, load_config, require_credentials
 from qbo_daemon.config.render import render_config
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
@@ -37,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except ConfigError as exc:
         return fail(str(exc), EXIT_USAGE)
     except QboDaemonError as exc:
@@ -46,6 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def quiet_broken_pipe() -> int:
+    """Standard output's reader left (``qbo-daemon accounts list --json | head``).
+
+    Not an error worth a line: point stdout at /dev/null so the interpreter's
+    last flush does not complain either, and exit as a program killed by
+    SIGPIPE would (141), which ``set -o pipefail`` still notices.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", type=Path, metavar="PATH", help="the TOML configuration file")
+        p.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
         return p
 
     with_config(command("run", cmd_run, "run the daemon in the foreground"))
@@ -118,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = read_config(args)
     require_credentials(config)
     configure_logging(config.log.format, config.log.level)
-    path: Path | None = args.config
+    path = config.source  # the file found, so a reload reads the same one
     return asyncio.run(serve(config, lambda: load_config(path, os.environ)))
 
 

@@ -17,8 +17,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qbo_daemon.cli.apiclient import DEFAULT_TIMEOUT, ApiClient, DaemonNotRunningError
-from qbo_daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, read_config
+from qbo_daemon.cli.apiclient import (
+    DEFAULT_TIMEOUT,
+    ApiAnswerError,
+    ApiClient,
+    DaemonNotRunningError,
+)
+from qbo_daemon.cli.common import (
+    CONFIG_HELP,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    read_config,
+)
 from qbo_daemon.cli.render import account_details, accounts_table, relative
 from qbo_daemon.cli.rotate import Progress, Rotation, rotate_offline, rotate_online
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, valid_account_id
@@ -71,7 +83,7 @@ def register(sub: Any, keys_sub: Any) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         parser.set_defaults(func=func)
-        parser.add_argument("--config", type=Path, metavar="PATH", help="the TOML configuration")
+        parser.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
         return parser
 
@@ -127,7 +139,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     account_id = _account_id(args)
-    answer = _client(args).call("POST", f"/v1/accounts/{account_id}/refresh")
+    client = _client(args)
+    try:
+        answer = client.call("POST", f"/v1/accounts/{account_id}/refresh")
+    except ApiAnswerError as exc:
+        if exc.code not in ("needs_reconnect", "disconnected"):
+            raise
+        return fail(_reconnect_message(client, account_id, exc.code))
     if args.json:
         return _print_json(answer)
     now = _now()
@@ -227,6 +245,18 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> ApiClient:
     return ApiClient.from_config(read_config(args), timeout=timeout)
+
+
+def _reconnect_message(client: ApiClient, account_id: str, code: str) -> str:
+    """For an operator: why the account cannot refresh, and the command that mends it."""
+    how = f"qbo-daemon connect {account_id}, then send the user to the URL it prints"
+    if code == "disconnected":
+        return (
+            f"account {account_id!r} is disconnected (its tokens were forgotten); "
+            f"to connect it again: {how}"
+        )
+    why = client.call("GET", f"/v1/accounts/{account_id}").get("last_error") or "refused by Intuit"
+    return f"account {account_id!r} needs the user to reconnect ({why}): {how}"
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -111,6 +111,8 @@ class Daemon:
             services = self._build(config, storage, session, metrics, relay)
             self.services = services
             runners = await self._start_listeners(services)
+            # Where the CLI finds us, even after a reload changed [api] listen in the file.
+            lock.advertise(config.api.url)
             for runner in reversed(runners):
                 stack.push_async_callback(runner.cleanup)
             stack.push_async_callback(
@@ -325,3 +327,11 @@ class Daemon:
             encryption_key_count=len(config.storage.encryption_keys),
             restart_needed=restart_needed or None,
         )
+        if restart_needed:
+            log.warning(
+                "daemon.restart_needed",
+                settings=restart_needed,
+                detail="these changed settings keep their old values until the daemon is "
+                "restarted (systemctl restart qbo-daemon); the CLI finds the API where it "
+                "still listens",
+            )

@@ -233,6 +233,7 @@ def test_import_a_classic_qbo_accounts_csv_then_list_and_show(
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
         "ACCOUNT",
+        "REALM",
         "STATUS",
         "EXPIRES",
         "IN",
@@ -244,7 +245,8 @@ def test_import_a_classic_qbo_accounts_csv_then_list_and_show(
     ]
     table = {line.split()[0]: line for line in lines[1:] if line.startswith("csv-")}
     assert set(table) == {"csv-1", "csv-2", "csv-3"}
-    assert re.match(r"csv-1\s+active\s+(59m|1h)\s+in \d+m\s+0\s+-$", table["csv-1"])
+    realm = grants[0]["realm_id"]
+    assert re.match(rf"csv-1\s+{realm}\s+active\s+(59m|1h)\s+in \d+m\s+0\s+-$", table["csv-1"])
     assert re.search(r"^\d+ accounts: .*\d+ active", result.stdout, re.M)
     for grant in grants:
         for secret in (grant["access_token"], grant["refresh_token"]):
