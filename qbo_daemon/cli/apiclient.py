@@ -12,12 +12,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from qbo_daemon import __version__
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
+from qbo_daemon.http.api import CLI_USER_AGENT
 from qbo_daemon.store.lock import advertised_api
 
 # Longer than a token request that waits for a refresh ([refresh] token_wait, 30 s).
 DEFAULT_TIMEOUT = 60.0
+# The daemon logs refreshes this command asks for with trigger "cli".
+USER_AGENT = f"{CLI_USER_AGENT}{__version__}"
 
 
 class DaemonNotRunningError(QboDaemonError):
@@ -74,6 +78,7 @@ class ApiClient:
             headers={
                 "Authorization": f"Bearer {self.key}",
                 "Accept": "application/json",
+                "User-Agent": USER_AGENT,
                 **({"Content-Type": "application/json"} if data is not None else {}),
             },
         )

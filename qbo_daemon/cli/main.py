@@ -115,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate = keys_sub.add_parser("generate", help="print a new encryption key")
     generate.set_defaults(func=cmd_keys_generate)
 
+    from qbo_daemon.cli.export import register as register_export
     from qbo_daemon.cli.manage import register
 
     register(sub, keys_sub)
+    register_export(sub)
     return parser
 
 

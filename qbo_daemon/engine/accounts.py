@@ -59,7 +59,7 @@ class AccountService:
             # A refresh that was in flight for a replaced account discards its result and
             # drops the timer when it ends: let it end before setting the new timer.
             await self._scheduler.wait_idle(account.account_id)
-            self._scheduler.schedule_account(account)
+            self._scheduler.schedule_account(account, trigger="import")
             log.debug("account.imported", account_id=account.account_id)
         due_now = sum(1 for a in accounts if _due(a, self._clock.now()))
         log.info("accounts.imported", count=len(accounts), refreshing_now=due_now)

@@ -13,17 +13,27 @@ import hashlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
-from qbo_daemon.core.models import ACCOUNT_ID_RULE, Account, AccountStatus, iso, valid_account_id
+from qbo_daemon.core.models import (
+    ACCOUNT_ID_RULE,
+    Account,
+    AccountStatus,
+    iso,
+    parse_iso,
+    valid_account_id,
+)
 from qbo_daemon.engine.imports import FieldError, Rejected, check_batch, parse_item
 from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.scheduler import Trigger
 from qbo_daemon.engine.services import Services
 from qbo_daemon.engine.tokens import TokenUnavailableError
+from qbo_daemon.engine.verify import refresh_once
 from qbo_daemon.http.openapi import openapi_document
 
 SERVICES = web.AppKey("services", Services)
@@ -32,6 +42,8 @@ MAX_BODY = 64 * 1024
 MAX_IMPORT_BODY = 32 * 1024 * 1024
 MAX_IMPORT_ROWS = 100_000
 MAX_ROTATE_BATCH = 10_000
+# How the qbo-daemon command introduces itself, so its refreshes log trigger "cli".
+CLI_USER_AGENT = "qbo-daemon-cli/"
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -189,8 +201,14 @@ async def _token(request: web.Request) -> web.Response:
 async def _refresh(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = _account_id(request)
+    since = _time_param(request, "unless_attempted_since")
     await services.storage.get_account(account_id)  # 404 before anything else
-    outcome = await services.scheduler.refresh(account_id)
+    if since is not None:  # import --verify: the first attempt since the import answers
+        outcome = await refresh_once(
+            services.scheduler, services.storage, account_id, since=since, trigger="import"
+        )
+    else:
+        outcome = await services.scheduler.refresh(account_id, trigger=_asker(request))
     if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
         return web.json_response(_account_json(services, outcome.account))
     if outcome.kind is OutcomeKind.INVALID_CLIENT:
@@ -319,6 +337,29 @@ def _account_id(request: web.Request) -> str:
             400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
         )
     return account_id
+
+
+def _asker(request: web.Request) -> Trigger:
+    """``cli`` for the ``qbo-daemon`` command (its User-Agent), else ``api``."""
+    return "cli" if request.headers.get("User-Agent", "").startswith(CLI_USER_AGENT) else "api"
+
+
+def _time_param(request: web.Request, name: str) -> datetime | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        when = parse_iso(text)
+    except ValueError:
+        when = None
+    if when is None:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{name}: expected an ISO 8601 time such as 2024-05-01T09:30:00Z",
+            name,
+        )
+    return when
 
 
 def _account_json(services: Services, account: Account) -> dict[str, Any]:

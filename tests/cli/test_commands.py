@@ -302,7 +302,10 @@ def test_import_json_lines_from_stdin_dry_run_and_a_bad_file(
     bad.write_text("account,realm_id,refresh_token\n", encoding="utf-8")
     result = cli("import", str(bad), config=daemon.config)
     assert result.returncode == 2
-    assert result.stderr.startswith("qbo-daemon: error: line 1: unknown column 'account'")
+    assert result.stderr.startswith(
+        "qbo-daemon: error: line 1: missing column(s) account_id (companyid is taken as "
+        "realm_id); columns not used: account"
+    )
 
 
 # -- refresh, connect, disconnect ----------------------------------------------------------

@@ -90,7 +90,7 @@ def account(daemon: Daemon, account_id: str) -> dict[str, Any]:
 def test_a_forgotten_config_says_so(daemon: Daemon) -> None:
     if DEFAULT_CONFIG_PATH.exists():
         pytest.skip(f"{DEFAULT_CONFIG_PATH} exists on this machine")
-    for args in (["accounts", "list"], ["check-config"], ["run"]):
+    for args in (["accounts", "list"], ["export"], ["check-config"], ["run"]):
         result = qbo(*args)
         assert (result.returncode, result.stdout) == (2, ""), args
         assert result.stderr == (
@@ -216,7 +216,7 @@ def test_output_into_head_prints_no_broken_pipe_error(daemon: Daemon, simulator:
     listing = cli("accounts", "list", "--json", config=daemon.config).stdout
     assert len(listing) > 128 * 1024  # well past a pipe's buffer: head leaves while we write
 
-    for command in ("accounts list --json", "accounts list"):
+    for command in ("accounts list --json", "accounts list", "export --format jsonl"):
         shell = (
             f"set -o pipefail; {' '.join(QBO)} {command} --config {daemon.config} | head -1; "
             'echo "status=${PIPESTATUS[0]}" >&2'
