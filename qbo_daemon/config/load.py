@@ -103,7 +103,7 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "hard_expiry_warning",
         "invalid_client_retry",
     ),
-    "log": ("format", "level"),
+    "log": ("format", "level", "access"),
     "notify": ("webhook_url", "secret", "secret_file", "timeout"),
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - names, not a bind
@@ -181,6 +181,8 @@ class RefreshConfig:
 class LogConfig:
     format: Literal["auto", "console", "json"]
     level: Literal["debug", "info", "warning", "error"]
+    # The level of per-request access lines; health checks and scrapes are never above debug.
+    access: Literal["info", "debug", "off"] = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +282,10 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
             level=cast(
                 Literal["debug", "info", "warning", "error"],
                 sections["log"].choice("level", "info", ("debug", "info", "warning", "error")),
+            ),
+            access=cast(
+                Literal["info", "debug", "off"],
+                sections["log"].choice("access", "info", ("info", "debug", "off")),
             ),
         ),
         notify=_notify(sections["notify"], sources),

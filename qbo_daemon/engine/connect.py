@@ -92,6 +92,8 @@ class ConnectFlow:
         """Handle Intuit's redirect back to us. Bad input changes nothing."""
         state = query.get("state", "")
         if not _STATE_PATTERN.fullmatch(state):
+            # Never a state we issued (ours are 43 url-safe characters): made up or mangled.
+            log.warning("connect.state_forged", reason="malformed", length=len(state))
             return self._done(
                 ConnectResult(
                     "invalid_state",
@@ -134,6 +136,11 @@ class ConnectFlow:
         except OAuthStateError as exc:
             if exc.reason == "used":
                 return await self._earlier_outcome(state, exc)
+            if exc.reason == "unknown":
+                # Not issued here (or purged a day after it expired): forged, or another daemon's.
+                log.warning("connect.state_forged", reason="unknown")
+            else:
+                log.info("connect.state_expired")
             return ConnectResult("invalid_state", 400, "This sign-in link cannot be used", str(exc))
         if error is not None:
             await self._storage.finish_state(state, "denied")
@@ -181,6 +188,13 @@ class ConnectFlow:
             record = await self._storage.get_state(state)
         except StorageError:
             record = None
+        # A state is single use: a second callback with it is a reload of the page at
+        # best, a replayed authorization code at worst. Either way no second exchange.
+        log.warning(
+            "connect.state_replayed",
+            account_id=record.account_id if record is not None else None,
+            first_outcome=record.outcome if record is not None else None,
+        )
         if record is not None and record.outcome == "connected":
             return ConnectResult(
                 "connected",

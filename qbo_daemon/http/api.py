@@ -105,10 +105,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(status, exc.code, exc.detail)
     except CryptoError as exc:
         # The message names a key id at most, never a key.
-        log.error("api.crypto_error", error=str(exc), path=request.path)
+        log.error("api.crypto_error", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "encryption_key", str(exc))
     except StorageError as exc:
-        log.error("api.storage_error", error=str(exc), path=request.path)
+        log.error("api.storage_error", error=str(exc), path=request.path, **_about(request))
         return error_response(503, "storage_unavailable", "the database cannot be used right now")
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -116,7 +116,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = (exc.reason or "error").lower().replace(" ", "_")
         return error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
     except Exception as exc:  # a boundary: answer, and log the cause
-        log.exception("api.error", error=str(exc), path=request.path)
+        log.exception("api.error", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
@@ -337,6 +337,12 @@ def _account_id(request: web.Request) -> str:
             400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
         )
     return account_id
+
+
+def _about(request: web.Request) -> dict[str, str]:
+    """``account_id`` for a log line, when the route names a valid one."""
+    account_id = request.match_info.get("account_id", "")
+    return {"account_id": account_id} if valid_account_id(account_id) else {}
 
 
 def _asker(request: web.Request) -> Trigger:

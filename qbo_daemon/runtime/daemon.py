@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from qbo_daemon import __version__
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.clock import Clock, SystemClock
 from qbo_daemon.core.metrics import Metrics
@@ -33,7 +34,7 @@ from qbo_daemon.engine.tokens import TokenService
 from qbo_daemon.http.api import make_api_app
 from qbo_daemon.http.callback import make_callback_app
 from qbo_daemon.intuit.client import IntuitClient
-from qbo_daemon.runtime.logs import AccessLogger, configure_logging
+from qbo_daemon.runtime.logs import AccessLevel, access_logger_class, configure_logging
 from qbo_daemon.runtime.systemd import SystemdNotifier
 from qbo_daemon.runtime.webhooks import WebhookNotifier
 from qbo_daemon.store.keys import load_cipher
@@ -74,6 +75,7 @@ class Daemon:
         self.services: Services | None = None
         self._relay: EventRelay | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._access = AccessLevel(config.log.access)
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -122,6 +124,9 @@ class Daemon:
 
             log.info(
                 "daemon.ready",
+                version=__version__,
+                database=str(config.storage.path.resolve()),
+                accounts=await services.storage.status_counts(),
                 accounts_scheduled=scheduled,
                 api=config.api.url,
                 callback=f"http://{config.callback.host}:{config.callback.port}"
@@ -200,7 +205,9 @@ class Daemon:
         runners = []
         for app, host, port in apps:
             runner = web.AppRunner(
-                app, access_log_class=AccessLogger, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+                app,
+                access_log_class=access_logger_class(self._access),
+                shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
             )
             await runner.setup()
             runners.append(runner)
@@ -258,6 +265,7 @@ class Daemon:
             cipher = load_cipher(config.storage.encryption_keys, old.storage.path)
             await services.storage.verify_keys(cipher)
         configure_logging(config.log.format, config.log.level)
+        self._access.value = config.log.access
         restart_needed = [
             name
             for name, before, after in (
@@ -323,6 +331,7 @@ class Daemon:
         log.info(
             "daemon.reloaded",
             log_level=config.log.level,  # "level" is the record's own level
+            access_log=config.log.access,
             api_key_count=len(config.api.keys),  # "*_keys" would be redacted by name
             encryption_key_count=len(config.storage.encryption_keys),
             restart_needed=restart_needed or None,

@@ -258,7 +258,12 @@ class WebhookNotifier:
                 await self._deliver(delivery)
             except Exception:
                 # A bug here must not cost a worker: the queue would stall.
-                _log.exception("webhook.delivery_error", delivery_id=delivery.id)
+                _log.exception(
+                    "webhook.delivery_error",
+                    webhook_event=delivery.event,
+                    account_id=delivery.account_id,
+                    delivery_id=delivery.id,
+                )
             finally:
                 self._in_flight -= 1
                 self._queue.task_done()
@@ -296,6 +301,7 @@ class WebhookNotifier:
             _log.info(
                 "webhook.retry",
                 webhook_event=delivery.event,
+                account_id=delivery.account_id,
                 delivery_id=delivery.id,
                 attempt=attempt,
                 error=failure,
