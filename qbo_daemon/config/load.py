@@ -107,6 +107,11 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
     "notify": ("webhook_url", "secret", "secret_file", "timeout"),
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - names, not a bind
+# The callback's default port sits beside the API's (8765), away from the ports web
+# frameworks take in development: 3000 (Rails, Next.js), 4000, 5000, 5173, 8000, 8080.
+# A host app run with `rails s` beside the daemon must not find its port taken.
+DEFAULT_CALLBACK_LISTEN = "127.0.0.1:8766"
+DEFAULT_REDIRECT_URI = "http://localhost:8766/accounts/oauth2_callback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +305,7 @@ def default_config(environ: Mapping[str, str] | None = None) -> Config:
 
 def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
     environment = section.choice("environment", "production", ("production", "sandbox"))
-    redirect_uri = section.url("redirect_uri", "http://localhost:3000/accounts/oauth2_callback")
+    redirect_uri = section.url("redirect_uri", DEFAULT_REDIRECT_URI)
     if urlsplit(redirect_uri).query:
         raise section.fail("redirect_uri", "must not have a ?query")
     scopes = section.strings("scopes")
@@ -326,7 +331,7 @@ def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
 
 
 def _callback(section: _Section, redirect_uri: str) -> CallbackConfig:
-    host, port = section.listen("listen", "127.0.0.1:3000")
+    host, port = section.listen("listen", DEFAULT_CALLBACK_LISTEN)
     return CallbackConfig(
         host=host,
         port=port,
