@@ -71,3 +71,16 @@ def test_each_event_is_documented_at_its_level() -> None:
     for event, levels in emitted().items():
         for level in levels - {""}:
             assert level in doc[event], (event, level, doc[event])
+
+
+# Past participles that do not end in -ed.
+_IRREGULAR = frozenset({"lost"})
+
+
+def test_event_names_are_singular_nouns_and_past_verbs() -> None:
+    """``noun.verb_past``: ``refresh.succeeded``, ``connect.state_forged``."""
+    for event in emitted():
+        noun, _, what = event.partition(".")
+        last = what.rsplit("_", 1)[-1]
+        assert not noun.endswith("s"), f"{event}: the noun is plural"
+        assert last.endswith("ed") or last in _IRREGULAR, f"{event}: not a past participle"

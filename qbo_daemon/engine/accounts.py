@@ -62,7 +62,7 @@ class AccountService:
             self._scheduler.schedule_account(account, trigger="import")
             log.debug("account.imported", account_id=account.account_id)
         due_now = sum(1 for a in accounts if _due(a, self._clock.now()))
-        log.info("accounts.imported", count=len(accounts), refreshing_now=due_now)
+        log.info("import.completed", count=len(accounts), refreshing_now=due_now)
         return accounts
 
     async def disconnect(self, account_id: str) -> Disconnected:

@@ -119,7 +119,7 @@ class ConnectFlow:
         try:
             result = await self._claim_and_finish(state, error, code, realm_id)
         except Exception as exc:  # a boundary: the browser gets a page, the log the cause
-            log.exception("connect.error", error=str(exc))
+            log.exception("connect.failed", error=str(exc))
             result = ConnectResult(
                 "error", 500, "Something went wrong", "The connection was not saved. Try again."
             )
@@ -174,7 +174,7 @@ class ConnectFlow:
             await self._storage.finish_state(state, "connected")
         except StorageError as exc:
             # Only a replayed callback would miss this note; the connection stands.
-            log.warning("connect.state_not_noted", account_id=account_id, error=str(exc))
+            log.warning("connect.state_note_failed", account_id=account_id, error=str(exc))
         return ConnectResult(
             "connected",
             200,

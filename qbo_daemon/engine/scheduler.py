@@ -162,12 +162,12 @@ class Scheduler:
                 await self._dispatcher
         tasks = list(self._inflight.values())
         if tasks:
-            log.info("scheduler.draining", in_flight=len(tasks), grace=grace)
+            log.info("scheduler.drain_started", in_flight=len(tasks), grace=grace)
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("scheduler.drain_timeout", cancelled=len(pending))
+                log.warning("scheduler.refreshes_cancelled", cancelled=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         log.info("scheduler.stopped")
 
@@ -345,7 +345,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a boundary: a database fault must not kill the timer
-            log.exception("refresh.error", error=str(exc))
+            log.exception("refresh.crashed", error=str(exc))
             # A probe that failed this way proved nothing; the next due account probes.
             self._probing = False
             self._retry_later(account_id, None, reason=str(exc))
@@ -362,7 +362,7 @@ class Scheduler:
             self._probing = False
             if self._paused_until is not None:
                 self._paused_until = None
-                log.info("intuit.credentials_ok", detail="refreshes resume")
+                log.info("intuit.credentials_accepted", detail="refreshes resume")
                 self._metrics.set_healthy(True)
                 self._wakeup.set()
         elif self._probing and kind is not OutcomeKind.INVALID_CLIENT:
@@ -393,7 +393,7 @@ class Scheduler:
             self.unschedule(account_id)
             reason = str(outcome.error) if outcome.error else (outcome.message or kind.value)
             self._events.emit(
-                "account.needs_reconnect",
+                "account.reconnect_needed",
                 account_id,
                 reason=reason,
                 intuit_tid=outcome.error.intuit_tid if outcome.error else None,
@@ -432,7 +432,7 @@ class Scheduler:
         self._metrics.retry_scheduled()
         error = outcome.error if outcome else None
         log.warning(
-            "refresh.retrying",
+            "refresh.retry_scheduled",
             attempt=failures,
             delay=round(delay, 3),
             error=reason,
@@ -449,7 +449,7 @@ class Scheduler:
         self._metrics.set_healthy(False)
         log_method = log.error if first else log.warning
         log_method(
-            "intuit.invalid_client",
+            "intuit.client_refused",
             error=str(outcome.error),
             intuit_tid=outcome.error.intuit_tid if outcome.error else None,
             detail="refreshes are paused; no account is marked; retrying",
@@ -464,7 +464,9 @@ class Scheduler:
             self._warned_hard_expiry.discard(account_id)
         elif account_id not in self._warned_hard_expiry:
             self._warned_hard_expiry.add(account_id)
-            self._events.emit("account.hard_expiry_soon", account_id, hard_expires_at=iso(hard))
+            self._events.emit(
+                "account.hard_expiry_approached", account_id, hard_expires_at=iso(hard)
+            )
 
     # -- the dispatcher ----------------------------------------------------------------
 

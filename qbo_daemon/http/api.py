@@ -105,10 +105,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(status, exc.code, exc.detail)
     except CryptoError as exc:
         # The message names a key id at most, never a key.
-        log.error("api.crypto_error", error=str(exc), path=request.path, **_about(request))
+        log.error("api.decryption_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "encryption_key", str(exc))
     except StorageError as exc:
-        log.error("api.storage_error", error=str(exc), path=request.path, **_about(request))
+        log.error("api.storage_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(503, "storage_unavailable", "the database cannot be used right now")
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -116,7 +116,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = (exc.reason or "error").lower().replace(" ", "_")
         return error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
     except Exception as exc:  # a boundary: answer, and log the cause
-        log.exception("api.error", error=str(exc), path=request.path, **_about(request))
+        log.exception("api.request_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
@@ -156,7 +156,7 @@ async def _metrics(request: web.Request) -> web.Response:
         counts = await services.storage.status_counts()
         services.metrics.set_accounts({s.value: counts.get(s.value, 0) for s in AccountStatus})
     except StorageError as exc:  # still serve the rest, qbo_up included
-        log.warning("metrics.accounts_stale", error=str(exc))
+        log.warning("metric.update_failed", error=str(exc))
     services.metrics.set_next_due(services.scheduler.next_due_in())
     body, content_type = services.metrics.render()
     response = web.Response(body=body)
@@ -321,7 +321,7 @@ async def _rotate_keys(request: web.Request) -> web.Response:
             "SIGHUP) or restart it, then rotate again",
         )
     done, remaining = await services.accounts.rotate_keys(batch)
-    log.info("keys.rotated_batch", reencrypted=done, remaining=remaining, key_id=primary)
+    log.info("key_rotation.batch_completed", reencrypted=done, remaining=remaining, key_id=primary)
     return web.json_response(
         {"reencrypted": done, "remaining": remaining, "primary_key_id": primary}
     )

@@ -221,7 +221,7 @@ def _advisory_seconds(data: dict[str, Any], field: str, tid: str | None) -> time
     try:
         return _seconds(data, field, tid)
     except TransientIntuitError:
-        log.warning("intuit.invalid_field", field=field, intuit_tid=tid, detail="taken as absent")
+        log.warning("intuit.field_ignored", field=field, intuit_tid=tid, detail="taken as absent")
         return None
 
 

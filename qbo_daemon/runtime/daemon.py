@@ -82,7 +82,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             if config.refresh.shutdown_grace <= config.intuit.timeout:
                 log.warning(
-                    "config.shutdown_grace_short",
+                    "config.shutdown_grace_flagged",
                     shutdown_grace=config.refresh.shutdown_grace.total_seconds(),
                     intuit_timeout=config.intuit.timeout.total_seconds(),
                     detail="a refresh Intuit answers during a shutdown may be cut off and a "
@@ -123,7 +123,7 @@ class Daemon:
             scheduled = await services.scheduler.start()
 
             log.info(
-                "daemon.ready",
+                "daemon.started",
                 version=__version__,
                 database=str(config.storage.path.resolve()),
                 accounts=await services.storage.status_counts(),
@@ -138,7 +138,7 @@ class Daemon:
             status = asyncio.create_task(self._report_status(services, stop), name="status")
             self.ready.set()
             await stop.wait()
-            log.info("daemon.stopping")
+            log.info("daemon.shutdown_started")
             self._systemd.stopping()
             for task in (watchdog, status):
                 task.cancel()

@@ -321,7 +321,7 @@ PROBE_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One ``http.request`` line per request: method, path without the query, status,
+    """One ``http.request_served`` line per request: method, path without the query, status,
     duration_ms, remote, and the ``account_id`` of the route when it names one. The
     query is left out because the OAuth callback's carries ``code`` and ``state``;
     headers are left out because the API's carry keys.
@@ -358,7 +358,7 @@ class AccessLogger(AbstractAccessLogger):
         account_id = match_info.get("account_id") if match_info is not None else None
         if valid_account_id(account_id):
             extra["account_id"] = account_id
-        self.logger.log(level, "http.request", extra=extra)
+        self.logger.log(level, "http.request_served", extra=extra)
 
     @property
     def enabled(self) -> bool:

@@ -1,7 +1,7 @@
 """Account events: always logged, optionally POSTed (signed) to the host app.
 
-Events: ``account.connected``, ``account.needs_reconnect``,
-``account.recovered``, ``account.disconnected``, ``account.hard_expiry_soon``.
+Events: ``account.connected``, ``account.reconnect_needed``,
+``account.recovered``, ``account.disconnected``, ``account.hard_expiry_approached``.
 Each is logged at once through ``structlog.get_logger("qbo_daemon.events")``
 with the event name as the log event. When a webhook URL is configured the
 event is also queued and delivered in the background: :meth:`emit` never
@@ -11,7 +11,7 @@ Delivery
 --------
 ``POST <url>`` with ``Content-Type: application/json`` and the body::
 
-    {"id": "<uuid4>", "event": "account.needs_reconnect", "account_id": "acme",
+    {"id": "<uuid4>", "event": "account.reconnect_needed", "account_id": "acme",
      "occurred_at": "2025-01-31T12:00:00.000000Z", "data": {...}}
 
 ``id`` is the same on every retry of one event: receivers deduplicate on it.
@@ -69,16 +69,16 @@ from qbo_daemon.core.models import Secret, iso
 EVENTS = frozenset(
     {
         "account.connected",
-        "account.needs_reconnect",
+        "account.reconnect_needed",
         "account.recovered",
         "account.disconnected",
-        "account.hard_expiry_soon",
+        "account.hard_expiry_approached",
     }
 )
 # Events an operator must act on are logged as warnings, the rest as info.
 # A connection the user must redo is an error an operator must see; an expiry ahead is a warning.
-_ERROR_EVENTS = frozenset({"account.needs_reconnect"})
-_WARNING_EVENTS = frozenset({"account.hard_expiry_soon"})
+_ERROR_EVENTS = frozenset({"account.reconnect_needed"})
+_WARNING_EVENTS = frozenset({"account.hard_expiry_approached"})
 _SECRET_NAME = re.compile(r"token|secret|code|key|password|credential", re.IGNORECASE)
 # Names the log call itself uses, or that change what structlog does.
 _RESERVED_NAMES = frozenset({"event", "account_id", "exc_info", "stack_info"})
@@ -179,7 +179,7 @@ class WebhookNotifier:
         if self._url is None:
             return
         if self._closed:
-            _log.warning("webhook.dropped_after_close", webhook_event=event, account_id=account_id)
+            _log.warning("webhook.late_event_dropped", webhook_event=event, account_id=account_id)
             return
         delivery_id = str(uuid.uuid4())
         payload = {
@@ -208,7 +208,7 @@ class WebhookNotifier:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
         if undelivered:
-            _log.warning("webhook.undelivered_at_shutdown", undelivered=undelivered)
+            _log.warning("webhook.queue_abandoned", undelivered=undelivered)
 
     def _clean(self, event: str, fields: dict[str, object]) -> dict[str, Any]:
         """Fields safe to log and send: secret-looking names and Secret values are dropped."""
@@ -230,7 +230,7 @@ class WebhookNotifier:
             dropped = self._queue.get_nowait()
             self._queue.task_done()
             _log.warning(
-                "webhook.queue_full_dropped_oldest",
+                "webhook.oldest_dropped",
                 webhook_event=dropped.event,
                 account_id=dropped.account_id,
                 delivery_id=dropped.id,
@@ -259,7 +259,7 @@ class WebhookNotifier:
             except Exception:
                 # A bug here must not cost a worker: the queue would stall.
                 _log.exception(
-                    "webhook.delivery_error",
+                    "webhook.delivery_crashed",
                     webhook_event=delivery.event,
                     account_id=delivery.account_id,
                     delivery_id=delivery.id,
@@ -299,7 +299,7 @@ class WebhookNotifier:
                 break
             delay = self._backoff(attempt)
             _log.info(
-                "webhook.retry",
+                "webhook.retry_scheduled",
                 webhook_event=delivery.event,
                 account_id=delivery.account_id,
                 delivery_id=delivery.id,
@@ -309,7 +309,7 @@ class WebhookNotifier:
             )
             await self._clock.sleep(delay)
         _log.warning(
-            "webhook.gave_up",
+            "webhook.delivery_abandoned",
             webhook_event=delivery.event,
             account_id=delivery.account_id,
             delivery_id=delivery.id,

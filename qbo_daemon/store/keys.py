@@ -25,7 +25,7 @@ def load_cipher(encryption_keys: Sequence[Secret], database: Path) -> Cipher:
                 for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and not line.lstrip().startswith("#")
             ]
-            log.info("storage.key_file", path=str(path))
+            log.info("storage.key_file_loaded", path=str(path))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

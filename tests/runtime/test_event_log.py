@@ -71,12 +71,14 @@ async def test_access_lines_follow_the_setting_and_name_the_account(
     await get(running, "/healthz")  # a line to wait for: the ones before it are written
     if setting == "off":
         await asyncio.sleep(0.2)
-        assert not [line for line in lines(stream) if line["event"] == "http.request"]
+        assert not [line for line in lines(stream) if line["event"] == "http.request_served"]
         return
     await line_where(
-        stream, lambda line: line["event"] == "http.request" and line["path"] == "/healthz"
+        stream, lambda line: line["event"] == "http.request_served" and line["path"] == "/healthz"
     )
-    access = {line["path"]: line for line in lines(stream) if line["event"] == "http.request"}
+    access = {
+        line["path"]: line for line in lines(stream) if line["event"] == "http.request_served"
+    }
     for probe in ("/healthz", "/readyz", "/metrics"):
         assert access[probe]["level"] == "debug"
     assert access["/v1/accounts/ghost"]["level"] == setting
@@ -107,7 +109,7 @@ async def test_a_reload_changes_the_access_level(
     await get(running, "/v1/accounts/quiet")
     await get(running, "/healthz")
     await asyncio.sleep(0.3)
-    assert not [line for line in lines(stream) if line["event"] == "http.request"][1:]
+    assert not [line for line in lines(stream) if line["event"] == "http.request_served"][1:]
 
 
 # -- what started a refresh --------------------------------------------------------------------
@@ -163,7 +165,7 @@ async def test_refresh_lines_say_what_triggered_them(
     )
     try:
         assert (await line_where(stream, succeeded("late")))["trigger"] == "catch_up"
-        ready = [line for line in lines(stream) if line["event"] == "daemon.ready"][-1]
+        ready = [line for line in lines(stream) if line["event"] == "daemon.started"][-1]
         assert ready["version"] == __version__
         assert ready["database"] == str(running.database.resolve())
         assert ready["accounts"] == {"active": 5}
