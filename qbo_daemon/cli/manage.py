@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print("--verify: nothing verified in a dry run (Intuit is never called)", file=sys.stderr)
     elif args.verify:
         verdicts = verify_accounts(
-            ApiClient.from_config(config),
+            replace(client, timeout=DEFAULT_TIMEOUT),
             [entry["account_id"] for entry in imported],
             since=began,
             parallel=config.refresh.concurrency,
