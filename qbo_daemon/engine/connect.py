@@ -140,14 +140,20 @@ class ConnectFlow:
                 # Not issued here (or purged a day after it expired): forged, or another daemon's.
                 log.warning("connect.state_forged", reason="unknown")
             else:
-                log.info("connect.state_expired")
+                try:
+                    record = await self._storage.get_state(state)
+                except StorageError:
+                    record = None
+                log.info("connect.state_expired", account_id=record.account_id if record else None)
             return ConnectResult("invalid_state", 400, "This sign-in link cannot be used", str(exc))
         if error is not None:
             await self._storage.finish_state(state, "denied")
             log.info("connect.denied", account_id=account_id, error=error[:64])
             return _denied(account_id)
         try:
-            result = await self._intuit.exchange_code(code)
+            # The client's own lines (a garbled field in Intuit's answer) name the account too.
+            with structlog.contextvars.bound_contextvars(account_id=account_id):
+                result = await self._intuit.exchange_code(code)
         except IntuitError as exc:
             await self._storage.finish_state(state, "exchange_failed")
             log.error(

@@ -23,6 +23,7 @@ from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator
 from tests.conftest import StartDaemon
 from tests.harness import RunningDaemon, run_daemon, wait_for
+from tests.manual_clock import ManualClock
 
 Line = dict[str, Any]
 
@@ -205,3 +206,20 @@ async def test_forged_and_replayed_states_have_their_own_events(
         ("warning", "unknown"),
     ]
     assert "x" * 43 not in stream.getvalue()
+
+
+async def test_an_expired_state_names_its_account(
+    daemon_factory: StartDaemon, stream: io.StringIO
+) -> None:
+    clock = ManualClock(datetime.now(UTC))
+    running = await daemon_factory(clock=clock)
+    status, body = await running.api("POST", "/v1/accounts/slow/authorize-url")
+    assert status == 200
+    clock.jump_wall(timedelta(minutes=11))  # states live ten minutes
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(body["url"], allow_redirects=False) as consent:
+            callback = consent.headers["Location"]
+        async with browser.get(callback) as page:
+            assert page.status == 400
+    expired = await line_where(stream, lambda line: line["event"] == "connect.state_expired")
+    assert (expired["level"], expired["account_id"]) == ("info", "slow")
