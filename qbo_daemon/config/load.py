@@ -117,10 +117,15 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "hard_expiry_warning",
         "invalid_client_retry",
     ),
-    "log": ("format", "level"),
+    "log": ("format", "level", "access"),
     "notify": ("webhook_url", "secret", "secret_file", "timeout"),
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - names, not a bind
+# The callback's default port sits beside the API's (8765), away from the ports web
+# frameworks take in development: 3000 (Rails, Next.js), 4000, 5000, 5173, 8000, 8080.
+# A host app run with `rails s` beside the daemon must not find its port taken.
+DEFAULT_CALLBACK_LISTEN = "127.0.0.1:8766"
+DEFAULT_REDIRECT_URI = "http://localhost:8766/accounts/oauth2_callback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +215,8 @@ class RefreshConfig:
 class LogConfig:
     format: Literal["auto", "console", "json"]
     level: Literal["debug", "info", "warning", "error"]
+    # The level of per-request access lines; health checks and scrapes are never above debug.
+    access: Literal["info", "debug", "off"] = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +317,10 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
                 Literal["debug", "info", "warning", "error"],
                 sections["log"].choice("level", "info", ("debug", "info", "warning", "error")),
             ),
+            access=cast(
+                Literal["info", "debug", "off"],
+                sections["log"].choice("access", "info", ("info", "debug", "off")),
+            ),
         ),
         notify=_notify(sections["notify"], sources),
         source=path,
@@ -323,7 +334,7 @@ def default_config(environ: Mapping[str, str] | None = None) -> Config:
 
 def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
     environment = section.choice("environment", "production", ("production", "sandbox"))
-    redirect_uri = section.url("redirect_uri", "http://localhost:3000/accounts/oauth2_callback")
+    redirect_uri = section.url("redirect_uri", DEFAULT_REDIRECT_URI)
     if urlsplit(redirect_uri).query:
         raise section.fail("redirect_uri", "must not have a ?query")
     scopes = section.strings("scopes")
@@ -354,7 +365,7 @@ def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
 
 
 def _callback(section: _Section, redirect_uri: str) -> CallbackConfig:
-    host, port = section.listen("listen", "127.0.0.1:3000")
+    host, port = section.listen("listen", DEFAULT_CALLBACK_LISTEN)
     return CallbackConfig(
         host=host,
         port=port,

@@ -90,7 +90,11 @@ def render_config(config: Config) -> str:
             "attempts_keep": s.attempts_keep,
         },
         "refresh": {name: getattr(r, name) for name in _SCHEMA["refresh"]},
-        "log": {"format": config.log.format, "level": config.log.level},
+        "log": {
+            "format": config.log.format,
+            "level": config.log.level,
+            "access": config.log.access,
+        },
         "notify": {
             "webhook_url": _masked_url(n.webhook_url),
             "secret": n.secret,

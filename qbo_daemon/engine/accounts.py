@@ -95,7 +95,7 @@ class AccountService:
                 # A refresh that was in flight for a replaced account discards its result
                 # and drops the timer when it ends: let it end before setting the new timer.
                 await self._scheduler.wait_idle(imported.account_id)
-                self._scheduler.schedule_account(imported.account)
+                self._scheduler.schedule_account(imported.account, trigger="import")
                 log.debug("account.imported", account_id=imported.account_id)
                 if number % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # let refreshes and requests in between
@@ -103,7 +103,7 @@ class AccountService:
         now = self._clock.now()
         stored = [r.account for r in results if r.account is not None]
         log.info(
-            "accounts.imported",
+            "import.completed",
             count=len(stored),
             refreshing_now=sum(1 for a in stored if _due(a, now)),
             not_replaced=len(results) - len(stored),

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
@@ -47,6 +47,11 @@ log = structlog.get_logger("qbo_daemon.engine.scheduler")
 _MIN_RETRY_DELAY = 0.05
 # Finished attempts remembered for askers that read the row just before one finished.
 _RECENT_OUTCOMES = 1024
+
+# What started a refresh, on every refresh.* log line of the attempt: its timer, a timer
+# overdue at start-up, an import that left the access token dead, the token API (a token
+# read or POST .../refresh), or the CLI (through that API).
+Trigger = Literal["scheduled", "catch_up", "import", "api", "cli"]
 
 
 class Events(Protocol):
@@ -88,6 +93,8 @@ class Scheduler:
         self._current: dict[str, tuple[float, int, str]] = {}
         self._seq = itertools.count()
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
+        # Why a timer was set, where that is not simply "scheduled" (catch-up, import).
+        self._triggers: dict[str, Trigger] = {}
         # (finish number, outcome) of the latest finished attempt, for recent accounts.
         self._finished = 0
         self._recent: OrderedDict[str, tuple[int, Outcome]] = OrderedDict()
@@ -149,6 +156,8 @@ class Scheduler:
         now = self._clock.now()
         for entry in entries:
             self._check_hard_expiry(entry.account_id, entry.refresh_token_hard_expires_at, now)
+            if entry.reconnect_token_at <= now:
+                self._triggers[entry.account_id] = "catch_up"
         overdue = sum(1 for due, _, _ in self._heap if due <= now.timestamp())
         self._dispatcher = asyncio.create_task(self._dispatch(), name="scheduler")
         log.info("scheduler.started", scheduled=len(self._current), overdue=overdue)
@@ -164,30 +173,43 @@ class Scheduler:
             await asyncio.wait({self._dispatcher})
         tasks = list(self._inflight.values())
         if tasks:
-            log.info("scheduler.draining", in_flight=len(tasks), grace=grace)
+            log.info("scheduler.drain_started", in_flight=len(tasks), grace=grace)
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("scheduler.drain_timeout", cancelled=len(pending))
+                log.warning("scheduler.refreshes_cancelled", cancelled=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         log.info("scheduler.stopped")
 
     # -- scheduling --------------------------------------------------------------
 
-    def schedule(self, account_id: str, due: datetime) -> None:
+    def schedule(self, account_id: str, due: datetime, *, trigger: Trigger = "scheduled") -> None:
         """(Re)schedule ``account_id`` at ``due``; replaces any earlier timer."""
         entry = (due.timestamp(), next(self._seq), account_id)
         self._current[account_id] = entry
         heapq.heappush(self._heap, entry)
+        if trigger == "scheduled":
+            self._triggers.pop(account_id, None)
+        else:
+            self._triggers[account_id] = trigger
         self._wakeup.set()
-        log.debug("refresh.scheduled", account_id=account_id, due=iso(due))
+        log.debug("refresh.scheduled", account_id=account_id, due=iso(due), trigger=trigger)
 
-    def schedule_account(self, account: Account) -> None:
-        """Schedule a newly stored, reconnected or imported account at once."""
+    def schedule_account(self, account: Account, *, trigger: Trigger = "scheduled") -> None:
+        """Schedule a newly stored, reconnected or imported account at once.
+
+        ``trigger`` names what asked, for a refresh due at once (an import
+        without a live access token); a later one is simply ``scheduled``.
+        """
         self._failures.pop(account.account_id, None)
-        if account.status.scheduled and account.reconnect_token_at is not None:
-            self.schedule(account.account_id, account.reconnect_token_at)
+        due = account.reconnect_token_at
+        if account.status.scheduled and due is not None:
+            self.schedule(
+                account.account_id,
+                due,
+                trigger=trigger if due <= self._clock.now() else "scheduled",
+            )
             self._check_hard_expiry(
                 account.account_id, account.refresh_token_hard_expires_at, self._clock.now()
             )
@@ -198,6 +220,7 @@ class Scheduler:
         if self._current.pop(account_id, None) is not None:
             log.debug("refresh.unscheduled", account_id=account_id)
         self._failures.pop(account_id, None)
+        self._triggers.pop(account_id, None)
 
     def resume(self) -> None:
         """Credentials changed (reload): end an ``invalid_client`` pause now."""
@@ -217,7 +240,12 @@ class Scheduler:
         return self._finished
 
     async def refresh(
-        self, account_id: str, *, since: int | None = None, patient: bool = False
+        self,
+        account_id: str,
+        *,
+        since: int | None = None,
+        patient: bool = False,
+        trigger: Trigger = "api",
     ) -> Outcome:
         """Refresh now, single flight: a second asker waits for the first attempt.
 
@@ -225,6 +253,7 @@ class Scheduler:
         the mark answers as well: the asker's row may predate that attempt's commit.
         A ``patient`` asker (a token read, not an operator's "refresh now") starts no
         attempt while the account waits out a failure's backoff or ``Retry-After``.
+        ``trigger`` is logged with an attempt this call starts; a joined one keeps its own.
         """
         task = self._inflight.get(account_id)
         if task is None:
@@ -245,7 +274,7 @@ class Scheduler:
                     None,
                     message="Intuit failed; the next try waits for its backoff",
                 )
-            task = self._start(account_id, due=None)
+            task = self._start(account_id, due=None, trigger=trigger)
         return await asyncio.shield(task)
 
     async def wait_idle(self, account_id: str) -> None:
@@ -258,14 +287,14 @@ class Scheduler:
         """New tokens Intuit gave that the database has not taken yet (see Refresher)."""
         return self._refresher.held_tokens(account)
 
-    def refresh_in_background(self, account_id: str) -> None:
+    def refresh_in_background(self, account_id: str, *, trigger: Trigger = "api") -> None:
         if (
             account_id not in self._inflight
             and not self._stopping
             and not self._refusing()
             and not self._backing_off(account_id)
         ):
-            self._start(account_id, due=None)
+            self._start(account_id, due=None, trigger=trigger)
 
     def _backing_off(self, account_id: str) -> bool:
         """A failed account's retry is timed (backoff, ``Retry-After``) and not yet due.
@@ -290,9 +319,16 @@ class Scheduler:
         return self._probing or self._clock.now().timestamp() < self._paused_until
 
     def _start(
-        self, account_id: str, *, due: float | None, slot: asyncio.Semaphore | None = None
+        self,
+        account_id: str,
+        *,
+        due: float | None,
+        trigger: Trigger,
+        slot: asyncio.Semaphore | None = None,
     ) -> asyncio.Task[Outcome]:
-        task = asyncio.create_task(self._run(account_id, due), name=f"refresh:{account_id}")
+        task = asyncio.create_task(
+            self._run(account_id, due, trigger), name=f"refresh:{account_id}"
+        )
         self._inflight[account_id] = task
 
         def done(_: asyncio.Task[Outcome]) -> None:
@@ -311,15 +347,16 @@ class Scheduler:
         task.add_done_callback(done)
         return task
 
-    async def _run(self, account_id: str, due: float | None) -> Outcome:
-        structlog.contextvars.bind_contextvars(account_id=account_id)
+    async def _run(self, account_id: str, due: float | None, trigger: Trigger) -> Outcome:
+        # The task's own context: every line of this attempt names the account and the asker.
+        structlog.contextvars.bind_contextvars(account_id=account_id, trigger=trigger)
         due_at = datetime.fromtimestamp(due, self._clock.now().tzinfo) if due else None
         try:
             outcome = await self._refresher.attempt(account_id, due=due_at)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a boundary: a database fault must not kill the timer
-            log.exception("refresh.error", error=str(exc))
+            log.exception("refresh.crashed", error=str(exc))
             # A probe that failed this way proved nothing; the next due account probes.
             self._probing = False
             self._retry_later(account_id, None, reason=str(exc))
@@ -346,7 +383,7 @@ class Scheduler:
             self._probing = False
             if self._paused_until is not None:
                 self._paused_until = None
-                log.info("intuit.credentials_ok", detail="refreshes resume")
+                log.info("intuit.credentials_accepted", detail="refreshes resume")
                 self._metrics.set_healthy(True)
                 self._wakeup.set()
         elif self._probing and kind is not OutcomeKind.INVALID_CLIENT:
@@ -377,7 +414,7 @@ class Scheduler:
             self.unschedule(account_id)
             reason = str(outcome.error) if outcome.error else (outcome.message or kind.value)
             self._events.emit(
-                "account.needs_reconnect",
+                "account.reconnect_needed",
                 account_id,
                 reason=reason,
                 intuit_tid=outcome.error.intuit_tid if outcome.error else None,
@@ -417,7 +454,7 @@ class Scheduler:
         self._metrics.retry_scheduled()
         error = outcome.error if outcome else None
         log.warning(
-            "refresh.retrying",
+            "refresh.retry_scheduled",
             attempt=failures,
             delay=round(delay, 3),
             error=reason,
@@ -434,7 +471,7 @@ class Scheduler:
         self._metrics.set_healthy(False)
         log_method = log.error if first else log.warning
         log_method(
-            "intuit.invalid_client",
+            "intuit.client_refused",
             error=str(outcome.error),
             intuit_tid=outcome.error.intuit_tid if outcome.error else None,
             detail="refreshes are paused; no account is marked; retrying",
@@ -449,7 +486,9 @@ class Scheduler:
             self._warned_hard_expiry.discard(account_id)
         elif account_id not in self._warned_hard_expiry:
             self._warned_hard_expiry.add(account_id)
-            self._events.emit("account.hard_expiry_soon", account_id, hard_expires_at=iso(hard))
+            self._events.emit(
+                "account.hard_expiry_approached", account_id, hard_expires_at=iso(hard)
+            )
 
     # -- the dispatcher ----------------------------------------------------------------
 
@@ -497,13 +536,14 @@ class Scheduler:
                     continue
                 due, _, account_id = heapq.heappop(self._heap)
                 del self._current[account_id]
+                trigger = self._triggers.pop(account_id, "scheduled")
                 if account_id in self._inflight:
                     # An API refresh is already under way; its result reschedules.
                     slot.release()
                     continue
                 if self._paused_until is not None:
                     self._probing = True
-                self._start(account_id, due=due, slot=slot)
+                self._start(account_id, due=due, trigger=trigger, slot=slot)
                 continue
             wait = self._max_wait
             if self._heap and not self._probing:

@@ -27,14 +27,17 @@ from qbo_daemon.core.models import (
     Account,
     AccountStatus,
     iso,
+    parse_iso,
     shown_status,
     valid_account_id,
 )
 from qbo_daemon.engine.accounts import ImportInterruptedError
 from qbo_daemon.engine.imports import Checked, FieldError, Rejected, check_batch, parse_item
 from qbo_daemon.engine.refresher import OutcomeKind
+from qbo_daemon.engine.scheduler import Trigger
 from qbo_daemon.engine.services import Services
 from qbo_daemon.engine.tokens import TokenUnavailableError
+from qbo_daemon.engine.verify import refresh_once
 from qbo_daemon.http.jsonbody import CollectorPause, dumps_object, loads_object
 from qbo_daemon.http.openapi import openapi_document
 from qbo_daemon.store.repository import Imported
@@ -46,6 +49,8 @@ MAX_BODY = 64 * 1024
 MAX_IMPORT_BODY = 32 * 1024 * 1024
 MAX_IMPORT_ROWS = 100_000
 MAX_ROTATE_BATCH = 10_000
+# How the qbo-daemon command introduces itself, so its refreshes log trigger "cli".
+CLI_USER_AGENT = "qbo-daemon-cli/"
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
 # The status page (qbo_daemon.http.ui) signs people in with its own session cookie.
 UI_PREFIX = "/ui"
@@ -110,10 +115,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(status, exc.code, exc.detail)
     except CryptoError as exc:
         # The message names a key id at most, never a key.
-        log.error("api.crypto_error", error=str(exc), path=request.path)
+        log.error("api.decryption_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "encryption_key", str(exc))
     except StorageError as exc:
-        log.error("api.storage_error", error=str(exc), path=request.path)
+        log.error("api.storage_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(503, "storage_unavailable", "the database cannot be used right now")
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -121,7 +126,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = (exc.reason or "error").lower().replace(" ", "_")
         return error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
     except Exception as exc:  # a boundary: answer, and log the cause
-        log.exception("api.error", error=str(exc), path=request.path)
+        log.exception("api.request_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
@@ -162,7 +167,7 @@ async def _metrics(request: web.Request) -> web.Response:
         counts = await services.storage.status_counts()
         services.metrics.set_accounts({s.value: counts.get(s.value, 0) for s in AccountStatus})
     except StorageError as exc:  # still serve the rest, qbo_up included
-        log.warning("metrics.accounts_stale", error=str(exc))
+        log.warning("metric.update_failed", error=str(exc))
     services.metrics.set_next_due(services.scheduler.next_due_in())
     body, content_type = services.metrics.render()
     response = web.Response(body=body)
@@ -211,8 +216,14 @@ async def _token(request: web.Request) -> web.Response:
 async def _refresh(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     account_id = _account_id(request)
+    since = _time_param(request, "unless_attempted_since")
     await services.storage.get_account(account_id)  # 404 before anything else
-    outcome = await services.scheduler.refresh(account_id)
+    if since is not None:  # import --verify: the first attempt since the import answers
+        outcome = await refresh_once(
+            services.scheduler, services.storage, account_id, since=since, trigger="import"
+        )
+    else:
+        outcome = await services.scheduler.refresh(account_id, trigger=_asker(request))
     if outcome.kind is OutcomeKind.SUCCESS and outcome.account is not None:
         return web.json_response(_account_json(services, outcome.account))
     if outcome.kind is OutcomeKind.INVALID_CLIENT:
@@ -365,7 +376,7 @@ async def _rotate_keys(request: web.Request) -> web.Response:
             "SIGHUP) or restart it, then rotate again",
         )
     done, remaining = await services.accounts.rotate_keys(batch)
-    log.info("keys.rotated_batch", reencrypted=done, remaining=remaining, key_id=primary)
+    log.info("key_rotation.batch_completed", reencrypted=done, remaining=remaining, key_id=primary)
     return web.json_response(
         {"reencrypted": done, "remaining": remaining, "primary_key_id": primary}
     )
@@ -381,6 +392,35 @@ def _account_id(request: web.Request) -> str:
             400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
         )
     return account_id
+
+
+def _about(request: web.Request) -> dict[str, str]:
+    """``account_id`` for a log line, when the route names a valid one."""
+    account_id = request.match_info.get("account_id", "")
+    return {"account_id": account_id} if valid_account_id(account_id) else {}
+
+
+def _asker(request: web.Request) -> Trigger:
+    """``cli`` for the ``qbo-daemon`` command (its User-Agent), else ``api``."""
+    return "cli" if request.headers.get("User-Agent", "").startswith(CLI_USER_AGENT) else "api"
+
+
+def _time_param(request: web.Request, name: str) -> datetime | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        when = parse_iso(text)
+    except ValueError:
+        when = None
+    if when is None:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{name}: expected an ISO 8601 time such as 2024-05-01T09:30:00Z",
+            name,
+        )
+    return when
 
 
 def _account_json(services: Services, account: Account) -> dict[str, Any]:

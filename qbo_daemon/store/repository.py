@@ -430,13 +430,20 @@ class Storage:
         await self._db.write(attempt_statements(attempt), cas=None)
 
     async def forget_tokens(self, account: Account, *, now: datetime) -> Account:
-        """Disconnect: drop every token, keep a tombstone row marked ``disconnected``."""
+        """Disconnect: drop every token, keep a tombstone row marked ``disconnected``.
+
+        The tokens' times go too: an expiry of a token that no longer exists only
+        makes a dead connection look alive in a listing.
+        """
         updated = replace(
             account,
             status=AccountStatus.DISCONNECTED,
             access_token=None,
             refresh_token=None,
+            token_expires_at=None,
             reconnect_token_at=None,
+            refresh_token_expires_at=None,
+            refresh_token_hard_expires_at=None,
             version=account.version + 1,
             updated_at=now,
         )
@@ -444,8 +451,9 @@ class Storage:
             [
                 (
                     "UPDATE accounts SET status = 'disconnected', access_token = NULL, "
-                    "refresh_token = NULL, reconnect_token_at = NULL, version = version + 1, "
-                    "updated_at = ? WHERE account_id = ? AND version = ?",
+                    "refresh_token = NULL, token_expires_at = NULL, reconnect_token_at = NULL, "
+                    "refresh_token_expires_at = NULL, refresh_token_hard_expires_at = NULL, "
+                    "version = version + 1, updated_at = ? WHERE account_id = ? AND version = ?",
                     (iso(now), account.account_id, account.version),
                 )
             ],
