@@ -266,6 +266,7 @@ class Daemon:
                     (config.callback.host, config.callback.port),
                 ),
                 ("[storage] path", old.storage.path, config.storage.path),
+                ("[storage] url", old.storage.url, config.storage.url),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
                 ("[refresh] lead", old.refresh.lead, config.refresh.lead),
                 (
@@ -308,7 +309,10 @@ class Daemon:
                 api=replace(config.api, host=old.api.host, port=old.api.port),
                 callback=old.callback,
                 storage=replace(
-                    config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
+                    config.storage,
+                    path=old.storage.path,
+                    url=old.storage.url,
+                    attempts_keep=old.storage.attempts_keep,
                 ),
                 refresh=replace(
                     config.refresh, lead=old.refresh.lead, shutdown_grace=old.refresh.shutdown_grace
