@@ -11,6 +11,7 @@ shown by :func:`redact_url`. No I/O here.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 # How a redacted password shows (the configuration's mask).
@@ -72,3 +73,26 @@ def redact_url(text: str) -> str:
             params.append(f"{name}={_MASK}" if equals and "password" in name.lower() else param)
         path = f"{path}?{'&'.join(params)}"
     return f"{scheme}://{netloc}{path}"
+
+
+def scrub_url_secrets(text: str, url: str) -> str:
+    """``text`` (say a driver's error message) with ``url``'s password masked wherever it shows."""
+    text = text.replace(url, redact_url(url))
+    for secret in _passwords(url):
+        text = text.replace(secret, _MASK)
+    return text
+
+
+def _passwords(url: str) -> list[str]:
+    """The password parts of ``url``, raw and percent-decoded, longest first."""
+    _, _, rest = url.partition("://")
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = netloc.rpartition("@")
+    found = [userinfo.partition(":")[2]] if at and ":" in userinfo else []
+    query = rest.partition("?")[2].partition("#")[0]
+    for param in query.split("&"):
+        name, equals, value = param.partition("=")
+        if equals and "password" in name.lower():
+            found.append(value)
+    secrets = {form for value in found for form in (value, unquote(value)) if form}
+    return sorted(secrets, key=len, reverse=True)
