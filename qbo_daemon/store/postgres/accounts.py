@@ -150,11 +150,14 @@ class AccountTable:
         return {r["status"]: r["n"] for r in records}
 
     async def attempts(self, account_id: str | None = None, limit: int = 100) -> list[Attempt]:
-        """The newest attempts first, of one account or of all."""
+        """The newest attempts first, of one account or of all.
+
+        Newest by ``started_at``: daemons writing at once insert in no set order.
+        """
         where = "WHERE account_id = $2" if account_id else "WHERE $2::text IS NULL"
         records = await self._db.fetch(
             f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM refresh_attempts {where} "
-            "ORDER BY id DESC LIMIT $1",
+            "ORDER BY started_at DESC, id DESC LIMIT $1",
             limit,
             account_id,
         )
