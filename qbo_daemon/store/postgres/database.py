@@ -34,6 +34,7 @@ _T = TypeVar("_T")
 DRIVER_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a connection the server cut, caught mid-state
     OSError,
     TimeoutError,
 )
