@@ -93,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_keys_generate)
 
     from qbo_daemon.cli.manage import register
+    from qbo_daemon.cli.migrate import register as register_migrate
 
     register(sub, keys_sub)
+    register_migrate(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ from qbo_daemon.store.postgres.schema import migrate
 # A pool connection, as the operations get it (a string: the class is generic only to mypy).
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
+DAEMON_APPLICATION = "qbo-daemon"
 # What the driver and the network raise; each becomes a StorageError.
 DRIVER_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
@@ -56,10 +57,12 @@ class PgSettings:
     # them (PgBouncer in transaction mode before 1.21).
     statement_cache_size: int = 100
     close_timeout: float = 30.0
+    # How the sessions show in pg_stat_activity (migrate-storage looks for daemons by it).
+    application_name: str = DAEMON_APPLICATION
 
 
-def _server_settings() -> dict[str, str]:
-    return {"application_name": "qbo-daemon"}
+def _server_settings(settings: PgSettings) -> dict[str, str]:
+    return {"application_name": settings.application_name}
 
 
 class PgDatabase:
@@ -91,7 +94,7 @@ class PgDatabase:
                 timeout=settings.connect_timeout,
                 command_timeout=settings.command_timeout,
                 statement_cache_size=settings.statement_cache_size,
-                server_settings=_server_settings(),
+                server_settings=_server_settings(settings),
             )
         except _CONNECT_ERRORS as exc:
             raise StorageError(
@@ -104,7 +107,7 @@ class PgDatabase:
                 url,
                 timeout=settings.connect_timeout,
                 statement_cache_size=0,
-                server_settings=_server_settings(),
+                server_settings=_server_settings(settings),
             )
         except BaseException as exc:
             pool.terminate()
