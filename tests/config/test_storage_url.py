@@ -10,7 +10,12 @@ import pytest
 from qbo_daemon.cli.main import main
 from qbo_daemon.config.load import MASK, ClusterConfig, Config, default_config, load_config
 from qbo_daemon.config.render import render_config
-from qbo_daemon.core.dburl import is_postgres_url, postgres_url_problem, redact_url
+from qbo_daemon.core.dburl import (
+    is_postgres_url,
+    postgres_url_problem,
+    redact_url,
+    scrub_url_secrets,
+)
 from qbo_daemon.core.errors import ConfigError
 from qbo_daemon.core.models import Secret
 
@@ -220,3 +225,12 @@ def test_which_urls_select_postgres() -> None:
     assert not is_postgres_url("/var/lib/qbo.sqlite3")
     assert not is_postgres_url("sqlite:///x")
     assert postgres_url_problem("postgresql://h/q") is None
+
+
+def test_scrub_url_secrets_masks_a_password_a_driver_repeats() -> None:
+    url = "postgresql://qbo:p%40ss-Zq9@db/qbo?sslpassword=key-pass-7"
+    message = f"could not connect to {url}: password p@ss-Zq9 rejected; key-pass-7"
+    scrubbed = scrub_url_secrets(message, url)
+    for secret in ("p%40ss-Zq9", "p@ss-Zq9", "key-pass-7"):
+        assert secret not in scrubbed
+    assert f"could not connect to postgresql://qbo:{MASK}@db/qbo" in scrubbed
