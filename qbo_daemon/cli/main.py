@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_keys_generate)
 
     from qbo_daemon.cli.manage import register
+    from qbo_daemon.cli.migrate import register as register_migrate
 
     register(sub, keys_sub)
+    register_migrate(sub)
     return parser
 
 
@@ -119,6 +121,16 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = read_config(args)
+    if config.storage.url:
+        # Better than silently serving the SQLite file at path instead.
+        error = ConfigError(
+            "[storage] url: selects PostgreSQL, but this qbo-daemon cannot serve on PostgreSQL "
+            "yet (only migrate-storage uses it); unset it (and $QBO_STORAGE_URL, "
+            "$CREDENTIALS_DIRECTORY/storage_url) to run on the SQLite file at [storage] path",
+            path=None if config.source is None else str(config.source),
+        )
+        error.key = "storage.url"
+        raise error
     require_credentials(config)
     configure_logging(config.log.format, config.log.level)
     path: Path | None = args.config
