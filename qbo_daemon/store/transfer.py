@@ -2,9 +2,11 @@
 
 The rows travel as they are stored: the secrets stay the same ciphertext
 (both storages encrypt with the same associated data), ids and versions are
-kept, so nothing is decrypted and re-encrypted on the way. Accounts, OAuth
-states and refresh attempts are copied; the ``nodes`` heartbeats are not
-(they describe running daemons, and none may run).
+kept, so nothing is decrypted and re-encrypted on the way (the realm digests
+and the states' verifiers neither: they are keyed and bound the same way on
+both). Accounts, OAuth states (as their hashes) and refresh attempts are
+copied; the ``nodes`` heartbeats are not (they describe running daemons, and
+none may run).
 
 Every daemon must be stopped: an SQLite side is held under the lock a daemon
 takes, and a PostgreSQL side is refused while a qbo-daemon session is
@@ -52,6 +54,8 @@ class Table:
     name: str
     key: str  # copied and compared in this column's order
     columns: tuple[str, ...]
+    # Booleans: INTEGER 0/1 on SQLite, boolean on PostgreSQL; Python bools in between.
+    booleans: tuple[str, ...] = ()
 
     @property
     def key_start(self) -> int | str:
@@ -80,12 +84,29 @@ TABLES = (
             "version",
             "created_at",
             "updated_at",
+            "last_failure_at",
+            "realm_verified",
+            "realm_digest",
         ),
+        booleans=("realm_verified",),
     ),
+    # PostgreSQL's ``seq`` (SQLite's rowid) is not copied: each side numbers the rows in
+    # the order they arrive, by state_hash.
     Table(
         "oauth_states",
-        "state",
-        ("state", "account_id", "created_at", "expires_at", "used_at", "outcome"),
+        "state_hash",
+        (
+            "state_hash",
+            "account_id",
+            "created_at",
+            "expires_at",
+            "used_at",
+            "outcome",
+            "answer_hash",
+            "code_verifier",
+            "allow_realm_change",
+        ),
+        booleans=("allow_realm_change",),
     ),
     Table(
         "refresh_attempts",
@@ -345,14 +366,22 @@ def _listing(counts: dict[str, int]) -> str:
 
 def _from_sqlite(table: Table, row: Row) -> Row:
     return tuple(
-        parse_iso(value) if column.endswith("_at") else value
+        parse_iso(value)
+        if column.endswith("_at")
+        else bool(value)
+        if column in table.booleans and value is not None
+        else value
         for column, value in zip(table.columns, row, strict=True)
     )
 
 
 def _to_sqlite(table: Table, row: Row) -> Row:
     return tuple(
-        iso(value) if isinstance(value, datetime) else value
+        iso(value)
+        if isinstance(value, datetime)
+        else int(value)
+        if isinstance(value, bool)
+        else value
         for column, value in zip(table.columns, row, strict=True)
     )
 

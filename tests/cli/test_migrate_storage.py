@@ -17,19 +17,29 @@ from typing import Any
 import asyncpg
 import pytest
 
+from qbo_daemon.core.errors import OAuthStateError, RealmConflictError
 from qbo_daemon.core.models import AccountStatus, TokenSet
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.lock import DatabaseLock
 from qbo_daemon.store.postgres.storage import PostgresStorage
-from qbo_daemon.store.repository import Attempt, ImportItem, Storage
+from qbo_daemon.store.repository import Attempt, ClaimedState, ImportItem, RealmPolicy, Storage
+from qbo_daemon.store.schema import sha256_hex
+from qbo_daemon.store.states import answer_hash
 
 QBO = [sys.executable, "-m", "qbo_daemon"]
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("QBO_", "CREDENTIALS_"))}
 NOW = datetime(2025, 3, 1, 12, tzinfo=UTC)
 LEAD = timedelta(minutes=10)
-SECRETS = ("REFRESH-0-", "ACCESS-0-", "REALM-77")  # prefixes of every token stored below
+SECRETS = (
+    "REFRESH-0-",
+    "ACCESS-0-",
+    "REALM-77",
+    "state-open",
+    "PKCE-verifier-",
+)  # prefixes of every token stored below
 PASSWORD = "pg-Pass-Word-9"
+VERIFIER = "PKCE-verifier-" + "v" * 50
 
 
 def tokens(n: int, at: datetime = NOW) -> TokenSet:
@@ -84,9 +94,22 @@ async def fill(storage: Storage | PostgresStorage) -> None:
             )
         if n == 3:
             await storage.forget_tokens(account, now=NOW)
-    await storage.create_state("state-open", "acct-9", now=NOW, ttl=timedelta(minutes=10))
-    await storage.create_state("state-used", "acct-0", now=NOW, ttl=timedelta(minutes=10))
-    await storage.consume_state("state-used", now=NOW)
+    # A callback whose realm check did not finish: stored unverified, through the realm rules.
+    await storage.save_checked_connection(
+        "acct-unverified",
+        "REALM-7799",
+        tokens(6),
+        lead=LEAD,
+        now=NOW,
+        policy=RealmPolicy(),
+        realm_verified=False,
+    )
+    ttl = timedelta(minutes=10)
+    await storage.create_state(
+        "state-open", "acct-9", now=NOW, ttl=ttl, code_verifier=VERIFIER, allow_realm_change=True
+    )
+    await storage.create_state("state-used", "acct-0", now=NOW, ttl=ttl)
+    await storage.consume_state("state-used", answer_hash("code-1", None), now=NOW)
     await storage.finish_state("state-used", "connected")
 
 
@@ -129,7 +152,7 @@ async def test_sqlite_to_postgres_and_back_keeps_every_row(
 
     there = await migrate(config, "--from", str(original), "--to", with_password(pg_url))
     assert there.returncode == 0, there.stderr
-    assert "copied 126 accounts, 2 OAuth states and 2 refresh attempts" in there.stdout
+    assert "copied 127 accounts, 2 OAuth states and 2 refresh attempts" in there.stdout
     assert "verified: the same rows on both sides; every secret decrypts" in there.stdout
     output = there.stdout + there.stderr
     assert PASSWORD not in output
@@ -143,12 +166,30 @@ async def test_sqlite_to_postgres_and_back_keeps_every_row(
         assert await postgres.list_accounts() == before
         assert [await postgres.get_account(a.account_id) for a in before] == tokens_before
         assert await postgres.status_counts() == {
-            "active": 124,
+            "active": 125,
             "needs_reconnect": 1,
             "disconnected": 1,
         }
         assert [a.intuit_tid for a in await postgres.attempts("acct-1")] == ["tid-1"]
-        assert await postgres.consume_state("state-open", now=NOW) == "acct-9"
+        assert (await postgres.get_account("acct-unverified")).realm_verified is False
+        # The copied states keep their rules: the used one remembers its answer, the open one
+        # its verifier (bound to its row, so it decrypts only there) and its permission.
+        with pytest.raises(OAuthStateError) as replayed:
+            await postgres.consume_state("state-used", answer_hash("code-1", None), now=NOW)
+        assert replayed.value.reason == "replayed"
+        claim = await postgres.consume_state("state-open", answer_hash("code-2", None), now=NOW)
+        assert claim == ClaimedState("acct-9", allow_realm_change=True, code_verifier=VERIFIER)
+        # The realm rules find the copied digests.
+        with pytest.raises(RealmConflictError):
+            await postgres.save_checked_connection(
+                "intruder",
+                "REALM-7799",
+                tokens(7),
+                lead=LEAD,
+                now=NOW,
+                policy=RealmPolicy(),
+                realm_verified=True,
+            )
         # New rows go on after the copied ids.
         added = await postgres.save_connection("new", "REALM-77", tokens(5), lead=LEAD, now=NOW)
         assert added.id > max(a.id for a in before)
@@ -162,7 +203,14 @@ async def test_sqlite_to_postgres_and_back_keeps_every_row(
     expected = sqlite_tables(original)
     assert copied["accounts"][:-1] == expected["accounts"]  # byte for byte, ciphertext too
     assert copied["refresh_attempts"] == expected["refresh_attempts"]
-    assert [s[0] for s in copied["oauth_states"]] == ["state-open", "state-used"]
+    # The states as they were, but "state-open", used on PostgreSQL meanwhile.
+    opened = sha256_hex("state-open")
+    assert [s for s in copied["oauth_states"] if s[0] != opened] == [
+        s for s in expected["oauth_states"] if s[0] != opened
+    ]
+    assert sorted(s[0] for s in copied["oauth_states"]) == sorted(
+        sha256_hex(s) for s in ("state-open", "state-used")
+    )
     assert copied["accounts"][-1][1] == "new"
 
 
@@ -266,7 +314,7 @@ async def test_the_configured_storage_is_the_default_side(
     result = await migrate(config, "--from", str(source))
     assert result.returncode == 0, result.stderr
     assert PASSWORD not in result.stdout + result.stderr
-    assert "copied 126 accounts" in result.stdout
+    assert "copied 127 accounts" in result.stdout
 
     neither = await migrate(config)
     assert neither.returncode == 2

@@ -14,12 +14,19 @@ from typing import cast
 import asyncpg
 import pytest
 
-from qbo_daemon.core.errors import OAuthStateError, StaleWriteError, StorageError
+from qbo_daemon.core.errors import (
+    OAuthStateError,
+    RealmConflictError,
+    StaleWriteError,
+    StorageError,
+)
 from qbo_daemon.core.models import Account, AccountStatus
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.postgres.schema import MIGRATION_LOCK, SCHEMA_VERSION
+from qbo_daemon.store.postgres.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION
 from qbo_daemon.store.postgres.storage import PostgresStorage
-from qbo_daemon.store.repository import ImportItem, Storage
+from qbo_daemon.store.repository import ClaimedState, ImportItem, RealmPolicy, Storage
+from qbo_daemon.store.schema import sha256_hex
+from qbo_daemon.store.states import answer_hash
 from tests.store.test_repository import ACCESS, LEAD, NOW, REALM, REFRESH, tokens
 
 PASSWORD = "pg-Secret-42"
@@ -72,12 +79,93 @@ async def test_a_new_database_gets_the_schema_with_the_claim_columns(
         "started_at",
         "heartbeat_at",
     }
-    assert {c for t, c in columns if t == "oauth_states"} >= {"state", "used_at", "outcome"}
+    # SQLite's migrations 3 and 4: the status page's failure time, the realm's confirmation and
+    # digest, and OAuth states kept only as hashes.
+    assert columns["accounts", "last_failure_at"][0] == "timestamp with time zone"
+    assert columns["accounts", "realm_verified"] == ("boolean", "true")
+    assert columns["accounts", "realm_digest"][0] == "text"
+    assert {c for t, c in columns if t == "oauth_states"} == {
+        "state_hash",
+        "account_id",
+        "created_at",
+        "expires_at",
+        "used_at",
+        "outcome",
+        "answer_hash",
+        "code_verifier",
+        "allow_realm_change",
+        "seq",
+    }
     assert {c for t, c in columns if t == "refresh_attempts"} >= {"intuit_tid", "duration_ms"}
 
     (due,) = await fetch(pg_url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'accounts_due'")
     assert "(reconnect_token_at)" in due["indexdef"]
     assert "WHERE (status = ANY (ARRAY['active'::text, 'expired'::text]))" in due["indexdef"]
+
+
+async def test_a_version_1_database_keeps_its_states_only_as_hashes_and_its_realms_findable(
+    pg_url: str, cipher: Cipher
+) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for statement in MIGRATIONS[0]:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        realm = cipher.encrypt(REALM, table="accounts", column="realm_id", row_key="legacy-1")
+        await conn.execute(
+            "INSERT INTO accounts (account_id, status, realm_id, key_id, failure_count, "
+            "created_at, updated_at) VALUES ('legacy-1', 'expired', $1, $2, 2, $3, $3)",
+            realm,
+            cipher.primary_key_id,
+            NOW,
+        )
+        await conn.execute(
+            "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms) "
+            "VALUES ('legacy-1', $1, 'transient', 1), ('legacy-1', $2, 'success', 1)",
+            NOW - timedelta(minutes=5),
+            NOW,
+        )
+        await conn.execute(
+            "INSERT INTO oauth_states (state, account_id, created_at, expires_at) "
+            "VALUES ('old-state', 'legacy-2', $1, $2)",
+            NOW,
+            NOW + timedelta(minutes=10),
+        )
+    finally:
+        await conn.close()
+
+    storage = await PostgresStorage.open(pg_url, cipher)
+    try:
+        (row,) = await fetch(
+            pg_url, "SELECT realm_verified, realm_digest, last_failure_at FROM accounts"
+        )
+        assert row["realm_verified"] is True
+        assert row["realm_digest"].startswith(f"{cipher.primary_key_id}.")
+        assert row["last_failure_at"] == NOW - timedelta(minutes=5)  # the last failed attempt
+        (state,) = await fetch(pg_url, "SELECT * FROM oauth_states")
+        assert state["state_hash"] == sha256_hex("old-state")
+        assert "old-state" not in str(dict(state))
+
+        claim = await storage.consume_state("old-state", answer_hash("c", None), now=NOW)
+        assert claim.account_id == "legacy-2"
+        # The old account holds its company against a new account id.
+        with pytest.raises(RealmConflictError) as shared:
+            await storage.save_checked_connection(
+                "newcomer",
+                REALM,
+                tokens(),
+                lead=LEAD,
+                now=NOW,
+                policy=RealmPolicy(),
+                realm_verified=True,
+            )
+        assert (shared.value.reason, shared.value.holder) == ("shared", "legacy-1")
+    finally:
+        await storage.close()
 
 
 async def test_daemons_starting_together_migrate_once(pg_url: str, cipher: Cipher) -> None:
@@ -152,10 +240,14 @@ async def test_a_state_is_used_once_across_daemons(pg_url: str, cipher: Cipher) 
     try:
         await first.create_state("state-1", "acct-1", now=NOW, ttl=timedelta(minutes=10))
         results = await asyncio.gather(
-            *(s.consume_state("state-1", now=NOW) for s in (first, second, first, second)),
+            *(
+                s.consume_state("state-1", answer_hash(f"code-{n}", None), now=NOW)
+                for n, s in enumerate((first, second, first, second))
+            ),
             return_exceptions=True,
         )
-        assert results.count("acct-1") == 1
+        claims = [r for r in results if isinstance(r, ClaimedState)]
+        assert [c.account_id for c in claims] == ["acct-1"]
         reasons = [r.reason for r in results if isinstance(r, OAuthStateError)]
         assert reasons == ["used"] * 3
     finally:
@@ -264,13 +356,21 @@ async def test_no_secret_in_the_rows(pg_url: str, cipher: Cipher) -> None:
         await storage.save_refresh(
             account, tokens(ACCESS + "-2", REFRESH + "-2"), lead=LEAD, now=NOW
         )
+        await storage.create_state(
+            "state-marker-value",
+            "acct-1",
+            now=NOW,
+            ttl=timedelta(minutes=10),
+            code_verifier="V" * 64,
+        )
     finally:
         await storage.close()
     dump = ""
     for table in ("accounts", "refresh_attempts", "oauth_states"):
         dump += "".join(str(dict(r)) for r in await fetch(pg_url, f"SELECT * FROM {table}"))  # noqa: S608
     assert "acct-plaintext-marker" in dump  # the search does find what is there
-    for secret in (REALM, ACCESS, REFRESH, "4620816365172548590", "AB11760125392vXkQm3pLr8"):
+    secrets = (REALM, ACCESS, REFRESH, "4620816365172548590", "AB11760125392vXkQm3pLr8")
+    for secret in (*secrets, "state-marker-value", "V" * 64):
         assert secret not in dump, secret
 
 

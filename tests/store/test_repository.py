@@ -27,7 +27,6 @@ import pytest
 
 from qbo_daemon.core.errors import (
     DatabaseLockedError,
-    OAuthStateError,
     StaleWriteError,
     StorageError,
 )
@@ -35,7 +34,6 @@ from qbo_daemon.core.models import Account, AccountStatus, TokenSet
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.repository import (
     Attempt,
-    ClaimedState,
     DatabaseLock,
     StateRecord,
     Storage,
@@ -357,54 +355,6 @@ async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
             assert loaded.refresh_token == f"REFRESH-{account.account_id}"
             assert loaded.reconnect_token_at == later + HOUR - LEAD
     assert query(db_path, "SELECT COUNT(*) FROM refresh_attempts") == [(39,)]
-
-
-# -- OAuth states -------------------------------------------------------------
-
-
-async def test_oauth_state_is_single_use(storage: Storage, db_path: Path) -> None:
-    ttl = timedelta(minutes=10)
-    first, other = answer_hash("code-1", None), answer_hash("code-2", None)
-    await storage.create_state("state-1", "acct-1", now=NOW, ttl=ttl)
-    assert await storage.get_state("state-1") == StateRecord("acct-1", None)
-    claim = await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=1))
-    assert claim == ClaimedState("acct-1", allow_realm_change=False, code_verifier=None)
-    with pytest.raises(OAuthStateError, match="already been used") as used:
-        await storage.consume_state("state-1", other, now=NOW + timedelta(minutes=2))
-    assert used.value.reason == "used"
-    with pytest.raises(OAuthStateError, match="already been used") as replayed:
-        await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=2))
-    assert replayed.value.reason == "replayed"
-    await storage.finish_state("state-1", "connected")
-    assert await storage.get_state("state-1") == StateRecord("acct-1", "connected")
-
-    with pytest.raises(OAuthStateError) as unknown:
-        await storage.consume_state("never-issued", first, now=NOW)
-    assert unknown.value.reason == "unknown"
-    assert await storage.get_state("never-issued") is None
-
-    await storage.create_state("state-2", "acct-2", now=NOW, ttl=ttl)
-    with pytest.raises(OAuthStateError, match="expired") as expired:
-        await storage.consume_state("state-2", first, now=NOW + ttl)
-    assert expired.value.reason == "expired"
-    # A refused state is not marked used: it stays expired, not "used".
-    assert query(
-        db_path, "SELECT used_at FROM oauth_states WHERE state_hash = ?", (sha256_hex("state-2"),)
-    ) == [(None,)]
-    with pytest.raises(OAuthStateError) as again:
-        await storage.consume_state("state-2", first, now=NOW + ttl)
-    assert again.value.reason == "expired"
-
-    with pytest.raises(StorageError):  # a state value is never issued twice
-        await storage.create_state("state-1", "acct-3", now=NOW, ttl=ttl)
-    assert await storage.get_state("state-1") == StateRecord("acct-1", "connected")
-
-
-async def test_old_oauth_states_are_purged(storage: Storage, db_path: Path) -> None:
-    ttl = timedelta(minutes=10)
-    await storage.create_state("old", "acct-1", now=NOW, ttl=ttl)
-    await storage.create_state("new", "acct-2", now=NOW + timedelta(days=2), ttl=ttl)
-    assert query(db_path, "SELECT state_hash FROM oauth_states") == [(sha256_hex("new"),)]
 
 
 # -- the database lock --------------------------------------------------------

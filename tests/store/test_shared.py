@@ -25,14 +25,26 @@ from qbo_daemon.core.errors import (
     DecryptionError,
     MissingKeyError,
     OAuthStateError,
+    RealmConflictError,
     StaleWriteError,
     StorageError,
 )
 from qbo_daemon.core.models import Account, AccountStatus, TokenSet
-from qbo_daemon.store.crypto import Cipher, EncryptionKey
-from qbo_daemon.store.repository import Attempt, ImportItem, StateRecord
+from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
+from qbo_daemon.store.repository import (
+    Attempt,
+    ClaimedState,
+    ImportItem,
+    RealmPolicy,
+    StateRecord,
+)
+from qbo_daemon.store.schema import sha256_hex
+from qbo_daemon.store.states import MAX_PENDING, answer_hash
 from tests.store.backends import AnyStorage, Backend
 from tests.store.test_repository import ACCESS, HOUR, LEAD, NOW, REALM, REFRESH, tokens
+
+TTL = timedelta(minutes=10)
+OTHER_REALM = "REALM-9130357766806786"
 
 # -- writes, shaped as the engine's tests make them ----------------------------
 
@@ -383,8 +395,8 @@ async def test_record_failure_counts_and_sets_status(storage: AnyStorage, backen
     )
     assert second.failure_count == 2
     assert await backend.row(
-        "acct-1", "status, failure_count, last_error, version, updated_at"
-    ) == ("expired", 2, "HTTP 503", 3, "2025-03-01T13:00:00.000000Z")
+        "acct-1", "status, failure_count, last_error, version, updated_at, last_failure_at"
+    ) == ("expired", 2, "HTTP 503", 3, "2025-03-01T13:00:00.000000Z", "2025-03-01T13:00:00.000000Z")
     assert await storage.get_account("acct-1") == second
     assert await attempts_of(backend, "acct-1") == [("transient", "connection reset", None)]
     # Expired accounts are still scheduled; needs_reconnect ones are not.
@@ -405,6 +417,8 @@ async def test_record_failure_counts_and_sets_status(storage: AnyStorage, backen
         0,
         None,
     )
+    # When it last failed stays: the status page sorts by it.
+    assert await backend.row("acct-1", "last_failure_at") == ("2025-03-01T13:00:00.000000Z",)
 
 
 async def test_forget_tokens_leaves_a_tombstone(storage: AnyStorage, backend: Backend) -> None:
@@ -527,30 +541,35 @@ async def test_bulk_insert_stores_new_accounts_and_refuses_an_existing_one(
 
 async def test_oauth_state_is_single_use(storage: AnyStorage, backend: Backend) -> None:
     ttl = timedelta(minutes=10)
+    first, other = answer_hash("code-1", None), answer_hash("code-2", None)
     await storage.create_state("state-1", "acct-1", now=NOW, ttl=ttl)
     assert await storage.get_state("state-1") == StateRecord("acct-1", None)
-    assert await storage.consume_state("state-1", now=NOW + timedelta(minutes=1)) == "acct-1"
+    claim = await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=1))
+    assert claim == ClaimedState("acct-1", allow_realm_change=False, code_verifier=None)
     with pytest.raises(OAuthStateError, match="already been used") as used:
-        await storage.consume_state("state-1", now=NOW + timedelta(minutes=2))
+        await storage.consume_state("state-1", other, now=NOW + timedelta(minutes=2))
     assert used.value.reason == "used"
+    with pytest.raises(OAuthStateError, match="already been used") as replayed:
+        await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=2))
+    assert replayed.value.reason == "replayed"
     await storage.finish_state("state-1", "connected")
     assert await storage.get_state("state-1") == StateRecord("acct-1", "connected")
 
     with pytest.raises(OAuthStateError) as unknown:
-        await storage.consume_state("never-issued", now=NOW)
+        await storage.consume_state("never-issued", first, now=NOW)
     assert unknown.value.reason == "unknown"
     assert await storage.get_state("never-issued") is None
 
     await storage.create_state("state-2", "acct-2", now=NOW, ttl=ttl)
     with pytest.raises(OAuthStateError, match="expired") as expired:
-        await storage.consume_state("state-2", now=NOW + ttl)
+        await storage.consume_state("state-2", first, now=NOW + ttl)
     assert expired.value.reason == "expired"
     # A refused state is not marked used: it stays expired, not "used".
-    assert await backend.query("SELECT used_at FROM oauth_states WHERE state = 'state-2'") == [
-        (None,)
-    ]
+    assert await backend.query(
+        f"SELECT used_at FROM oauth_states WHERE state_hash = '{sha256_hex('state-2')}'"  # noqa: S608
+    ) == [(None,)]
     with pytest.raises(OAuthStateError) as again:
-        await storage.consume_state("state-2", now=NOW + ttl)
+        await storage.consume_state("state-2", first, now=NOW + ttl)
     assert again.value.reason == "expired"
 
     with pytest.raises(StorageError):  # a state value is never issued twice
@@ -562,7 +581,162 @@ async def test_old_oauth_states_are_purged(storage: AnyStorage, backend: Backend
     ttl = timedelta(minutes=10)
     await storage.create_state("old", "acct-1", now=NOW, ttl=ttl)
     await storage.create_state("new", "acct-2", now=NOW + timedelta(days=2), ttl=ttl)
-    assert await backend.query("SELECT state FROM oauth_states") == [("new",)]
+    assert await backend.query("SELECT state_hash FROM oauth_states") == [(sha256_hex("new"),)]
+
+
+async def test_a_state_carries_its_realm_change_permission(storage: AnyStorage) -> None:
+    await storage.create_state("change", "acme", now=NOW, ttl=TTL, allow_realm_change=True)
+    claim = await storage.consume_state("change", answer_hash(None, "access_denied"), now=NOW)
+    assert claim == ClaimedState("acme", allow_realm_change=True, code_verifier=None)
+
+
+async def test_a_verifier_is_encrypted_and_bound_to_its_state(
+    storage: AnyStorage, backend: Backend
+) -> None:
+    verifier = "v" * 64
+    await storage.create_state("state-one", "acme", now=NOW, ttl=TTL, code_verifier=verifier)
+    await storage.create_state("state-two", "acme", now=NOW, ttl=TTL, code_verifier="w" * 64)
+    stored = await backend.query("SELECT state_hash, code_verifier FROM oauth_states")
+    assert verifier not in str(stored)
+    assert "state-one" not in str(stored)
+
+    # Moved to another state's row, it does not decrypt, and that state stays unused.
+    one, two = sha256_hex("state-one"), sha256_hex("state-two")
+    moved = f"(SELECT code_verifier FROM oauth_states WHERE state_hash = '{one}')"  # noqa: S608
+    await backend.execute(
+        f"UPDATE oauth_states SET code_verifier = {moved} WHERE state_hash = '{two}'"  # noqa: S608
+    )
+    with pytest.raises(DecryptionError):
+        await storage.consume_state("state-two", answer_hash("c", None), now=NOW)
+    assert await backend.query(
+        f"SELECT used_at FROM oauth_states WHERE state_hash = '{two}'"  # noqa: S608
+    ) == [(None,)]
+
+    claim = await storage.consume_state("state-one", answer_hash("c", None), now=NOW)
+    assert claim.code_verifier == verifier
+    assert verifier not in repr(claim)
+
+
+async def test_pending_states_are_capped_per_account(storage: AnyStorage, backend: Backend) -> None:
+    await storage.create_state("expired-one", "acme", now=NOW - TTL * 2, ttl=TTL)
+    await storage.create_state("used-one", "acme", now=NOW, ttl=TTL)
+    await storage.consume_state("used-one", answer_hash("c", None), now=NOW)
+    await storage.create_state("beta-one", "beta", now=NOW, ttl=TTL)
+
+    dropped = [
+        await storage.create_state(f"acme-{n:02d}", "acme", now=NOW, ttl=TTL)
+        for n in range(MAX_PENDING + 3)
+    ]
+
+    assert dropped == [0] * MAX_PENDING + [1, 1, 1]
+    pending = await backend.query(
+        "SELECT state_hash FROM oauth_states WHERE account_id = 'acme' AND used_at IS NULL "
+        "AND expires_at > '2025-03-01T12:00:00.000000Z'"
+    )
+    assert {r[0] for r in pending} == {
+        sha256_hex(f"acme-{n:02d}") for n in range(3, MAX_PENDING + 3)
+    }
+    # Neither the used nor the expired state, nor another account's, was counted or dropped.
+    kept = {r[0] for r in await backend.query("SELECT state_hash FROM oauth_states")}
+    assert {sha256_hex(s) for s in ("expired-one", "used-one", "beta-one")} <= kept
+
+
+# -- the company an account is connected to -------------------------------------
+
+
+async def save_checked(
+    storage: AnyStorage, account_id: str, realm_id: str, **policy: bool
+) -> tuple[Account, str | None]:
+    return await storage.save_checked_connection(
+        account_id,
+        realm_id,
+        tokens(),
+        lead=LEAD,
+        now=NOW,
+        policy=RealmPolicy(**policy),
+        realm_verified=True,
+    )
+
+
+async def test_the_realm_rules_decide_inside_the_write(
+    storage: AnyStorage, backend: Backend
+) -> None:
+    await save_checked(storage, "acme", REALM)
+    before = await backend.query("SELECT * FROM accounts")
+
+    with pytest.raises(RealmConflictError) as shared:
+        await save_checked(storage, "beta", REALM)
+    assert (shared.value.reason, shared.value.holder) == ("shared", "acme")
+    with pytest.raises(RealmConflictError) as changed:
+        await save_checked(storage, "acme", OTHER_REALM)
+    assert changed.value.reason == "changed"
+    assert await backend.query("SELECT * FROM accounts") == before
+
+    _, previous = await save_checked(storage, "acme", REALM)  # the same company: no question
+    assert previous is None
+    _, previous = await save_checked(storage, "acme", OTHER_REALM, allow_change=True)
+    assert previous == REALM
+    _, previous = await save_checked(storage, "beta", REALM)  # acme let go of it
+    assert previous is None
+    _, previous = await save_checked(storage, "gamma", REALM, allow_shared=True)
+    assert previous is None
+    assert await backend.count("accounts") == 3
+
+    # A disconnected account does not hold its company.
+    await forget_tokens(storage, await storage.get_account("acme"), now=NOW)
+    _, previous = await save_checked(storage, "delta", OTHER_REALM)
+    assert previous is None
+
+
+async def test_a_connection_may_be_stored_unverified_then_verified(
+    storage: AnyStorage, backend: Backend
+) -> None:
+    account, _ = await storage.save_checked_connection(
+        "acme", REALM, tokens(), lead=LEAD, now=NOW, policy=RealmPolicy(), realm_verified=False
+    )
+    assert account.realm_verified is False
+    assert await backend.row("acme", "realm_verified, version") == (0, 1)
+    assert (await storage.get_account("acme")).realm_verified is False
+    verified = await storage.mark_realm_verified(account, now=NOW + HOUR)
+    assert await backend.row("acme", "realm_verified, version, updated_at") == (
+        1,
+        2,
+        "2025-03-01T13:00:00.000000Z",
+    )
+    assert await storage.get_account("acme") == verified
+    with pytest.raises(StaleWriteError):
+        await storage.mark_realm_verified(account, now=NOW + HOUR)
+
+
+async def test_a_realm_is_found_whatever_key_wrote_it(
+    storage: AnyStorage, backend: Backend, key_a: EncryptionKey
+) -> None:
+    await save_checked(storage, "acme", REALM)
+    new_key = EncryptionKey.from_text(generate_key())
+
+    # Mid-rotation: the new key encrypts, the old digest is still found.
+    storage.cipher = Cipher([new_key, key_a])
+    with pytest.raises(RealmConflictError):
+        await save_checked(storage, "beta", REALM)
+
+    # Re-encrypted, the digest moves to the new key with the realm...
+    assert await storage.reencrypt() == (1, 0)
+    [(digest,)] = await backend.query("SELECT realm_digest FROM accounts")
+    assert digest.startswith(f"{new_key.key_id}.")
+    # ...so the old key can go.
+    storage.cipher = Cipher([new_key])
+    with pytest.raises(RealmConflictError):
+        await save_checked(storage, "beta", REALM)
+
+    # A refresh rewrites the realm under the primary key, and its digest with it.
+    storage.cipher = Cipher([key_a, new_key])
+    account = await storage.get_account("acme")
+    await save_refresh(storage, account, tokens("A2", "R2"))
+    [(digest,)] = await backend.query("SELECT realm_digest FROM accounts")
+    assert digest.startswith(f"{key_a.key_id}.")
+    storage.cipher = Cipher([key_a])
+    with pytest.raises(RealmConflictError):
+        await save_checked(storage, "beta", REALM)
 
 
 # -- refresh attempts ----------------------------------------------------------

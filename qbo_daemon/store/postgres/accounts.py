@@ -28,6 +28,7 @@ import structlog
 
 from qbo_daemon.core.errors import (
     AccountNotFoundError,
+    CryptoError,
     MissingKeyError,
     StaleWriteError,
     StorageError,
@@ -35,6 +36,7 @@ from qbo_daemon.core.errors import (
 from qbo_daemon.core.models import Account
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.postgres.database import Conn, PgDatabase
+from qbo_daemon.store.postgres.realms import check_realm
 from qbo_daemon.store.postgres.rows import (
     ATTEMPT_COLUMNS,
     INSERT_COLUMNS,
@@ -48,7 +50,8 @@ from qbo_daemon.store.postgres.rows import (
     attempt_values,
     schedule_entry,
 )
-from qbo_daemon.store.rows import Attempt, ScheduleEntry
+from qbo_daemon.store.realms import RealmPolicy
+from qbo_daemon.store.rows import Attempt, ScheduleEntry, realm_digest
 
 log = structlog.get_logger("qbo_daemon.store.postgres")
 
@@ -61,13 +64,17 @@ SCHEDULE_CHUNK = 5000
 _ATTEMPT_TYPES = ("text", "timestamptz", "text", "float8", "text", "text")
 
 
-def _commit_statement(columns: tuple[str, ...]) -> str:
+def _commit_statement(columns: tuple[str, ...], *, failure: bool = False) -> str:
     """The compare-and-swap of ``columns`` ($3…), the attempt after them, the notification.
 
     $1 is the account_id, $2 the version read; the attempt's values follow the
-    columns' and are all NULL when there is no attempt.
+    columns' and are all NULL when there is no attempt. A ``failure`` note also
+    sets ``last_failure_at`` (no Account field: the status page's) to ``updated_at``.
     """
-    sets = ", ".join(f"{column} = ${n}" for n, column in enumerate(columns, 3))
+    params = {column: f"${n}" for n, column in enumerate(columns, 3)}
+    sets = ", ".join(f"{column} = {param}" for column, param in params.items())
+    if failure:
+        sets += f", last_failure_at = {params['updated_at']}"
     first = len(columns) + 3
     attempt = ", ".join(f"${n}::{kind}" for n, kind in enumerate(_ATTEMPT_TYPES, first))
     return (
@@ -80,7 +87,7 @@ def _commit_statement(columns: tuple[str, ...]) -> str:
 
 
 COMMIT_TOKENS = _commit_statement(TOKEN_COLUMNS)
-COMMIT_NOTE = _commit_statement(NOTE_COLUMNS)
+COMMIT_NOTE = _commit_statement(NOTE_COLUMNS, failure=True)
 UPSERT = (
     f"WITH stored AS (INSERT INTO accounts AS a ({', '.join(INSERT_COLUMNS)}) "
     f"VALUES ({', '.join(f'${n}' for n in range(1, len(INSERT_COLUMNS) + 1))}) "
@@ -89,6 +96,7 @@ UPSERT = (
     + ", version = a.version + 1 RETURNING id, account_id, version, created_at) "
     f"SELECT id, version, created_at, pg_notify('{CHANNEL}', account_id) FROM stored"
 )
+COMMIT_VERIFIED = _commit_statement(("realm_verified", "updated_at"))
 INSERT_ATTEMPT = (
     f"INSERT INTO refresh_attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6)"
 )
@@ -187,8 +195,9 @@ class AccountTable:
         """Store ``account`` if the row is still at ``read_version``; then at ``read_version + 1``.
 
         With ``tokens`` false, the secret columns keep what is stored (a failure
-        note). Durable when it returns; :class:`StaleWriteError` (nothing written,
-        the attempt neither) when the row changed or is gone.
+        note, which also sets ``last_failure_at``). Durable when it returns;
+        :class:`StaleWriteError` (nothing written, the attempt neither) when the
+        row changed or is gone.
         """
         columns, statement = (
             (TOKEN_COLUMNS, COMMIT_TOKENS) if tokens else (NOTE_COLUMNS, COMMIT_NOTE)
@@ -220,24 +229,84 @@ class AccountTable:
         ``created_at`` and its version moves on.
         """
         cipher = self.cipher
+        return await self._db.write(lambda conn: _upsert_on(conn, cipher, accounts))
 
-        async def work(conn: Conn) -> list[Account]:
-            stored = []
-            for account in accounts:
-                values = account_values(cipher, replace(account, version=1), INSERT_COLUMNS)
-                record = await conn.fetchrow(UPSERT, *values)
-                assert record is not None  # an upsert always returns its row
-                stored.append(
-                    replace(
-                        account,
-                        id=record["id"],
-                        version=record["version"],
-                        created_at=record["created_at"],
-                    )
-                )
-            return stored
+    async def upsert_checked(
+        self, account: Account, policy: RealmPolicy
+    ) -> tuple[Account, str | None]:
+        """:meth:`upsert` one connection if the realm rules allow it, in one transaction.
+
+        Raises :class:`RealmConflictError` (nothing written); returns the stored
+        account and its previous realm when the connection changed it.
+        """
+        cipher = self.cipher
+        realm_id = account.realm_id
+        assert realm_id is not None  # a connection always names its company
+
+        async def work(conn: Conn) -> tuple[Account, str | None]:
+            previous = await check_realm(conn, cipher, account.account_id, realm_id, policy)
+            (stored,) = await _upsert_on(conn, cipher, [account])
+            return stored, previous
 
         return await self._db.write(work)
+
+    async def mark_verified(self, account: Account, read_version: int) -> Account:
+        """Note Intuit confirmed the account's realm, if the row is still at ``read_version``."""
+
+        async def work(conn: Conn) -> bool:
+            return bool(
+                await conn.fetch(
+                    COMMIT_VERIFIED,
+                    account.account_id,
+                    read_version,
+                    True,
+                    account.updated_at,
+                    *(None,) * len(ATTEMPT_COLUMNS),  # no attempt
+                )
+            )
+
+        if not await self._db.write(work):
+            raise StaleWriteError(account.account_id, read_version)
+        return replace(account, realm_verified=True, version=read_version + 1)
+
+    async def fill_realm_digests(self, batch: int = 500) -> None:
+        """Give rows stored before schema version 2 the digest that finds them by realm.
+
+        A row whose realm does not decrypt is left alone: ``verify_keys`` names
+        the missing key. Several daemons may run this at once: each row is
+        written only while its digest is still missing.
+        """
+        last_id = 0
+        while True:
+            records = await self._db.fetch(
+                "SELECT id, account_id, realm_id FROM accounts WHERE realm_digest IS NULL "
+                "AND realm_id IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
+                last_id,
+                batch,
+            )
+            if not records:
+                return
+            last_id = records[-1]["id"]
+            updates = []
+            for record in records:
+                try:
+                    realm = self.cipher.decrypt(
+                        record["realm_id"],
+                        table="accounts",
+                        column="realm_id",
+                        row_key=record["account_id"],
+                    )
+                except CryptoError:
+                    continue
+                updates.append((realm_digest(self.cipher, realm), record["id"]))
+
+            async def work(conn: Conn, updates: list[tuple[str | None, int]] = updates) -> None:
+                await conn.executemany(
+                    "UPDATE accounts SET realm_digest = $1 WHERE id = $2 AND realm_digest IS NULL",
+                    updates,
+                )
+
+            await self._db.write(work)
 
     async def insert_new(self, accounts: Sequence[Account]) -> int:
         """Store new accounts with one ``COPY``: all or nothing, an existing one fails it all.
@@ -301,3 +370,21 @@ class AccountTable:
         except StorageError as exc:
             self._attempts_since_trim = TRIM_EVERY - 1  # try again with the next attempt
             log.warning("storage.attempts_trim_failed", error=str(exc))
+
+
+async def _upsert_on(conn: Conn, cipher: Cipher, accounts: Sequence[Account]) -> list[Account]:
+    """:meth:`AccountTable.upsert`'s statements, inside the caller's transaction."""
+    stored = []
+    for account in accounts:
+        values = account_values(cipher, replace(account, version=1), INSERT_COLUMNS)
+        record = await conn.fetchrow(UPSERT, *values)
+        assert record is not None  # an upsert always returns its row
+        stored.append(
+            replace(
+                account,
+                id=record["id"],
+                version=record["version"],
+                created_at=record["created_at"],
+            )
+        )
+    return stored

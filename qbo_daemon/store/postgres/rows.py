@@ -3,7 +3,8 @@
 The secrets are encrypted exactly as on SQLite (``store/rows.py``): the same
 :class:`Cipher`, the same associated data (table ``accounts``, the column,
 the ``account_id``, the key id), so a ciphertext copies between the two
-databases unchanged. Times are ``timestamptz``: aware UTC datetimes both ways.
+databases unchanged; so is ``realm_digest``, the keyed digest that finds the
+accounts of one company. Times are ``timestamptz``: aware UTC datetimes both ways.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncpg
 
 from qbo_daemon.core.models import Account, AccountStatus, utc
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.rows import Attempt, ScheduleEntry
+from qbo_daemon.store.rows import Attempt, ScheduleEntry, realm_digest
 
 # Every column of ``accounts`` an Account holds: identity first, then what writes set.
 ACCOUNT_COLUMNS = (
@@ -24,6 +25,7 @@ ACCOUNT_COLUMNS = (
     "created_at",
     "status",
     "realm_id",
+    "realm_digest",
     "access_token",
     "refresh_token",
     "key_id",
@@ -36,12 +38,17 @@ ACCOUNT_COLUMNS = (
     "last_refreshed_at",
     "version",
     "updated_at",
+    "realm_verified",
 )
 SECRET_COLUMNS = ("realm_id", "access_token", "refresh_token")
+# Written with realm_id, under the same key (store.rows.realm_digest); no Account field.
+DERIVED_COLUMNS = ("realm_digest",)
 # What a write of the credentials sets: all but the row's identity and its version.
 TOKEN_COLUMNS = tuple(c for c in ACCOUNT_COLUMNS[3:] if c != "version")
 # What a failure note sets: the credentials (and the key they are under) stay.
-NOTE_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c not in (*SECRET_COLUMNS, "key_id"))
+NOTE_COLUMNS = tuple(
+    c for c in TOKEN_COLUMNS if c not in (*SECRET_COLUMNS, *DERIVED_COLUMNS, "key_id")
+)
 # What a new row gets: all but the surrogate key.
 INSERT_COLUMNS = ACCOUNT_COLUMNS[1:]
 SELECT_ACCOUNTS = f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts"
@@ -65,6 +72,8 @@ def account_values(cipher: Cipher, account: Account, columns: Iterable[str]) -> 
                     value, table="accounts", column=column, row_key=account.account_id
                 )
             )
+        elif column == "realm_digest":
+            values.append(realm_digest(cipher, account.realm_id))
         elif column == "key_id":
             values.append(cipher.primary_key_id)
         elif column == "status":
@@ -95,6 +104,7 @@ def account_from_record(cipher: Cipher, record: asyncpg.Record, *, tokens: bool)
         version=record["version"],
         created_at=record["created_at"],
         updated_at=record["updated_at"],
+        realm_verified=record["realm_verified"],
     )
 
 

@@ -24,8 +24,9 @@ from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.postgres.accounts import CHANNEL, AccountTable
 from qbo_daemon.store.postgres.database import PgDatabase, PgSettings
 from qbo_daemon.store.postgres.states import OAuthStates
+from qbo_daemon.store.realms import RealmPolicy
 from qbo_daemon.store.rows import Attempt, ScheduleEntry
-from qbo_daemon.store.states import StateRecord
+from qbo_daemon.store.states import ClaimedState, StateRecord
 from qbo_daemon.store.upsert import ImportItem, imported_tokens
 
 __all__ = ["PgSettings", "PostgresStorage"]
@@ -51,7 +52,13 @@ class PostgresStorage:
     ) -> PostgresStorage:
         """Connect to the database at ``url``, creating or migrating its tables."""
         database = await PgDatabase.open(url, settings)
-        return cls(database, cipher, attempts_keep=attempts_keep)
+        storage = cls(database, cipher, attempts_keep=attempts_keep)
+        try:
+            await storage._accounts.fill_realm_digests()
+        except BaseException:
+            await storage.close()
+            raise
+        return storage
 
     async def close(self) -> None:
         """Let the writes in flight commit, then close every connection."""
@@ -111,6 +118,34 @@ class PostgresStorage:
             [_connected(account_id, realm_id, tokens, lead=lead, now=now)]
         )
         return stored
+
+    async def save_checked_connection(
+        self,
+        account_id: str,
+        realm_id: str,
+        tokens: TokenSet,
+        *,
+        lead: timedelta,
+        now: datetime,
+        policy: RealmPolicy,
+        realm_verified: bool,
+    ) -> tuple[Account, str | None]:
+        """A connection from the callback: stored only if ``policy`` allows its company.
+
+        Raises :class:`RealmConflictError` (nothing written) when another account
+        holds the realm or the account held another one; returns the account and
+        its previous realm when the connection changed it.
+        """
+        connected = _connected(account_id, realm_id, tokens, lead=lead, now=now)
+        return await self._accounts.upsert_checked(
+            replace(connected, realm_verified=realm_verified), policy
+        )
+
+    async def mark_realm_verified(self, account: Account, *, now: datetime) -> Account:
+        """Note that Intuit confirmed the account's realm, if the row is still at its version."""
+        return await self._accounts.mark_verified(
+            replace(account, updated_at=utc(now)), account.version
+        )
 
     async def import_accounts(
         self, items: Sequence[ImportItem], *, lead: timedelta, now: datetime
@@ -204,17 +239,34 @@ class PostgresStorage:
     # -- OAuth states --------------------------------------------------------------------
 
     async def create_state(
-        self, state: str, account_id: str, *, now: datetime, ttl: timedelta
-    ) -> None:
-        await self._states.create(state, account_id, now=now, ttl=ttl)
+        self,
+        state: str,
+        account_id: str,
+        *,
+        now: datetime,
+        ttl: timedelta,
+        code_verifier: str | None = None,
+        allow_realm_change: bool = False,
+    ) -> int:
+        """Store a state (as its hash); returns how many older pending ones were dropped."""
+        return await self._states.create(
+            state,
+            account_id,
+            now=now,
+            ttl=ttl,
+            cipher=self.cipher,
+            code_verifier=code_verifier,
+            allow_realm_change=allow_realm_change,
+        )
 
-    async def consume_state(self, state: str, *, now: datetime) -> str:
-        """Mark ``state`` used and return the account it was issued for.
+    async def consume_state(self, state: str, answer: str, *, now: datetime) -> ClaimedState:
+        """Mark ``state`` used by ``answer`` (``store.states.answer_hash``); return its claim.
 
-        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired`` or
-        ``used``; a failed check changes nothing.
+        Raises :class:`OAuthStateError` with reason ``unknown``, ``expired``,
+        ``replayed`` (used before by the same answer) or ``used``; a failed
+        check changes nothing.
         """
-        return await self._states.consume(state, now=now)
+        return await self._states.consume(state, answer, now=now, cipher=self.cipher)
 
     async def finish_state(self, state: str, outcome: str) -> None:
         await self._states.finish(state, outcome)
