@@ -26,6 +26,7 @@ from qbo_daemon.config.secrets import (
     ENV_CLIENT_ID,
     ENV_CLIENT_SECRET,
     ENV_CREDENTIALS_DIRECTORY,
+    ENV_STORAGE_URL,
     _api_key,
     _encryption_key,
     _keys,
@@ -41,8 +42,9 @@ from qbo_daemon.config.values import (
     format_duration,
     parse_duration,
 )
+from qbo_daemon.core.dburl import postgres_url_problem
 from qbo_daemon.core.errors import ConfigError
-from qbo_daemon.core.models import Secret
+from qbo_daemon.core.models import ACCOUNT_ID_PATTERN, Secret
 
 __all__ = [
     "DEFAULT_API_BASES",
@@ -50,9 +52,11 @@ __all__ = [
     "ENV_CLIENT_ID",
     "ENV_CLIENT_SECRET",
     "ENV_CREDENTIALS_DIRECTORY",
+    "ENV_STORAGE_URL",
     "MASK",
     "ApiConfig",
     "CallbackConfig",
+    "ClusterConfig",
     "Config",
     "IntuitConfig",
     "LogConfig",
@@ -106,7 +110,7 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "read_timeout",
     ),
     "api": ("listen", "keys", "key_file", "max_connections", "read_timeout"),
-    "storage": ("path", "encryption_keys", "key_file", "attempts_keep"),
+    "storage": ("path", "url", "url_file", "encryption_keys", "key_file", "attempts_keep"),
     "refresh": (
         "lead",
         "concurrency",
@@ -119,6 +123,7 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
     ),
     "log": ("format", "level", "access"),
     "notify": ("webhook_url", "secret", "secret_file", "timeout"),
+    "cluster": ("node_id",),
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - names, not a bind
 # The callback's default port sits beside the API's (8765), away from the ports web
@@ -192,9 +197,15 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """The SQLite database; ``encryption_keys`` are in padded url-safe base64."""
+    """Where accounts are kept; ``encryption_keys`` are in padded url-safe base64.
+
+    ``url`` None: the SQLite file at ``path`` (the default). A ``postgresql://``
+    URL: that database, shared by several daemons. The URL may hold a
+    password: it is a :class:`Secret`, shown only through ``redact_url``.
+    """
 
     path: Path
+    url: Secret | None
     encryption_keys: tuple[Secret, ...]  # the first encrypts, all decrypt
     attempts_keep: int  # rows kept in the refresh-attempts table
 
@@ -229,6 +240,17 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """This daemon among several on one PostgreSQL database."""
+
+    node_id: str  # "" = host name and PID, resolved at start-up (:meth:`resolved_node_id`)
+
+    def resolved_node_id(self, *, host: str, pid: int) -> str:
+        """The configured id, or ``HOST:PID`` (each process its own) when none is set."""
+        return self.node_id or f"{host}:{pid}"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     intuit: IntuitConfig
     callback: CallbackConfig
@@ -237,6 +259,7 @@ class Config:
     refresh: RefreshConfig
     log: LogConfig
     notify: NotifyConfig
+    cluster: ClusterConfig
     source: Path | None  # the file it came from; None for built-in defaults
 
 
@@ -323,6 +346,7 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
             ),
         ),
         notify=_notify(sections["notify"], sources),
+        cluster=_cluster(sections["cluster"]),
         source=path,
     )
 
@@ -401,11 +425,42 @@ def _storage(section: _Section, sources: _Sources) -> StorageConfig:
         raise section.fail("path", "must not be empty")
     return StorageConfig(
         path=Path(path),
+        url=_storage_url(section, sources),
         encryption_keys=_keys(
             section, "encryption_keys", sources, "encryption_key", _encryption_key
         ),
         attempts_keep=section.integer("attempts_keep", 100_000, 100, 2**62),
     )
+
+
+def _storage_url(section: _Section, sources: _Sources) -> Secret | None:
+    """``[storage] url`` from wherever it came (a secret: it may hold a password), checked.
+
+    An error names where the bad URL came from and never repeats it.
+    """
+    url = _secret(section, "url", sources, ENV_STORAGE_URL, "storage_url")
+    problem = None if url is None else postgres_url_problem(url.reveal())
+    if problem is None:
+        return url
+    file = section.file("url_file")
+    if section.optional("url") is not None:
+        raise section.fail("url", problem)
+    if file is not None:
+        raise section.fail("url_file", f"{file}: {problem}")
+    if sources.env(ENV_STORAGE_URL) is not None:
+        raise section.fail("url", f"${ENV_STORAGE_URL}: {problem}")
+    raise _error(str(sources.credential("storage_url")), section.name, "url", problem)
+
+
+def _cluster(section: _Section) -> ClusterConfig:
+    node_id = section.string("node_id", "")
+    if node_id and not ACCOUNT_ID_PATTERN.fullmatch(node_id):
+        raise section.fail(
+            "node_id",
+            "expected 1 to 128 characters: ASCII letters, digits and . _ : @ -, "
+            "starting with a letter or digit",
+        )
+    return ClusterConfig(node_id=node_id)
 
 
 def _refresh(section: _Section) -> RefreshConfig:

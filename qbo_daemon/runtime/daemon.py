@@ -478,6 +478,7 @@ class Daemon:
                     for key in ("max_connections", "read_timeout")
                 ),
                 ("[storage] path", old.storage.path, config.storage.path),
+                ("[storage] url", old.storage.url, config.storage.url),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
                 ("[refresh] lead", old.refresh.lead, config.refresh.lead),
                 (
@@ -529,7 +530,10 @@ class Daemon:
                     old.callback, allow_shared_realm=config.callback.allow_shared_realm
                 ),
                 storage=replace(
-                    config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
+                    config.storage,
+                    path=old.storage.path,
+                    url=old.storage.url,
+                    attempts_keep=old.storage.attempts_keep,
                 ),
                 refresh=replace(
                     config.refresh, lead=old.refresh.lead, shutdown_grace=old.refresh.shutdown_grace
