@@ -10,6 +10,7 @@ import structlog
 from qbo_daemon.runtime.logs import reset_logging
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
 from tests.harness import RunningDaemon, start_daemon
+from tests.pg import fresh_database
 
 StartDaemon = Callable[..., Awaitable[RunningDaemon]]
 
@@ -52,3 +53,13 @@ async def daemon_factory(simulator: IntuitSimulator, tmp_path: Path) -> AsyncIte
     yield start
     for running in reversed(started):
         await running.shutdown()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """The URL of a fresh PostgreSQL database, dropped after the test (tests/pg.py).
+
+    Skipped when no server answers, failed instead when ``CI=true``.
+    """
+    async with fresh_database() as url:
+        yield url

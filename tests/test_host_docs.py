@@ -326,7 +326,7 @@ async def test_the_webhook_contract_matches_real_deliveries(
     assert defaults["backoff_initial"].default == 1.0
     assert defaults["backoff_max"].default == 300.0
     assert "(1 s doubling up to 5 minutes)" in text
-    [refused] = [json.loads(raw) for _, raw in receiver.deliveries if b"needs_reconnect" in raw]
+    [refused] = [json.loads(raw) for _, raw in receiver.deliveries if b"reconnect_needed" in raw]
     assert f"`{refused['data']['reason']}`" in text  # the documented example is a real one
 
     saved = tmp_path / "deliveries.json"

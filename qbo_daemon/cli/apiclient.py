@@ -6,16 +6,22 @@ The standard library only: the CLI makes one call at a time and exits.
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from qbo_daemon import __version__
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
+from qbo_daemon.http.api import CLI_USER_AGENT
+from qbo_daemon.store.lock import advertised_api
 
 # Longer than a token request that waits for a refresh ([refresh] token_wait, 30 s).
 DEFAULT_TIMEOUT = 60.0
+# The daemon logs refreshes this command asks for with trigger "cli".
+USER_AGENT = f"{CLI_USER_AGENT}{__version__}"
 
 
 class DaemonNotRunningError(QboDaemonError):
@@ -44,10 +50,23 @@ class ApiClient:
 
     @classmethod
     def from_config(cls, config: Config, *, timeout: float = DEFAULT_TIMEOUT) -> ApiClient:
-        """The daemon at ``[api] listen``, with the first of ``[api] keys``."""
+        """The daemon at ``[api] listen``, with the first of ``[api] keys``.
+
+        A running daemon that still listens where it started (``[api] listen`` was
+        changed and only reloaded) is found through its lock file, with a note.
+        """
         if not config.api.keys:
             raise ConfigError("no API key configured: set keys or key_file", key="api")
-        return cls(config.api.url, config.api.keys[0].reveal(), timeout)
+        url = config.api.url
+        live = advertised_api(config.storage.path)
+        if live is not None and live != url:
+            print(
+                f"qbo-daemon: note: the daemon answers at {live}, not at {url} "
+                "([api] listen): a new address applies when it is restarted",
+                file=sys.stderr,
+            )
+            url = live
+        return cls(url, config.api.keys[0].reveal(), timeout)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """Send one request; the parsed JSON answer, or :class:`ApiAnswerError`."""
@@ -59,6 +78,7 @@ class ApiClient:
             headers={
                 "Authorization": f"Bearer {self.key}",
                 "Accept": "application/json",
+                "User-Agent": USER_AGENT,
                 **({"Content-Type": "application/json"} if data is not None else {}),
             },
         )

@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 from qbo_daemon.config.load import Config, load_config
+from qbo_daemon.config.locate import DEFAULT_CONFIG_PATH, ENV_CONFIG, locate_config
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away
+
+CONFIG_HELP = f"the TOML configuration file (default: ${ENV_CONFIG}, else {DEFAULT_CONFIG_PATH})"
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> int:
@@ -20,5 +24,6 @@ def fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 
 def read_config(args: argparse.Namespace) -> Config:
-    path: Path | None = getattr(args, "config", None)
-    return load_config(path, os.environ)
+    """``--config``, else ``$QBO_DAEMON_CONFIG``, else ``/etc/qbo-daemon/config.toml``."""
+    given: Path | None = getattr(args, "config", None)
+    return load_config(locate_config(given, os.environ), os.environ)

@@ -18,7 +18,14 @@ from pathlib import Path
 import structlog
 
 from qbo_daemon import __version__
-from qbo_daemon.cli.common import EXIT_OK, EXIT_USAGE, fail, read_config
+from qbo_daemon.cli.common import (
+    CONFIG_HELP,
+    EXIT_BROKEN_PIPE,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    read_config,
+)
 from qbo_daemon.cli.preflight import preflight
 from qbo_daemon.config.load import Config, load_config
 from qbo_daemon.config.render import render_config
@@ -41,7 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except ConfigError as exc:
         return fail(str(exc), EXIT_USAGE)
     except QboDaemonError as exc:
@@ -50,6 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def quiet_broken_pipe() -> int:
+    """Standard output's reader left (``qbo-daemon accounts list --json | head``).
+
+    Not an error worth a line: point stdout at /dev/null so the interpreter's
+    last flush does not complain either, and exit as a program killed by
+    SIGPIPE would (141), which ``set -o pipefail`` still notices.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", type=Path, metavar="PATH", help="the TOML configuration file")
+        p.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
         return p
 
     with_config(command("run", cmd_run, "run the daemon in the foreground"))
@@ -95,9 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate = keys_sub.add_parser("generate", help="print a new encryption key")
     generate.set_defaults(func=cmd_keys_generate)
 
+    from qbo_daemon.cli.export import register as register_export
     from qbo_daemon.cli.manage import register
+    from qbo_daemon.cli.migrate import register as register_migrate
 
     register(sub, keys_sub)
+    register_export(sub)
+    register_migrate(sub)
     return parser
 
 
@@ -130,16 +158,26 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = read_config(args)
+    if config.storage.url:
+        # Better than silently serving the SQLite file at path instead.
+        error = ConfigError(
+            "[storage] url: selects PostgreSQL, but this qbo-daemon cannot serve on PostgreSQL "
+            "yet (only migrate-storage uses it); unset it (and $QBO_STORAGE_URL, "
+            "$CREDENTIALS_DIRECTORY/storage_url) to run on the SQLite file at [storage] path",
+            path=None if config.source is None else str(config.source),
+        )
+        error.key = "storage.url"
+        raise error
     findings = preflight(config)  # what check-config reports, refused before anything starts
     errors = [f for f in findings if f.is_error]
-    for error in errors:
-        fail(str(error), EXIT_USAGE)
+    for finding in errors:
+        fail(str(finding), EXIT_USAGE)
     if errors:
         return EXIT_USAGE
     configure_logging(config.log.format, config.log.level)
     for finding in findings:
-        log.warning("config.warning", setting=finding.setting, detail=finding.message)
-    path: Path | None = args.config
+        log.warning("config.setting_flagged", setting=finding.setting, detail=finding.message)
+    path = config.source  # the file found, so a reload reads the same one
     name, factory = loop_factory()
     log.info("loop.selected", loop=name)
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -161,12 +199,12 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> i
 
     def on_stop(sig: signal.Signals) -> None:
         if not stop.is_set():
-            log.info("daemon.signal", signal=sig.name)
+            log.info("daemon.signal_received", signal=sig.name)
             stop.set()
             return
         services = daemon.services
         log.warning(
-            "daemon.forced_exit",
+            "daemon.exit_forced",
             signal=sig.name,
             refreshes_abandoned=services.scheduler.in_flight if services else None,
             detail="a second signal: the shutdown is cut short; a refresh in flight may "

@@ -13,16 +13,37 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qbo_daemon.cli.apiclient import DEFAULT_TIMEOUT, ApiClient, DaemonNotRunningError
-from qbo_daemon.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, read_config
+from qbo_daemon.cli.apiclient import (
+    DEFAULT_TIMEOUT,
+    ApiAnswerError,
+    ApiClient,
+    DaemonNotRunningError,
+)
+from qbo_daemon.cli.common import (
+    CONFIG_HELP,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    read_config,
+)
 from qbo_daemon.cli.render import account_details, accounts_table, relative
 from qbo_daemon.cli.rotate import Progress, Rotation, rotate_offline, rotate_online
+from qbo_daemon.cli.verify import verdict_text, verify_accounts, verify_summary
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, valid_account_id
-from qbo_daemon.engine.imports import ImportFileError, check_rows, item_json, read_file, read_rows
+from qbo_daemon.engine.imports import (
+    ImportFileError,
+    check_rows,
+    ignored_columns,
+    item_json,
+    read_file,
+    read_rows,
+)
 
 # 100,000 rows take a while to check, encrypt and store (a thousand per transaction).
 IMPORT_TIMEOUT = 600.0
@@ -51,13 +72,19 @@ classic qbo_accounts table: id, access_token, refresh_token, companyid,
 account_id, created_at, updated_at, token_expires_at, reconnect_token_at).
 
 Fields: account_id, realm_id (or companyid), refresh_token, and optionally
-access_token, token_expires_at, refresh_token_expires_at. Times without an
-offset are UTC. Every row is checked and reported by line number; the good
-rows are stored a thousand per transaction, bad and duplicate rows are skipped
-(at most 50 skipped rows are printed one by one; --json lists every one).
+access_token, token_expires_at, refresh_token_expires_at. Other columns are
+ignored and named once in the report; a literal NULL cell is empty. Times
+without an offset are UTC. Every row is checked and reported by line number;
+the good rows are stored a thousand per transaction, bad and duplicate rows are
+skipped (at most 50 skipped rows are printed one by one; --json lists every one).
 An account whose access token is not known to be valid is refreshed at once.
 Accounts that exist already are skipped unless --replace is given.
-Exit status: 0 when every row was imported, 1 when any row was skipped.
+
+--verify then refreshes every imported account once, through the daemon (single
+flight, at [refresh] concurrency), and reports each: ok, needs_reconnect (with
+Intuit's error: the user must connect again), or transient (Intuit could not be
+reached; the daemon keeps retrying). --dry-run stores nothing and calls no one.
+Exit status: 0 when every row was imported (and verified ok), 1 otherwise.
 """
 
 
@@ -74,7 +101,7 @@ def register(sub: Any, keys_sub: Any) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         parser.set_defaults(func=func)
-        parser.add_argument("--config", type=Path, metavar="PATH", help="the TOML configuration")
+        parser.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
         return parser
 
@@ -109,6 +136,9 @@ def register(sub: Any, keys_sub: Any) -> None:
     imp.add_argument("--format", choices=("auto", "jsonl", "csv"), default="auto")
     imp.add_argument("--replace", action="store_true", help="overwrite accounts that exist")
     imp.add_argument("--dry-run", action="store_true", help="check every row, store nothing")
+    imp.add_argument(
+        "--verify", action="store_true", help="refresh each imported account once and report"
+    )
     rotate = command(
         keys_sub, "rotate", cmd_keys_rotate, "re-encrypt under the first key", ROTATE_HELP
     )
@@ -136,7 +166,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     account_id = _account_id(args)
-    answer = _client(args).call("POST", f"/v1/accounts/{account_id}/refresh")
+    client = _client(args)
+    try:
+        answer = client.call("POST", f"/v1/accounts/{account_id}/refresh")
+    except ApiAnswerError as exc:
+        if exc.code not in ("needs_reconnect", "disconnected"):
+            raise
+        return fail(_reconnect_message(client, account_id, exc.code))
     if args.json:
         return _print_json(answer)
     now = _now()
@@ -185,13 +221,16 @@ def cmd_import(args: argparse.Namespace) -> int:
             rows = read_file(args.file, args.format)
     except ImportFileError as exc:
         return fail(str(exc), EXIT_USAGE)
-    client = _client(args, timeout=IMPORT_TIMEOUT)
+    config = read_config(args)
+    client = ApiClient.from_config(config, timeout=IMPORT_TIMEOUT)
+    ignored = ignored_columns(rows)
     good, bad = check_rows(rows, now=_now())
     skipped: list[dict[str, Any]] = [
         {"line": r.position, "account_id": r.account_id, "field": r.field, "reason": r.reason}
         for r in bad
     ]
     imported: list[dict[str, Any]] = []
+    began = _now()  # every refresh of an imported account starts after this
     if good:
         lines = [checked.position for checked in good]
         answer = client.call(
@@ -208,12 +247,30 @@ def cmd_import(args: argparse.Namespace) -> int:
         for entry in answer["skipped"]:
             skipped.append({"line": lines[entry.pop("index")], **entry})
     skipped.sort(key=lambda entry: int(entry["line"]))
-    report = {"imported": imported, "skipped": skipped, "dry_run": args.dry_run}
+    report: dict[str, Any] = {
+        "imported": imported,
+        "skipped": skipped,
+        "dry_run": args.dry_run,
+        "ignored_columns": ignored,
+    }
+    unverified = False
+    if args.verify and args.dry_run:
+        print("--verify: nothing verified in a dry run (Intuit is never called)", file=sys.stderr)
+    elif args.verify:
+        verdicts = verify_accounts(
+            replace(client, timeout=DEFAULT_TIMEOUT),
+            [entry["account_id"] for entry in imported],
+            since=began,
+            parallel=config.refresh.concurrency,
+        )
+        for entry in imported:
+            entry["verify"] = verdicts[entry["account_id"]].as_json()
+        unverified = any(v.result != "ok" for v in verdicts.values())
     if args.json:
         _print_json(report)
     else:
         _print_import(report)
-    return EXIT_FAILURE if skipped else EXIT_OK
+    return EXIT_FAILURE if skipped or unverified else EXIT_OK
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
@@ -237,6 +294,18 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> ApiClient:
     return ApiClient.from_config(read_config(args), timeout=timeout)
+
+
+def _reconnect_message(client: ApiClient, account_id: str, code: str) -> str:
+    """For an operator: why the account cannot refresh, and the command that mends it."""
+    how = f"qbo-daemon connect {account_id}, then send the user to the URL it prints"
+    if code == "disconnected":
+        return (
+            f"account {account_id!r} is disconnected (its tokens were forgotten); "
+            f"to connect it again: {how}"
+        )
+    why = client.call("GET", f"/v1/accounts/{account_id}").get("last_error") or "refused by Intuit"
+    return f"account {account_id!r} needs the user to reconnect ({why}): {how}"
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -266,6 +335,9 @@ def _print_json(data: Any) -> int:
 
 def _print_import(report: dict[str, Any]) -> None:
     now = _now()
+    if report["ignored_columns"]:
+        names = ", ".join(report["ignored_columns"])
+        print(f"ignored columns (not used by qbo-daemon): {names}")
     rows = [(entry["line"], entry, True) for entry in report["imported"]]
     rows += [(entry["line"], entry, False) for entry in report["skipped"]]
     unprinted = max(0, len(report["skipped"]) - MAX_PRINTED_SKIPS)
@@ -284,6 +356,8 @@ def _print_import(report: dict[str, Any]) -> None:
             note += ", refreshing now"
         elif entry.get("next_refresh_at"):
             note += f", next refresh {relative(entry['next_refresh_at'], now)}"
+        if entry.get("verify"):
+            note += f"; {verdict_text(who, entry['verify'])}"
         print(f"line {line}: {verb} {who}{note}")
     if unprinted:
         print(f"... and {unprinted:,} more skipped rows not shown (--json lists every row)")
@@ -291,6 +365,9 @@ def _print_import(report: dict[str, Any]) -> None:
     verb = "would import" if report["dry_run"] else "imported"
     tail = " (dry run: nothing was stored)" if report["dry_run"] else ""
     print(f"{verb} {done} of {done + skipped} rows, skipped {skipped}{tail}")
+    verdicts = [entry["verify"] for entry in report["imported"] if entry.get("verify")]
+    if verdicts:
+        print(verify_summary(verdicts))
 
 
 def _progress_printer() -> Progress:

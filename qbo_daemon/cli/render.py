@@ -41,9 +41,14 @@ def relative(value: str | None, now: datetime) -> str:
     return f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago"
 
 
+# The refresh token of an account in these states is dead or gone: no expiry of it,
+# or of the access token the daemon no longer serves, is worth showing.
+_DEAD = frozenset({"needs_reconnect", "disconnected"})
+
+
 def expires_in(account: Mapping[str, Any], now: datetime) -> str:
     """How long the access token lives: ``52m``, ``expired 3h ago``, ``-``."""
-    if account.get("status") == "disconnected":
+    if account.get("status") in _DEAD:
         return "-"
     when = _time(account.get("token_expires_at"))
     if when is None:
@@ -52,16 +57,26 @@ def expires_in(account: Mapping[str, Any], now: datetime) -> str:
     return duration(delta) if delta > 0 else f"expired {duration(delta)} ago"
 
 
+def reconnect_hint(account_ids: Sequence[str]) -> str:
+    """What an operator runs for accounts whose user must connect again."""
+    if len(account_ids) == 1:
+        return f"qbo-daemon connect {account_ids[0]}, then send the user to the URL it prints"
+    shown = ", ".join(account_ids[:3])
+    more = f" and {len(account_ids) - 3} more" if len(account_ids) > 3 else ""
+    return f"qbo-daemon connect ID for each ({shown}{more}), then send each user to the URL"
+
+
 def accounts_table(accounts: Sequence[Mapping[str, Any]], now: datetime) -> str:
     """The ``accounts list`` table, with a summary line (and a hint when one needs a user)."""
     if not accounts:
         return "no accounts yet: connect one with `qbo-daemon connect ID` or import them\n"
-    header = ("ACCOUNT", "STATUS", "EXPIRES IN", "NEXT REFRESH", "FAILURES", "LAST ERROR")
+    header = ("ACCOUNT", "REALM", "STATUS", "EXPIRES IN", "NEXT REFRESH", "FAILURES", "LAST ERROR")
     rows = [header]
     for account in accounts:
         rows.append(
             (
                 str(account["account_id"]),
+                str(account.get("realm_id") or "-"),
                 str(account["status"]),
                 expires_in(account, now),
                 relative(account.get("next_refresh_at"), now),
@@ -79,8 +94,9 @@ def accounts_table(accounts: Sequence[Mapping[str, Any]], now: datetime) -> str:
     noun = "account" if len(accounts) == 1 else "accounts"
     lines.append("")
     lines.append(f"{len(accounts)} {noun}: {summary}")
-    if counts.get("needs_reconnect"):
-        lines.append("needs_reconnect: the user must connect again (qbo-daemon connect ID)")
+    stuck = [str(a["account_id"]) for a in accounts if a["status"] == "needs_reconnect"]
+    if stuck:
+        lines.append(f"needs_reconnect: the user must connect again: {reconnect_hint(stuck)}")
     return "\n".join(lines) + "\n"
 
 
@@ -92,30 +108,51 @@ def _realm(account: Mapping[str, Any]) -> str:
 
 
 def account_details(account: Mapping[str, Any], now: datetime) -> str:
-    """``accounts show``: one field a line, times both relative and exact."""
+    """``accounts show``: one field a line, times both relative and exact.
+
+    A dead connection (``needs_reconnect``, ``disconnected``) shows no expiry
+    and no next refresh: the row may still hold the times of tokens that no
+    longer work, and printing them would make it look alive.
+    """
 
     def when(key: str) -> str:
         value = account.get(key)
         return "-" if value is None else f"{relative(value, now)}  ({value})"
 
+    def expiry(key: str) -> str:
+        return f"expires {when(key)}" if account.get(key) else "-"
+
+    account_id = str(account["account_id"])
+    status = str(account["status"])
     fields = [
-        ("account", str(account["account_id"])),
-        ("status", str(account["status"])),
+        ("account", account_id),
+        ("status", status),
         ("realm id", _realm(account)),
-        (
-            "access token",
-            f"expires {when('token_expires_at')}" if account.get("token_expires_at") else "-",
-        ),
-        ("expires in", expires_in(account, now)),
-        ("next refresh", when("next_refresh_at")),
-        ("refresh due at", when("reconnect_token_at")),
-        (
-            "refresh token",
-            f"expires {when('refresh_token_expires_at')}"
-            if account.get("refresh_token_expires_at")
-            else "-",
-        ),
-        ("hard expiry", when("refresh_token_hard_expires_at")),
+    ]
+    if status == "disconnected":
+        fields += [
+            ("access token", "none: disconnected, the tokens were forgotten"),
+            ("refresh token", "none: disconnected, the tokens were forgotten"),
+            ("next refresh", "none"),
+        ]
+    elif status == "needs_reconnect":
+        fields += [
+            ("access token", "not served: the connection needs the user to reconnect"),
+            ("refresh token", "dead: Intuit refused it or it expired (see last error)"),
+            ("next refresh", "none until the user reconnects"),
+        ]
+    else:
+        expires = _time(account.get("token_expires_at"))
+        access = "-" if expires is None else f"expires {when('token_expires_at')}"
+        if expires is not None and expires <= now:
+            access = f"expired {when('token_expires_at')}"
+        fields += [
+            ("access token", access),
+            ("next refresh", when("next_refresh_at")),
+            ("refresh token", expiry("refresh_token_expires_at")),
+            ("hard expiry", when("refresh_token_hard_expires_at")),
+        ]
+    fields += [
         ("last refreshed", when("last_refreshed_at")),
         ("failures", str(account.get("failure_count", 0))),
         ("last error", str(account.get("last_error") or "-")),
@@ -123,6 +160,8 @@ def account_details(account: Mapping[str, Any], now: datetime) -> str:
         ("created", when("created_at")),
         ("updated", when("updated_at")),
     ]
+    if status in _DEAD:
+        fields.append(("to reconnect", reconnect_hint([account_id])))
     width = max(len(name) for name, _ in fields)
     return "".join(f"{name.ljust(width)}  {value}\n" for name, value in fields)
 

@@ -26,6 +26,7 @@ from qbo_daemon.config.secrets import (
     ENV_CLIENT_ID,
     ENV_CLIENT_SECRET,
     ENV_CREDENTIALS_DIRECTORY,
+    ENV_STORAGE_URL,
     _api_key,
     _encryption_key,
     _keys,
@@ -41,8 +42,9 @@ from qbo_daemon.config.values import (
     format_duration,
     parse_duration,
 )
+from qbo_daemon.core.dburl import postgres_url_problem
 from qbo_daemon.core.errors import ConfigError
-from qbo_daemon.core.models import Secret
+from qbo_daemon.core.models import ACCOUNT_ID_PATTERN, Secret
 
 __all__ = [
     "DEFAULT_API_BASES",
@@ -50,9 +52,11 @@ __all__ = [
     "ENV_CLIENT_ID",
     "ENV_CLIENT_SECRET",
     "ENV_CREDENTIALS_DIRECTORY",
+    "ENV_STORAGE_URL",
     "MASK",
     "ApiConfig",
     "CallbackConfig",
+    "ClusterConfig",
     "Config",
     "IntuitConfig",
     "LogConfig",
@@ -106,7 +110,7 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "read_timeout",
     ),
     "api": ("listen", "keys", "key_file", "max_connections", "read_timeout"),
-    "storage": ("path", "encryption_keys", "key_file", "attempts_keep"),
+    "storage": ("path", "url", "url_file", "encryption_keys", "key_file", "attempts_keep"),
     "refresh": (
         "lead",
         "concurrency",
@@ -118,10 +122,16 @@ _SCHEMA: Mapping[str, tuple[str, ...]] = {
         "hard_expiry_warning",
         "invalid_client_retry",
     ),
-    "log": ("format", "level"),
+    "log": ("format", "level", "access"),
     "notify": ("webhook_url", "secret", "secret_file", "timeout"),
+    "cluster": ("node_id",),
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - names, not a bind
+# The callback's default port sits beside the API's (8765), away from the ports web
+# frameworks take in development: 3000 (Rails, Next.js), 4000, 5000, 5173, 8000, 8080.
+# A host app run with `rails s` beside the daemon must not find its port taken.
+DEFAULT_CALLBACK_LISTEN = "127.0.0.1:8766"
+DEFAULT_REDIRECT_URI = "http://localhost:8766/accounts/oauth2_callback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +198,15 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """The SQLite database; ``encryption_keys`` are in padded url-safe base64."""
+    """Where accounts are kept; ``encryption_keys`` are in padded url-safe base64.
+
+    ``url`` None: the SQLite file at ``path`` (the default). A ``postgresql://``
+    URL: that database, shared by several daemons. The URL may hold a
+    password: it is a :class:`Secret`, shown only through ``redact_url``.
+    """
 
     path: Path
+    url: Secret | None
     encryption_keys: tuple[Secret, ...]  # the first encrypts, all decrypt
     attempts_keep: int  # rows kept in the refresh-attempts table
 
@@ -212,6 +228,8 @@ class RefreshConfig:
 class LogConfig:
     format: Literal["auto", "console", "json"]
     level: Literal["debug", "info", "warning", "error"]
+    # The level of per-request access lines; health checks and scrapes are never above debug.
+    access: Literal["info", "debug", "off"] = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +242,17 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """This daemon among several on one PostgreSQL database."""
+
+    node_id: str  # "" = host name and PID, resolved at start-up (:meth:`resolved_node_id`)
+
+    def resolved_node_id(self, *, host: str, pid: int) -> str:
+        """The configured id, or ``HOST:PID`` (each process its own) when none is set."""
+        return self.node_id or f"{host}:{pid}"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     intuit: IntuitConfig
     callback: CallbackConfig
@@ -232,6 +261,7 @@ class Config:
     refresh: RefreshConfig
     log: LogConfig
     notify: NotifyConfig
+    cluster: ClusterConfig
     source: Path | None  # the file it came from; None for built-in defaults
 
 
@@ -312,8 +342,13 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
                 Literal["debug", "info", "warning", "error"],
                 sections["log"].choice("level", "info", ("debug", "info", "warning", "error")),
             ),
+            access=cast(
+                Literal["info", "debug", "off"],
+                sections["log"].choice("access", "info", ("info", "debug", "off")),
+            ),
         ),
         notify=_notify(sections["notify"], sources),
+        cluster=_cluster(sections["cluster"]),
         source=path,
     )
 
@@ -325,7 +360,7 @@ def default_config(environ: Mapping[str, str] | None = None) -> Config:
 
 def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
     environment = section.choice("environment", "production", ("production", "sandbox"))
-    redirect_uri = section.url("redirect_uri", "http://localhost:3000/accounts/oauth2_callback")
+    redirect_uri = section.url("redirect_uri", DEFAULT_REDIRECT_URI)
     if urlsplit(redirect_uri).query:
         raise section.fail("redirect_uri", "must not have a ?query")
     scopes = section.strings("scopes")
@@ -356,7 +391,7 @@ def _intuit(section: _Section, sources: _Sources) -> IntuitConfig:
 
 
 def _callback(section: _Section, redirect_uri: str) -> CallbackConfig:
-    host, port = section.listen("listen", "127.0.0.1:3000")
+    host, port = section.listen("listen", DEFAULT_CALLBACK_LISTEN)
     return CallbackConfig(
         host=host,
         port=port,
@@ -392,11 +427,42 @@ def _storage(section: _Section, sources: _Sources) -> StorageConfig:
         raise section.fail("path", "must not be empty")
     return StorageConfig(
         path=Path(path),
+        url=_storage_url(section, sources),
         encryption_keys=_keys(
             section, "encryption_keys", sources, "encryption_key", _encryption_key
         ),
         attempts_keep=section.integer("attempts_keep", 100_000, 100, 2**62),
     )
+
+
+def _storage_url(section: _Section, sources: _Sources) -> Secret | None:
+    """``[storage] url`` from wherever it came (a secret: it may hold a password), checked.
+
+    An error names where the bad URL came from and never repeats it.
+    """
+    url = _secret(section, "url", sources, ENV_STORAGE_URL, "storage_url")
+    problem = None if url is None else postgres_url_problem(url.reveal())
+    if problem is None:
+        return url
+    file = section.file("url_file")
+    if section.optional("url") is not None:
+        raise section.fail("url", problem)
+    if file is not None:
+        raise section.fail("url_file", f"{file}: {problem}")
+    if sources.env(ENV_STORAGE_URL) is not None:
+        raise section.fail("url", f"${ENV_STORAGE_URL}: {problem}")
+    raise _error(str(sources.credential("storage_url")), section.name, "url", problem)
+
+
+def _cluster(section: _Section) -> ClusterConfig:
+    node_id = section.string("node_id", "")
+    if node_id and not ACCOUNT_ID_PATTERN.fullmatch(node_id):
+        raise section.fail(
+            "node_id",
+            "expected 1 to 128 characters: ASCII letters, digits and . _ : @ -, "
+            "starting with a letter or digit",
+        )
+    return ClusterConfig(node_id=node_id)
 
 
 def _refresh(section: _Section) -> RefreshConfig:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from qbo_daemon.config.load import _SCHEMA, Config
 from qbo_daemon.config.values import MASK, _toml_string, format_duration
+from qbo_daemon.core.dburl import redact_url
 from qbo_daemon.core.models import Secret
 
 _Renderable = (
@@ -47,7 +48,7 @@ def render_config(config: Config) -> str:
 
     ``client_id`` is masked too (it travels through the same channels as the
     secret), and so are a webhook URL's path and query, which often are its
-    credential. An unset value shows as ``""``.
+    credential, and the password of ``[storage] url``. An unset value shows as ``""``.
     """
     i, c, a, s, r, n = (
         config.intuit,
@@ -86,16 +87,22 @@ def render_config(config: Config) -> str:
         },
         "storage": {
             "path": s.path,
+            "url": redact_url(s.url.reveal()) if s.url else None,
             "encryption_keys": s.encryption_keys,
             "attempts_keep": s.attempts_keep,
         },
         "refresh": {name: getattr(r, name) for name in _SCHEMA["refresh"]},
-        "log": {"format": config.log.format, "level": config.log.level},
+        "log": {
+            "format": config.log.format,
+            "level": config.log.level,
+            "access": config.log.access,
+        },
         "notify": {
             "webhook_url": _masked_url(n.webhook_url),
             "secret": n.secret,
             "timeout": n.timeout,
         },
+        "cluster": {"node_id": config.cluster.node_id},
     }
     source = config.source if config.source is not None else "built-in defaults"
     lines = [f"# effective qbo-daemon configuration from {source}; secrets masked"]

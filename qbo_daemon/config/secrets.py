@@ -5,9 +5,9 @@ Where a secret comes from, first match wins:
 1. the TOML file: the value itself (``client_secret = "..."``) or its file
    (``client_secret_file = "/path"``); setting both is an error, ``""`` is unset;
 2. the environment: ``QBO_API_CLIENT_ID`` / ``QBO_API_CLIENT_SECRET`` (client
-   credentials only);
+   credentials) and ``QBO_STORAGE_URL`` (``[storage] url``);
 3. systemd credentials: ``$CREDENTIALS_DIRECTORY/client_id``, ``client_secret``,
-   ``api_key``, ``encryption_key``, ``webhook_secret``.
+   ``api_key``, ``encryption_key``, ``webhook_secret``, ``storage_url``.
 
 A single-value secret file holds the value on one line. A key file (API keys,
 encryption keys) holds one key per line; blank lines and ``#`` comments are
@@ -28,6 +28,7 @@ from qbo_daemon.core.models import Secret
 ENV_CLIENT_ID = "QBO_API_CLIENT_ID"
 ENV_CLIENT_SECRET = "QBO_API_CLIENT_SECRET"  # noqa: S105 - a variable name
 ENV_CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
+ENV_STORAGE_URL = "QBO_STORAGE_URL"
 
 
 class _Sources:

@@ -29,7 +29,7 @@ from qbo_daemon.core.errors import ConfigError
 MASK = "********"  # a set secret as the rendered configuration shows it
 # Keys whose values never appear in an error message.
 _SECRET_KEYS = frozenset(
-    {"client_secret", "keys", "encryption_keys", "secret", "webhook_url", "client_id"}
+    {"client_secret", "keys", "encryption_keys", "secret", "webhook_url", "client_id", "url"}
 )
 _MAX_DURATION = timedelta(days=36500)
 

@@ -23,6 +23,8 @@ from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
 from qbo_daemon.engine.outcome import OutcomeKind
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
+from qbo_daemon.engine.triggers import Trigger
+from qbo_daemon.engine.verify import refresh_once
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.store.port import AccountStore, AccountWrite, Imported
 
@@ -136,15 +138,32 @@ class AccountService:
 
     # -- changing --------------------------------------------------------------------
 
-    async def refresh_now(self, account_id: str) -> Account:
+    async def refresh_now(
+        self,
+        account_id: str,
+        *,
+        trigger: Trigger = "api",
+        unless_attempted_since: datetime | None = None,
+    ) -> Account:
         """Refresh now (single flight); the account after it.
 
+        With ``unless_attempted_since`` (``import --verify``), the first attempt
+        that started since then answers, if there was one (:mod:`engine.verify`).
         Raises :class:`AccountNotFoundError`, or :class:`UnavailableError`:
         ``unavailable`` or ``invalid_client`` (retried later by the timer),
         ``needs_reconnect`` or ``disconnected``.
         """
         await self._storage.load(account_id)  # unknown: not found, before anything else
-        outcome = await self._scheduler.refresh_now(account_id)
+        if unless_attempted_since is not None:
+            outcome = await refresh_once(
+                self._scheduler,
+                self._storage,
+                account_id,
+                since=unless_attempted_since,
+                trigger=trigger,
+            )
+        else:
+            outcome = await self._scheduler.refresh_now(account_id, trigger=trigger)
         if outcome.fresh and outcome.account is not None:
             return outcome.account
         if outcome.kind is OutcomeKind.INVALID_CLIENT:
@@ -207,7 +226,7 @@ class AccountService:
                 # A refresh that was in flight for a replaced account discards its result
                 # and drops the timer when it ends: let it end before setting the new timer.
                 await self._scheduler.wait_idle(imported.account_id)
-                self._scheduler.schedule_account(imported.account)
+                self._scheduler.schedule_account(imported.account, trigger="import")
                 log.debug("account.imported", account_id=imported.account_id)
                 if number % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # let refreshes and requests in between
@@ -215,7 +234,7 @@ class AccountService:
         now = self._clock.now()
         stored = [r.account for r in results if r.account is not None]
         log.info(
-            "accounts.imported",
+            "import.completed",
             count=len(stored),
             refreshing_now=sum(1 for a in stored if _due(a, now)),
             not_replaced=len(results) - len(stored),

@@ -155,6 +155,8 @@ class ConnectFlow:
         """Handle Intuit's redirect back to us. Bad input changes nothing."""
         state = query.get("state", "")
         if not _STATE_PATTERN.fullmatch(state):
+            # Never a state we issued (ours are 43 url-safe characters): made up or mangled.
+            log.warning("connect.state_forged", reason="malformed", length=len(state))
             return self._done(
                 ConnectResult(
                     "invalid_state",
@@ -183,7 +185,7 @@ class ConnectFlow:
         try:
             result = await self._claim_and_finish(state, answer, error, code, realm_id)
         except Exception as exc:  # a boundary: the browser gets a page, the log the cause
-            log.exception("connect.error", error=str(exc))
+            log.exception("connect.failed", error=str(exc))
             result = ConnectResult(
                 "error", 500, "Something went wrong", "The connection was not saved. Try again."
             )
@@ -201,7 +203,18 @@ class ConnectFlow:
             if exc.reason == "replayed":
                 return await self._earlier_outcome(state)
             if exc.reason == "used":
+                # Used already, and now with another code or answer: a replay, refused.
+                log.warning("connect.state_replayed", reason="used", first_outcome=None)
                 return _used()
+            if exc.reason == "unknown":
+                # Not issued here (or purged a day after it expired): forged, or another daemon's.
+                log.warning("connect.state_forged", reason="unknown")
+            else:
+                try:
+                    record = await self._storage.get_state(state)
+                except StorageError:
+                    record = None
+                log.info("connect.state_expired", account_id=record.account_id if record else None)
             return ConnectResult("invalid_state", 400, "This sign-in link cannot be used", str(exc))
         account_id = claim.account_id
         if error is not None:
@@ -209,7 +222,9 @@ class ConnectFlow:
             log.info("connect.denied", account_id=account_id, error=error[:64])
             return _denied(account_id)
         try:
-            result = await self._intuit.exchange_code(code, code_verifier=claim.code_verifier)
+            # The client's own lines (a garbled field in Intuit's answer) name the account too.
+            with structlog.contextvars.bound_contextvars(account_id=account_id):
+                result = await self._intuit.exchange_code(code, code_verifier=claim.code_verifier)
         except IntuitError as exc:
             await self._storage.finish_state(state, "exchange_failed")
             log.error(
@@ -257,7 +272,7 @@ class ConnectFlow:
             outcome = f"realm_{exc.reason}"
             await self._storage.finish_state(state, outcome)
             log.warning(
-                "connect.realm_conflict",
+                "connect.realm_disallowed",
                 account_id=account_id,
                 reason=exc.reason,
                 held_by=exc.holder,
@@ -283,7 +298,7 @@ class ConnectFlow:
             await self._storage.finish_state(state, "connected")
         except StorageError as exc:
             # Only a replayed callback would miss this note; the connection stands.
-            log.warning("connect.state_not_noted", account_id=account_id, error=str(exc))
+            log.warning("connect.state_note_failed", account_id=account_id, error=str(exc))
         return ConnectResult(
             "connected",
             200,
@@ -298,6 +313,13 @@ class ConnectFlow:
             record = await self._storage.get_state(state)
         except StorageError:
             record = None
+        # A state is single use: a second callback with it is a reload of the page at
+        # best, a replayed authorization code at worst. Either way no second exchange.
+        log.warning(
+            "connect.state_replayed",
+            account_id=record.account_id if record is not None else None,
+            first_outcome=record.outcome if record is not None else None,
+        )
         if record is not None and record.outcome == "connected":
             return ConnectResult(
                 "connected",

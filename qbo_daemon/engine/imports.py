@@ -10,6 +10,11 @@ check here is linear in the rows, and the daemon runs them off its event loop.
 A CSV export of the classic ``qbo_accounts`` table is read as it is:
 ``companyid`` is the realm id, and ``id``, ``created_at``, ``updated_at`` and
 ``reconnect_token_at`` are ignored (the daemon computes its own schedule).
+Any other column a real table has (``user_id``, ``company_name``, ...) is
+ignored too, and named in :attr:`SourceRow.ignored` so the report can say so;
+header names match in any case, and a table-qualified name
+(``qbo_accounts.companyid``) counts as its column. A literal ``NULL`` (or
+``\\N``) cell, as some exports write a null, is an empty cell.
 Times without an offset are UTC, as Rails writes them (``2024-05-01 09:30:00``).
 """
 
@@ -70,11 +75,13 @@ class SourceRow:
     """One row of an import file: its line number and its fields, names normalised.
 
     ``error`` says why a row could not be read at all (bad JSON, wrong column count).
+    ``ignored`` names the file's columns (or the line's keys) that were not used.
     """
 
     line: int
     fields: dict[str, Any]
     error: str | None = None
+    ignored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,19 +300,35 @@ def _detect(text: str, name: str) -> Format:
     return "jsonl" if text.lstrip().startswith("{") else "csv"
 
 
-def _normalise(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Map aliases to our names and drop the classic table's ignored columns."""
+def _column(key: object) -> str:
+    """Our name for a column or key: aliases mapped, any case, ``table.column`` as ``column``."""
+    name = str(key).strip().lower().rsplit(".", 1)[-1]
+    return ALIASES.get(name, name)
+
+
+def is_null(cell: str) -> bool:
+    """A CSV cell that stands for a null: empty, ``NULL`` or ``\\N`` (as some exports write)."""
+    text = cell.strip()
+    return not text or text.upper() == "NULL" or text == "\\N"
+
+
+def _normalise(raw: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Map aliases to our names; drop the classic table's ignored columns, and others
+    (returned, as spelled in the file)."""
     fields: dict[str, Any] = {}
+    ignored: list[str] = []
     for key, value in raw.items():
-        name = str(key).strip().lower()
-        name = ALIASES.get(name, name)
+        name = _column(key)
         if name in IGNORED_COLUMNS:
+            continue
+        if name not in IMPORT_FIELDS:
+            ignored.append(str(key))
             continue
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if name in ("account_id", "realm_id") and is_int and value >= 0:
             value = str(value)  # an integer tenant or company id in JSON
         fields[name] = value
-    return fields
+    return fields, tuple(ignored)
 
 
 def _jsonl_rows(text: str) -> list[SourceRow]:
@@ -321,13 +344,15 @@ def _jsonl_rows(text: str) -> list[SourceRow]:
         if not isinstance(data, dict):
             rows.append(SourceRow(number, {}, "expected a JSON object on this line"))
             continue
-        rows.append(SourceRow(number, _normalise(data)))
+        fields, ignored = _normalise(data)
+        rows.append(SourceRow(number, fields, ignored=ignored))
     return rows
 
 
 def _csv_rows(text: str) -> list[SourceRow]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
+    ignored: tuple[str, ...] = ()
     rows: list[SourceRow] = []
     next_line = 1
     try:
@@ -337,13 +362,22 @@ def _csv_rows(text: str) -> list[SourceRow]:
                 continue
             if header is None:
                 header = _header(record, line)
+                ignored = tuple(
+                    cell.strip()
+                    for cell, name in zip(record, header, strict=True)
+                    if not name and cell.strip()
+                )
                 continue
             if len(record) != len(header):
                 message = f"expected {len(header)} columns, found {len(record)}"
-                rows.append(SourceRow(line, {}, message))
+                rows.append(SourceRow(line, {}, message, ignored=ignored))
                 continue
-            raw = {name: cell for name, cell in zip(header, record, strict=True) if cell.strip()}
-            rows.append(SourceRow(line, _normalise(raw)))
+            raw = {
+                name: cell
+                for name, cell in zip(header, record, strict=True)
+                if name and not is_null(cell)
+            }
+            rows.append(SourceRow(line, _normalise(raw)[0], ignored=ignored))
     except csv.Error as exc:
         raise ImportFileError(f"line {reader.line_num}: not valid CSV: {exc}") from None
     if header is None:
@@ -352,22 +386,27 @@ def _csv_rows(text: str) -> list[SourceRow]:
 
 
 def _header(record: list[str], line: int) -> list[str]:
-    names = [ALIASES.get(cell.strip().lower(), cell.strip().lower()) for cell in record]
+    """Our name of each column, ``""`` for a column that is not used."""
     known = set(IMPORT_FIELDS) | IGNORED_COLUMNS
-    for name in names:
-        if name not in known:
-            accepted = ", ".join(sorted(known | set(ALIASES)))
-            raise ImportFileError(
-                f"line {line}: unknown column {name!r}; accepted columns: {accepted}"
-            )
+    names = [_column(cell) for cell in record]
     seen: set[str] = set()
     for name in names:
-        if name in seen:
+        if name in known and name in seen:
             raise ImportFileError(f"line {line}: column {name!r} appears twice")
         seen.add(name)
     missing = [name for name in REQUIRED_FIELDS if name not in seen]
     if missing:
+        unused = [
+            cell.strip() for cell, name in zip(record, names, strict=True) if name not in known
+        ]
+        found = f"; columns not used: {', '.join(unused)}" if unused else ""
         raise ImportFileError(
-            f"line {line}: missing column(s) {', '.join(missing)} (companyid is taken as realm_id)"
+            f"line {line}: missing column(s) {', '.join(missing)} "
+            f"(companyid is taken as realm_id){found}"
         )
-    return names
+    return [name if name in known else "" for name in names]
+
+
+def ignored_columns(rows: Iterable[SourceRow]) -> list[str]:
+    """Every column or key the rows did not use, once each, in the order first seen."""
+    return list(dict.fromkeys(name for row in rows for name in row.ignored))

@@ -216,13 +216,20 @@ class RefreshPolicy:
         return self._noted(account, AccountStatus.NEEDS_RECONNECT, reason, now)
 
     def disconnected(self, account: Account, *, now: datetime) -> Account:
-        """Disconnected: every token dropped, a tombstone kept, no timer."""
+        """Disconnected: every token dropped, a tombstone kept, no timer.
+
+        The tokens' times go too: an expiry of a token that no longer exists only
+        makes a dead connection look alive in a listing.
+        """
         return replace(
             account,
             status=AccountStatus.DISCONNECTED,
             access_token=None,
             refresh_token=None,
+            token_expires_at=None,
             reconnect_token_at=None,
+            refresh_token_expires_at=None,
+            refresh_token_hard_expires_at=None,
             updated_at=now,
         )
 

@@ -13,7 +13,7 @@ tokens' company: the account is marked ``needs_reconnect`` with a
 ``last_error`` that says so, its refresh token is revoked at Intuit (best
 effort: the tokens are of a company the app does not know), and the
 refresher reports it to the scheduler as a grant that cannot be used, which
-drops the timer and emits ``account.needs_reconnect``.
+drops the timer and emits ``account.reconnect_needed``.
 
 Its log lines name the account, not the realm.
 """
@@ -99,7 +99,7 @@ class RealmCheck:
         now = self._clock.now()
         if result.verdict is RealmVerdict.UNKNOWN:
             log.warning(
-                "realm.still_unverified",
+                "realm.verification_deferred",
                 account_id=account.account_id,
                 detail="checked again after the next refresh",
             )

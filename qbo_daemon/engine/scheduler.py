@@ -46,6 +46,7 @@ from qbo_daemon.engine.outcome import Outcome, OutcomeKind
 from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.state import AccountState, AccountStates, ClientPause, PauseState
+from qbo_daemon.engine.triggers import Trigger
 from qbo_daemon.intuit.parse import after
 from qbo_daemon.store.port import AccountStore, ScheduleEntry
 
@@ -86,6 +87,8 @@ class Scheduler:
         # The live heap entry of each scheduled account; any other entry is stale.
         self._current: dict[str, tuple[float, int, str]] = {}
         self._seq = itertools.count()
+        # Why a timer was set, where that is not simply "scheduled" (catch-up, import).
+        self._triggers: dict[str, Trigger] = {}
         self._pause = ClientPause()
         self._dispatch_slots = asyncio.Semaphore(_dispatch_width(concurrency))
         self._wakeup = asyncio.Event()
@@ -151,6 +154,8 @@ class Scheduler:
         now = self._clock.now()
         for entry in entries:
             self._check_hard_expiry(entry.account_id, entry.refresh_token_hard_expires_at, now)
+            if entry.reconnect_token_at <= now:
+                self._triggers[entry.account_id] = "catch_up"
         overdue = sum(1 for due, _, _ in self._heap if due <= now.timestamp())
         self._dispatcher = asyncio.create_task(self._dispatch(), name="scheduler")
         log.info("scheduler.started", scheduled=len(self._current), overdue=overdue)
@@ -166,33 +171,46 @@ class Scheduler:
             await asyncio.wait({self._dispatcher})
         tasks = list(self._states.in_flight())
         if tasks:
-            log.info("scheduler.draining", in_flight=len(tasks), grace=grace)
+            log.info("scheduler.drain_started", in_flight=len(tasks), grace=grace)
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("scheduler.drain_timeout", cancelled=len(pending))
+                log.warning("scheduler.refreshes_cancelled", cancelled=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         log.info("scheduler.stopped")
 
     # -- scheduling --------------------------------------------------------------
 
-    def schedule(self, account_id: str, due: datetime) -> None:
+    def schedule(self, account_id: str, due: datetime, *, trigger: Trigger = "scheduled") -> None:
         """(Re)schedule ``account_id`` at ``due``; replaces any earlier timer."""
         entry = (due.timestamp(), next(self._seq), account_id)
         self._current[account_id] = entry
         heapq.heappush(self._heap, entry)
+        if trigger == "scheduled":
+            self._triggers.pop(account_id, None)
+        else:
+            self._triggers[account_id] = trigger
         self._wakeup.set()
-        log.debug("refresh.scheduled", account_id=account_id, due=iso(due))
+        log.debug("refresh.scheduled", account_id=account_id, due=iso(due), trigger=trigger)
 
-    def schedule_account(self, account: Account) -> None:
-        """Time a newly stored, reconnected or imported account (or drop its timer)."""
+    def schedule_account(self, account: Account, *, trigger: Trigger = "scheduled") -> None:
+        """Time a newly stored, reconnected or imported account (or drop its timer).
+
+        ``trigger`` names what asked, for a refresh due at once (an import
+        without a live access token); a later one is simply ``scheduled``.
+        """
         state = self._states.get(account.account_id)
         if state is not None:
             state.recovered()  # a new connection: earlier failures were another's
             self._states.forget_if_idle(account.account_id)
-        if account.status.scheduled and account.reconnect_token_at is not None:
-            self.schedule(account.account_id, account.reconnect_token_at)
+        due = account.reconnect_token_at
+        if account.status.scheduled and due is not None:
+            self.schedule(
+                account.account_id,
+                due,
+                trigger=trigger if due <= self._clock.now() else "scheduled",
+            )
             self._check_hard_expiry(
                 account.account_id, account.refresh_token_hard_expires_at, self._clock.now()
             )
@@ -202,6 +220,7 @@ class Scheduler:
     def unschedule(self, account_id: str) -> None:
         if self._current.pop(account_id, None) is not None:
             log.debug("refresh.unscheduled", account_id=account_id)
+        self._triggers.pop(account_id, None)
         state = self._states.get(account_id)
         if state is not None:
             state.recovered()
@@ -219,17 +238,25 @@ class Scheduler:
 
     # -- asking for a refresh ----------------------------------------------------
 
-    async def refresh_now(self, account_id: str) -> Outcome:
-        """Refresh now (an operator asks), single flight: join an attempt in flight."""
+    async def refresh_now(
+        self, account_id: str, *, trigger: Trigger = "api", seen_version: int | None = None
+    ) -> Outcome:
+        """Refresh now (an operator asks), single flight: join an attempt in flight.
+
+        ``trigger`` is logged with an attempt this call starts; a joined one keeps
+        its own. ``seen_version`` as in :meth:`Refresher.attempt`.
+        """
         state = self._states.get(account_id)
         if state is not None and state.attempt is not None:
             return await asyncio.shield(state.attempt)
         refusal = self._refusal()
         if refusal is not None:
             return refusal
-        return await asyncio.shield(self._start(account_id))
+        return await asyncio.shield(
+            self._start(account_id, trigger=trigger, seen_version=seen_version)
+        )
 
-    async def refresh_for_token(self, account: Account) -> Outcome:
+    async def refresh_for_token(self, account: Account, *, trigger: Trigger = "api") -> Outcome:
         """A fresh token is wanted: ``account``, as the reader loaded it, has none worth serving.
 
         Joins an attempt in flight. While a failure's backoff runs, a token that
@@ -255,9 +282,11 @@ class Scheduler:
                     None,
                     message="Intuit failed; the next try waits for its backoff",
                 )
-        return await asyncio.shield(self._start(account_id, seen_version=account.version))
+        return await asyncio.shield(
+            self._start(account_id, trigger=trigger, seen_version=account.version)
+        )
 
-    def refresh_in_background(self, account_id: str) -> None:
+    def refresh_in_background(self, account_id: str, *, trigger: Trigger = "api") -> None:
         """A valid token inside the lead was served: refresh it, unless one is under way."""
         state = self._states.get(account_id)
         if state is not None and (
@@ -265,7 +294,7 @@ class Scheduler:
         ):
             return
         if self._refusal() is None:
-            self._start(account_id)
+            self._start(account_id, trigger=trigger)
 
     async def wait_idle(self, account_id: str) -> None:
         """Wait until no refresh of ``account_id`` is in flight."""
@@ -292,13 +321,14 @@ class Scheduler:
         self,
         account_id: str,
         *,
+        trigger: Trigger,
         due: float | None = None,
         slot: asyncio.Semaphore | None = None,
         seen_version: int | None = None,
     ) -> asyncio.Task[Outcome]:
         self._pause.starting(account_id)
         task = asyncio.create_task(
-            self._run(account_id, due, seen_version), name=f"refresh:{account_id}"
+            self._run(account_id, due, seen_version, trigger), name=f"refresh:{account_id}"
         )
         self._states.began(account_id, task)
         self._states.of(account_id).started = self._clock.monotonic()
@@ -312,8 +342,11 @@ class Scheduler:
         task.add_done_callback(done)
         return task
 
-    async def _run(self, account_id: str, due: float | None, seen_version: int | None) -> Outcome:
-        structlog.contextvars.bind_contextvars(account_id=account_id)
+    async def _run(
+        self, account_id: str, due: float | None, seen_version: int | None, trigger: Trigger
+    ) -> Outcome:
+        # The task's own context: every line of this attempt names the account and the asker.
+        structlog.contextvars.bind_contextvars(account_id=account_id, trigger=trigger)
         due_at = datetime.fromtimestamp(due, self._clock.now().tzinfo) if due else None
         try:
             outcome = await self._refresher.attempt(
@@ -322,7 +355,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a boundary: a database fault must not kill the timer
-            log.exception("refresh.error", error=str(exc))
+            log.exception("refresh.crashed", error=str(exc))
             # A probe that failed this way proved nothing; the next due account probes.
             self._pause.inconclusive(account_id, self._clock.now().timestamp(), retry=None)
             self._wakeup.set()
@@ -356,7 +389,7 @@ class Scheduler:
         elif kind in (OutcomeKind.INVALID_GRANT, OutcomeKind.REFRESH_TOKEN_EXPIRED):
             self.unschedule(account_id)
             self._events.emit(
-                "account.needs_reconnect",
+                "account.reconnect_needed",
                 account_id,
                 reason=outcome.reason,
                 intuit_tid=outcome.error.intuit_tid if outcome.error else None,
@@ -376,7 +409,7 @@ class Scheduler:
         kind = outcome.kind
         if kind in (OutcomeKind.SUCCESS, OutcomeKind.INVALID_GRANT):
             if self._pause.accepted():
-                log.info("intuit.credentials_ok", detail="refreshes resume")
+                log.info("intuit.credentials_accepted", detail="refreshes resume")
                 self._metrics.set_healthy(True)
                 self._wakeup.set()
         elif kind is not OutcomeKind.INVALID_CLIENT:
@@ -422,7 +455,7 @@ class Scheduler:
         self._metrics.retry_scheduled()
         error = outcome.error if outcome else None
         log.warning(
-            "refresh.retrying",
+            "refresh.retry_scheduled",
             attempt=state.failures,
             delay=round(delay, 3),
             error=reason,
@@ -437,7 +470,7 @@ class Scheduler:
         self._metrics.set_healthy(False)
         log_method = log.error if first else log.warning
         log_method(
-            "intuit.invalid_client",
+            "intuit.client_refused",
             error=outcome.reason,
             intuit_tid=outcome.error.intuit_tid if outcome.error else None,
             detail="refreshes are paused; no account is marked; retrying",
@@ -459,7 +492,9 @@ class Scheduler:
                 self._states.forget_if_idle(account_id)
         elif state is None or not state.hard_expiry_warned:
             self._states.of(account_id).hard_expiry_warned = True
-            self._events.emit("account.hard_expiry_soon", account_id, hard_expires_at=iso(hard))
+            self._events.emit(
+                "account.hard_expiry_approached", account_id, hard_expires_at=iso(hard)
+            )
 
     # -- the dispatcher ----------------------------------------------------------------
 
@@ -506,11 +541,12 @@ class Scheduler:
                     continue
                 due, _, account_id = heapq.heappop(self._heap)
                 del self._current[account_id]
+                trigger = self._triggers.pop(account_id, "scheduled")
                 if self._in_flight(account_id):
                     # An API refresh is already under way; its result reschedules.
                     slot.release()
                     continue
-                self._start(account_id, due=due, slot=slot)
+                self._start(account_id, trigger=trigger, due=due, slot=slot)
                 continue
             wait = self._max_wait
             if self._heap and self._pause.state is not PauseState.PROBING:

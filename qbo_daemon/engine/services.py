@@ -82,6 +82,6 @@ class Services:
         try:
             await self.count_accounts()
         except StorageError as exc:
-            log.warning("metrics.accounts_stale", error=str(exc))
+            log.warning("metric.update_failed", error=str(exc))
         self.metrics.set_next_due(self.scheduler.next_due_in())
         return self.metrics.render()

@@ -22,11 +22,12 @@ import structlog
 from aiohttp import web
 
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
-from qbo_daemon.core.models import ACCOUNT_ID_RULE, iso, valid_account_id
+from qbo_daemon.core.models import ACCOUNT_ID_RULE, iso, parse_iso, valid_account_id
 from qbo_daemon.engine.accounts import Imported, ImportInterruptedError
 from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
 from qbo_daemon.engine.imports import Checked, FieldError, Rejected, check_batch, parse_item
 from qbo_daemon.engine.services import Services
+from qbo_daemon.engine.triggers import Trigger
 from qbo_daemon.http.jsonbody import CollectorPause, dumps_object, loads_object
 from qbo_daemon.http.openapi import openapi_document
 
@@ -37,6 +38,8 @@ MAX_BODY = 64 * 1024
 MAX_IMPORT_BODY = 32 * 1024 * 1024
 MAX_IMPORT_ROWS = 100_000
 MAX_ROTATE_BATCH = 10_000
+# How the qbo-daemon command introduces itself, so its refreshes log trigger "cli".
+CLI_USER_AGENT = "qbo-daemon-cli/"
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
 # The status page (qbo_daemon.http.ui) signs people in with its own session cookie.
 UI_PREFIX = "/ui"
@@ -102,10 +105,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(409, "key_mismatch", str(exc))
     except CryptoError as exc:
         # The message names a key id at most, never a key.
-        log.error("api.crypto_error", error=str(exc), path=request.path)
+        log.error("api.decryption_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "encryption_key", str(exc))
     except StorageError as exc:
-        log.error("api.storage_error", error=str(exc), path=request.path)
+        log.error("api.storage_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(503, "storage_unavailable", "the database cannot be used right now")
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -113,7 +116,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = (exc.reason or "error").lower().replace(" ", "_")
         return error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
     except Exception as exc:  # a boundary: answer, and log the cause
-        log.exception("api.error", error=str(exc), path=request.path)
+        log.exception("api.request_failed", error=str(exc), path=request.path, **_about(request))
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
@@ -192,7 +195,14 @@ async def _token(request: web.Request) -> web.Response:
 
 async def _refresh(request: web.Request) -> web.Response:
     accounts = request.app[SERVICES].accounts
-    account = await accounts.refresh_now(_account_id(request))
+    account_id = _account_id(request)
+    since = _time_param(request, "unless_attempted_since")
+    if since is not None:  # import --verify: the first attempt since the import answers
+        account = await accounts.refresh_now(
+            account_id, trigger="import", unless_attempted_since=since
+        )
+    else:
+        account = await accounts.refresh_now(account_id, trigger=_asker(request))
     return web.json_response(accounts.describe(account))
 
 
@@ -319,7 +329,7 @@ async def _rotate_keys(request: web.Request) -> web.Response:
             400, "invalid_field", "expected_key_id: expected a string", "expected_key_id"
         )
     done, remaining, primary = await services.accounts.rotate_keys(batch, expected_key_id=expected)
-    log.info("keys.rotated_batch", reencrypted=done, remaining=remaining, key_id=primary)
+    log.info("key_rotation.batch_completed", reencrypted=done, remaining=remaining, key_id=primary)
     return web.json_response(
         {"reencrypted": done, "remaining": remaining, "primary_key_id": primary}
     )
@@ -335,6 +345,35 @@ def _account_id(request: web.Request) -> str:
             400, "invalid_account_id", f"account_id must be {ACCOUNT_ID_RULE}", "account_id"
         )
     return account_id
+
+
+def _about(request: web.Request) -> dict[str, str]:
+    """``account_id`` for a log line, when the route names a valid one."""
+    account_id = request.match_info.get("account_id", "")
+    return {"account_id": account_id} if valid_account_id(account_id) else {}
+
+
+def _asker(request: web.Request) -> Trigger:
+    """``cli`` for the ``qbo-daemon`` command (its User-Agent), else ``api``."""
+    return "cli" if request.headers.get("User-Agent", "").startswith(CLI_USER_AGENT) else "api"
+
+
+def _time_param(request: web.Request, name: str) -> datetime | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        when = parse_iso(text)
+    except ValueError:
+        when = None
+    if when is None:
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{name}: expected an ISO 8601 time such as 2024-05-01T09:30:00Z",
+            name,
+        )
+    return when
 
 
 async def _json_object(

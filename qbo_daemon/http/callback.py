@@ -102,7 +102,7 @@ async def _error_pages(request: web.Request, handler: Handler) -> web.StreamResp
             page.headers["Allow"] = exc.headers["Allow"]
         return page
     except Exception as exc:  # a boundary: our page, and the cause in the log
-        log.exception("callback.error", error=repr(exc))
+        log.exception("callback.request_failed", error=repr(exc))
         return error_page(500)
 
 

@@ -35,5 +35,5 @@ def oauth_query(items: Iterable[tuple[str, str]]) -> dict[str, str]:
             query[name] = given[0]
     if conflicting:
         # Names only: the values are codes and states.
-        log.warning("callback.conflicting_parameters", parameters=sorted(conflicting))
+        log.warning("callback.parameters_rejected", parameters=sorted(conflicting))
     return query

@@ -243,7 +243,7 @@ class Listener:
         suppressed = self._full.due()
         if suppressed is not None:
             log.warning(
-                "listener.full",
+                "listener.cap_reached",
                 listener=self.name,
                 max_connections=self.limits.max_connections,
                 evicted=suppressed + 1,
@@ -369,7 +369,7 @@ class _Connection(web.RequestHandler):
             self.log_exception("Error handling request", exc_info=exc)
         else:
             log.debug(
-                "listener.bad_request",
+                "listener.request_rejected",
                 listener=self._listener.name,
                 status=status,
                 error=message or (str(exc) if exc else None),

@@ -383,6 +383,20 @@ _PATHS: dict[str, Any] = {
 }
 
 
+# `import --verify`: the first attempt since the import answers, instead of a new one.
+_PATHS["/v1/accounts/{account_id}/refresh"]["post"]["parameters"].append(
+    {
+        "name": "unless_attempted_since",
+        "in": "query",
+        "required": False,
+        "description": "An ISO 8601 time. If a refresh of this account started at or after "
+        "it (the one in flight, or one already finished), answer with that attempt's outcome "
+        "instead of starting another: each account is refreshed once however many ask.",
+        "schema": {"type": "string", "format": "date-time"},
+    }
+)
+
+
 def openapi_document() -> dict[str, Any]:
     """A fresh copy of the document (callers may change it)."""
     return copy.deepcopy(

@@ -323,7 +323,7 @@ def _parse_tokens(
             # Not a token Intuit could have issued (a space, a control character, a
             # lone surrogate): read as absent, as a garbled lifetime is.
             log.warning(
-                "intuit.invalid_field", field="refresh_token", intuit_tid=tid, detail="ignored"
+                "intuit.field_ignored", field="refresh_token", intuit_tid=tid, detail="ignored"
             )
         if previous_refresh_token is None:
             raise TransientIntuitError(
@@ -373,7 +373,7 @@ def _lifetime(
         return None
     life = parse.lifetime(value, maximum)
     if life is None:
-        log.warning("intuit.invalid_field", field=field, intuit_tid=tid, detail="taken as absent")
+        log.warning("intuit.field_ignored", field=field, intuit_tid=tid, detail="taken as absent")
     return life
 
 

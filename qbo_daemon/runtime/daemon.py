@@ -31,6 +31,7 @@ from datetime import timedelta
 import aiohttp
 import structlog
 
+from qbo_daemon import __version__
 from qbo_daemon.config.load import Config
 from qbo_daemon.core.clock import Clock, SystemClock
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
@@ -56,7 +57,7 @@ from qbo_daemon.http.listener import (
 from qbo_daemon.http.ui.app import mount_ui
 from qbo_daemon.intuit.client import IntuitClient
 from qbo_daemon.intuit.company import CompanyInfoClient
-from qbo_daemon.runtime.logs import AccessLogger, configure_logging
+from qbo_daemon.runtime.logs import AccessLevel, access_logger_class, configure_logging
 from qbo_daemon.runtime.supervisor import Supervisor, TaskDiedError
 from qbo_daemon.runtime.systemd import SystemdNotifier
 from qbo_daemon.runtime.webhooks import WebhookNotifier
@@ -121,6 +122,7 @@ class Daemon:
         if interval is not None:
             self._max_wait = max(0.05, min(DISPATCHER_MAX_WAIT, interval))
             self._stale_after = self._max_wait + 2 * interval
+        self._access = AccessLevel(config.log.access)
 
     async def run(self, stop: asyncio.Event) -> None:
         supervisor = Supervisor(stop)
@@ -143,7 +145,7 @@ class Daemon:
         config = self.config
         if config.refresh.shutdown_grace <= config.intuit.timeout:
             log.warning(
-                "config.shutdown_grace_short",
+                "config.shutdown_grace_flagged",
                 shutdown_grace=config.refresh.shutdown_grace.total_seconds(),
                 intuit_timeout=config.intuit.timeout.total_seconds(),
                 detail="a refresh Intuit answers during a shutdown may be cut off and a "
@@ -190,8 +192,13 @@ class Daemon:
             assert listener.task is not None
             supervisor.watch(f"listener:{listener.name}", listener.task)
 
+        # Where the CLI finds us, even after a reload changed [api] listen in the file.
+        lock.advertise(config.api.url)
         log.info(
-            "daemon.ready",
+            "daemon.started",
+            version=__version__,
+            database=str(config.storage.path.resolve()),
+            accounts=await services.storage.status_counts(),
             accounts_scheduled=scheduled,
             api=config.api.url,
             callback=f"http://{config.callback.host}:{config.callback.port}{config.callback.path}",
@@ -206,7 +213,7 @@ class Daemon:
         reloader = supervisor.start("reloader", self._reloader())
         self.ready.set()
         failure = await supervisor.wait()
-        log.info("daemon.stopping", reason=f"{failure} stopped" if failure else "asked")
+        log.info("daemon.shutdown_started", reason=f"{failure} stopped" if failure else "asked")
         self._systemd.stopping()
         await self._finish_reloads(reloader)
         await supervisor.aclose()
@@ -304,7 +311,7 @@ class Daemon:
                     host,
                     port,
                     limits,
-                    access_log_class=AccessLogger,
+                    access_log_class=access_logger_class(self._access),
                     shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
                     error_page=page,
                 )
@@ -325,7 +332,7 @@ class Daemon:
         limit = raise_open_file_limit(wanted)
         if limit < wanted:
             log.warning(
-                "daemon.open_file_limit_low",
+                "daemon.file_limit_flagged",
                 limit=limit,
                 wanted=wanted,
                 detail="full listeners could run the daemon out of file descriptors; lower "
@@ -439,7 +446,7 @@ class Daemon:
     async def reload(self, config: Config) -> None:
         """Apply what can change live (SIGHUP); name what needs a restart."""
         async with self._reload_lock:
-            log.info("daemon.reloading")
+            log.info("daemon.reload_started")
             await self._reload(config)
 
     async def _reload(self, config: Config) -> None:
@@ -451,6 +458,7 @@ class Daemon:
             cipher = load_cipher(config.storage.encryption_keys, old.storage.path)
             await services.storage.verify_keys(cipher)
         configure_logging(config.log.format, config.log.level)
+        self._access.value = config.log.access
         restart_needed = [
             name
             for name, before, after in (
@@ -469,6 +477,7 @@ class Daemon:
                     for key in ("max_connections", "read_timeout")
                 ),
                 ("[storage] path", old.storage.path, config.storage.path),
+                ("[storage] url", old.storage.url, config.storage.url),
                 ("[intuit] redirect_uri", old.intuit.redirect_uri, config.intuit.redirect_uri),
                 (
                     "[callback] success_redirect",
@@ -515,7 +524,10 @@ class Daemon:
                     old.callback, allow_shared_realm=config.callback.allow_shared_realm
                 ),
                 storage=replace(
-                    config.storage, path=old.storage.path, attempts_keep=old.storage.attempts_keep
+                    config.storage,
+                    path=old.storage.path,
+                    url=old.storage.url,
+                    attempts_keep=old.storage.attempts_keep,
                 ),
                 refresh=replace(config.refresh, shutdown_grace=old.refresh.shutdown_grace),
                 intuit=replace(config.intuit, redirect_uri=old.intuit.redirect_uri),
@@ -526,10 +538,19 @@ class Daemon:
         log.info(
             "daemon.reloaded",
             log_level=config.log.level,  # "level" is the record's own level
+            access_log=config.log.access,
             api_key_count=len(config.api.keys),  # "*_keys" would be redacted by name
             encryption_key_count=len(config.storage.encryption_keys),
             restart_needed=restart_needed or None,
         )
+        if restart_needed:
+            log.warning(
+                "daemon.restart_needed",
+                settings=restart_needed,
+                detail="these changed settings keep their old values until the daemon is "
+                "restarted (systemctl restart qbo-daemon); the CLI finds the API where it "
+                "still listens",
+            )
 
 
 def _listen_error(config: Config, section: str, host: str, port: int, exc: OSError) -> Exception:

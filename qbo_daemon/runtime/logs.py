@@ -28,7 +28,8 @@ one shape. The processors, in order, and why:
 
 aiohttp's default access log prints the request line, query string included,
 and the OAuth callback's query carries ``code`` and ``state``: use
-:class:`AccessLogger` (``AppRunner(app, access_log_class=AccessLogger)``).
+:class:`AccessLogger` (``AppRunner(app, access_log_class=access_logger_class(setting))``),
+at the level ``[log] access`` names.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
-from typing import Any, Final, TextIO
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, TextIO
 
 import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
+
+from qbo_daemon.core.models import valid_account_id
 
 REDACTED: Final = "[redacted]"
 
@@ -301,28 +305,72 @@ def reset_logging() -> None:
     structlog.reset_defaults()
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One ``http.request`` line per request: method, path without the query, status,
-    duration_ms, remote. The query is left out because the OAuth callback's carries
-    ``code`` and ``state``; headers are left out because the API's carry keys.
+@dataclass
+class AccessLevel:
+    """The ``[log] access`` setting (``info``, ``debug`` or ``off``), shared with the
+    listeners' access loggers: a reload changes ``value`` and they follow."""
 
-    Use with ``web.AppRunner(app, access_log_class=AccessLogger)``.
+    value: str = "info"
+
+
+# Health checks and scrapes come every few seconds: never above debug, whatever the setting.
+PROBE_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One ``http.request_served`` line per request: method, path without the query, status,
+    duration_ms, remote, and the ``account_id`` of the route when it names one. The
+    query is left out because the OAuth callback's carries ``code`` and ``state``;
+    headers are left out because the API's carry keys.
+
+    The level is ``[log] access`` (:class:`AccessLevel`): info (the default), debug,
+    or off; ``PROBE_PATHS`` are logged at debug at most. Use with
+    ``web.AppRunner(app, access_log_class=access_logger_class(setting))``
+    (``AccessLogger`` itself logs at info).
     """
 
     __slots__ = ()
+    setting: ClassVar[AccessLevel | None] = None
+
+    def _level(self, path: str) -> int | None:
+        value = self.setting.value if self.setting is not None else "info"
+        if value == "off":
+            return None
+        if value == "debug" or path in PROBE_PATHS:
+            return logging.DEBUG
+        return logging.INFO
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            "http.request",
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000, 3),
-                "remote": request.remote,
-            },
-        )
+        level = self._level(request.path)
+        if level is None or not self.logger.isEnabledFor(level):
+            return
+        extra: dict[str, object] = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "duration_ms": round(time * 1000, 3),
+            "remote": request.remote,
+        }
+        match_info = getattr(request, "match_info", None)
+        account_id = match_info.get("account_id") if match_info is not None else None
+        if valid_account_id(account_id):
+            extra["account_id"] = account_id
+        self.logger.log(level, "http.request_served", extra=extra)
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        """Whether any line can come out (aiohttp asks once per connection)."""
+        value = self.setting.value if self.setting is not None else "info"
+        if value == "off":
+            return False
+        return self.logger.isEnabledFor(logging.DEBUG if value == "debug" else logging.INFO)
+
+
+def access_logger_class(setting: AccessLevel) -> type[AccessLogger]:
+    """An :class:`AccessLogger` that follows ``setting`` (aiohttp makes the instances)."""
+
+    class ConfiguredAccessLogger(AccessLogger):
+        __slots__ = ()
+
+    ConfiguredAccessLogger.setting = setting
+    return ConfiguredAccessLogger

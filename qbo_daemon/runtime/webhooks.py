@@ -1,7 +1,7 @@
 """Account events: always logged, optionally POSTed (signed) to the host app.
 
-Events: ``account.connected``, ``account.needs_reconnect``,
-``account.recovered``, ``account.disconnected``, ``account.hard_expiry_soon``,
+Events: ``account.connected``, ``account.reconnect_needed``,
+``account.recovered``, ``account.disconnected``, ``account.hard_expiry_approached``,
 ``account.realm_changed`` (a reconnect moved the account to another company,
 as its authorize-url request allowed; ``data.realm_id`` and
 ``data.previous_realm_id``).
@@ -14,7 +14,7 @@ Delivery
 --------
 ``POST <url>`` with ``Content-Type: application/json`` and the body::
 
-    {"id": "<uuid4>", "event": "account.needs_reconnect", "account_id": "acme",
+    {"id": "<uuid4>", "event": "account.reconnect_needed", "account_id": "acme",
      "occurred_at": "2025-01-31T12:00:00.000000Z", "data": {...}}
 
 ``id`` is the same on every retry of one event: receivers deduplicate on it.
@@ -73,17 +73,17 @@ from qbo_daemon.runtime.supervisor import Supervisor
 EVENTS = frozenset(
     {
         "account.connected",
-        "account.needs_reconnect",
+        "account.reconnect_needed",
         "account.recovered",
         "account.disconnected",
-        "account.hard_expiry_soon",
+        "account.hard_expiry_approached",
         "account.realm_changed",
     }
 )
 # Events an operator must act on are logged as warnings, the rest as info.
 # A connection the user must redo is an error an operator must see; an expiry ahead is a warning.
-_ERROR_EVENTS = frozenset({"account.needs_reconnect"})
-_WARNING_EVENTS = frozenset({"account.hard_expiry_soon", "account.realm_changed"})
+_ERROR_EVENTS = frozenset({"account.reconnect_needed"})
+_WARNING_EVENTS = frozenset({"account.hard_expiry_approached", "account.realm_changed"})
 _SECRET_NAME = re.compile(r"token|secret|code|key|password|credential", re.IGNORECASE)
 # Names the log call itself uses, or that change what structlog does.
 _RESERVED_NAMES = frozenset({"event", "account_id", "exc_info", "stack_info"})
@@ -187,7 +187,7 @@ class WebhookNotifier:
         if self._url is None:
             return
         if self._closed:
-            _log.warning("webhook.dropped_after_close", webhook_event=event, account_id=account_id)
+            _log.warning("webhook.late_event_dropped", webhook_event=event, account_id=account_id)
             return
         delivery_id = str(uuid.uuid4())
         payload = {
@@ -216,7 +216,7 @@ class WebhookNotifier:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
         if undelivered:
-            _log.warning("webhook.undelivered_at_shutdown", undelivered=undelivered)
+            _log.warning("webhook.queue_abandoned", undelivered=undelivered)
 
     def _clean(self, event: str, fields: dict[str, object]) -> dict[str, Any]:
         """Fields safe to log and send: secret-looking names and Secret values are dropped."""
@@ -238,7 +238,7 @@ class WebhookNotifier:
             dropped = self._queue.get_nowait()
             self._queue.task_done()
             _log.warning(
-                "webhook.queue_full_dropped_oldest",
+                "webhook.oldest_dropped",
                 webhook_event=dropped.event,
                 account_id=dropped.account_id,
                 delivery_id=dropped.id,
@@ -269,7 +269,12 @@ class WebhookNotifier:
                 await self._deliver(delivery)
             except Exception:
                 # A bug here must not cost a worker: the queue would stall.
-                _log.exception("webhook.delivery_error", delivery_id=delivery.id)
+                _log.exception(
+                    "webhook.delivery_crashed",
+                    webhook_event=delivery.event,
+                    account_id=delivery.account_id,
+                    delivery_id=delivery.id,
+                )
             finally:
                 self._in_flight -= 1
                 self._queue.task_done()
@@ -305,8 +310,9 @@ class WebhookNotifier:
                 break
             delay = self._backoff(attempt)
             _log.info(
-                "webhook.retry",
+                "webhook.retry_scheduled",
                 webhook_event=delivery.event,
+                account_id=delivery.account_id,
                 delivery_id=delivery.id,
                 attempt=attempt,
                 error=failure,
@@ -314,7 +320,7 @@ class WebhookNotifier:
             )
             await self._clock.sleep(delay)
         _log.warning(
-            "webhook.gave_up",
+            "webhook.delivery_abandoned",
             webhook_event=delivery.event,
             account_id=delivery.account_id,
             delivery_id=delivery.id,

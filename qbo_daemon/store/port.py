@@ -137,6 +137,10 @@ class AccountStore(Protocol):
 
     async def status_counts(self) -> dict[str, int]: ...
 
+    async def attempts(self, account_id: str | None = None, limit: int = 100) -> list[Attempt]:
+        """The newest attempts first, of one account or of all."""
+        ...
+
     # -- writing -----------------------------------------------------------------
 
     async def commit(self, write: AccountWrite) -> Account:

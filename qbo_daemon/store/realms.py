@@ -34,6 +34,7 @@ async def check_realm(
 ) -> str | None:
     """Raise :class:`RealmConflictError` if the rules refuse; else the account's previous
     realm when this connection changes it (None when new or the same)."""
+    holder = None
     if not policy.allow_shared:
         digests = cipher.digests(realm_id, purpose=REALM_DIGEST_PURPOSE)
         cursor = await conn.execute(
@@ -42,21 +43,40 @@ async def check_realm(
             "AND status != 'disconnected' LIMIT 1",
             (*digests, account_id),
         )
-        holder = await cursor.fetchone()
-        if holder is not None:
-            raise RealmConflictError(
-                "shared",
-                f"the company is already connected under account id {holder['account_id']!r} "
-                "([callback] allow_shared_realm is false)",
-                holder=str(holder["account_id"]),
-            )
+        found = await cursor.fetchone()
+        holder = None if found is None else str(found["account_id"])
     cursor = await conn.execute("SELECT realm_id FROM accounts WHERE account_id = ?", (account_id,))
     row = await cursor.fetchone()
-    if row is None or row["realm_id"] is None:
+    stored = None if row is None else row["realm_id"]
+    return judge_realm(cipher, account_id, realm_id, policy, holder=holder, stored_realm=stored)
+
+
+def judge_realm(
+    cipher: Cipher,
+    account_id: str,
+    realm_id: str,
+    policy: RealmPolicy,
+    *,
+    holder: str | None,
+    stored_realm: str | None,
+) -> str | None:
+    """The rules, once the caller has read the rows (no I/O; both backends use it).
+
+    ``holder``: another account id, not disconnected, holding the realm (looked
+    up only when sharing is not allowed); ``stored_realm``: the account's
+    ``realm_id`` column as stored (encrypted), None when new. Raises
+    :class:`RealmConflictError`, or returns the previous realm when it changes.
+    """
+    if holder is not None and not policy.allow_shared:
+        raise RealmConflictError(
+            "shared",
+            f"the company is already connected under account id {holder!r} "
+            "([callback] allow_shared_realm is false)",
+            holder=holder,
+        )
+    if stored_realm is None:
         return None
-    previous = cipher.decrypt(
-        row["realm_id"], table="accounts", column="realm_id", row_key=account_id
-    )
+    previous = cipher.decrypt(stored_realm, table="accounts", column="realm_id", row_key=account_id)
     if previous == realm_id:
         return None
     if not policy.allow_change:

@@ -44,6 +44,8 @@ from qbo_daemon.store.port import (
 )
 from qbo_daemon.store.realms import check_realm
 from qbo_daemon.store.rows import (
+    INSERT_ACCOUNT,
+    INSERT_COLUMNS,
     NOTE_COLUMNS,
     SELECT_ACCOUNTS,
     TOKEN_COLUMNS,
@@ -274,6 +276,19 @@ class Storage:
         return await self._db.run_transaction(
             partial(write_import, prepared=prepared, replace_existing=replace_existing)
         )
+
+    async def insert_accounts(self, accounts: Sequence[Account]) -> int:
+        """New accounts in one transaction and one statement: all or nothing.
+
+        The bulk path (tools loading many accounts at once): no round trip per row,
+        but an existing ``account_id`` fails the whole batch instead of being
+        replaced. Returns how many accounts were stored.
+        """
+        cipher = self._cipher
+        rows = [account_values(cipher, replace(a, version=1), INSERT_COLUMNS) for a in accounts]
+        async with self._db.transaction() as conn:
+            await conn.executemany(INSERT_ACCOUNT, rows)
+        return len(rows)
 
     async def existing_account_ids(self, account_ids: Sequence[str]) -> set[str]:
         """Which of ``account_ids`` are stored (a snapshot: for reports, not for writes)."""

@@ -23,9 +23,21 @@ from qbo_daemon.store.port import ClaimedState, StateRecord
 from qbo_daemon.store.schema import sha256_hex
 from qbo_daemon.store.sqlite import Database
 
-__all__ = ["MAX_PENDING", "ClaimedState", "OAuthStates", "StateRecord", "answer_hash"]
+__all__ = [
+    "FORGET_AFTER",
+    "MAX_PENDING",
+    "ClaimedState",
+    "OAuthStates",
+    "StateRecord",
+    "answer_hash",
+    "open_verifier",
+    "refusal",
+    "seal_verifier",
+]
 
 MAX_PENDING = 10
+# States this long past their expiry are deleted when a new one is created.
+FORGET_AFTER = timedelta(days=1)
 
 _TABLE = "oauth_states"
 _VERIFIER = "code_verifier"
@@ -36,6 +48,40 @@ def answer_hash(code: str | None, error: str | None) -> str:
     if error is not None:
         return sha256_hex(f"error\0{error}")
     return sha256_hex(f"code\0{code or ''}")
+
+
+def seal_verifier(cipher: Cipher, code_verifier: str, state_hash: str) -> str:
+    """A PKCE verifier as stored: encrypted, bound to its state's row (both backends)."""
+    return cipher.encrypt(code_verifier, table=_TABLE, column=_VERIFIER, row_key=state_hash)
+
+
+def open_verifier(cipher: Cipher, sealed: str, state_hash: str) -> str:
+    """The verifier :func:`seal_verifier` stored for ``state_hash``; DecryptionError if moved."""
+    return cipher.decrypt(sealed, table=_TABLE, column=_VERIFIER, row_key=state_hash)
+
+
+def refusal(
+    *,
+    found: bool,
+    used: bool,
+    first_answer: str | None,
+    answer: str,
+    expires_at: datetime | None,
+    now: datetime,
+) -> OAuthStateError | None:
+    """Why a callback may not claim a state (None: it may): the rules both backends apply.
+
+    ``unknown``; ``replayed`` (used before, by this same answer) or ``used``
+    (by another answer); ``expired``.
+    """
+    if not found:
+        return OAuthStateError("unknown", "This sign-in link is not known. Start connecting again.")
+    if used:
+        reason = "replayed" if first_answer == answer else "used"
+        return OAuthStateError(reason, "This sign-in link has already been used.")
+    if expires_at is None or expires_at <= now:
+        return OAuthStateError("expired", "This sign-in link has expired. Start connecting again.")
+    return None
 
 
 class OAuthStates:
@@ -59,13 +105,11 @@ class OAuthStates:
         state_hash = sha256_hex(state)
         verifier = None
         if code_verifier is not None:
-            verifier = cipher.encrypt(
-                code_verifier, table=_TABLE, column=_VERIFIER, row_key=state_hash
-            )
+            verifier = seal_verifier(cipher, code_verifier, state_hash)
         async with self._db.transaction() as conn:
             # Forget states long past their expiry so the table stays small.
             await conn.execute(
-                "DELETE FROM oauth_states WHERE expires_at < ?", (iso(now - timedelta(days=1)),)
+                "DELETE FROM oauth_states WHERE expires_at < ?", (iso(now - FORGET_AFTER),)
             )
             cursor = await conn.execute(
                 "DELETE FROM oauth_states WHERE rowid IN (SELECT rowid FROM oauth_states "
@@ -105,23 +149,20 @@ class OAuthStates:
                 (state_hash,),
             )
             row = await cursor.fetchone()
-            if row is None:
-                raise OAuthStateError(
-                    "unknown", "This sign-in link is not known. Start connecting again."
-                )
-            if row["used_at"] is not None:
-                reason = "replayed" if row["answer_hash"] == answer else "used"
-                raise OAuthStateError(reason, "This sign-in link has already been used.")
-            expires_at = parse_iso(row["expires_at"])
-            if expires_at is None or expires_at <= now:
-                raise OAuthStateError(
-                    "expired", "This sign-in link has expired. Start connecting again."
-                )
+            refused = refusal(
+                found=row is not None,
+                used=row is not None and row["used_at"] is not None,
+                first_answer=None if row is None else row["answer_hash"],
+                answer=answer,
+                expires_at=None if row is None else parse_iso(row["expires_at"]),
+                now=now,
+            )
+            if refused is not None:
+                raise refused
+            assert row is not None  # refusal() refuses a state not found
             verifier = row["code_verifier"]
             if verifier is not None:
-                verifier = cipher.decrypt(
-                    verifier, table=_TABLE, column=_VERIFIER, row_key=state_hash
-                )
+                verifier = open_verifier(cipher, verifier, state_hash)
             await conn.execute(
                 "UPDATE oauth_states SET used_at = ?, answer_hash = ? WHERE state_hash = ?",
                 (iso(now), answer, state_hash),

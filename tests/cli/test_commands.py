@@ -235,6 +235,7 @@ def test_import_a_classic_qbo_accounts_csv_then_list_and_show(
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
         "ACCOUNT",
+        "REALM",
         "STATUS",
         "EXPIRES",
         "IN",
@@ -246,7 +247,8 @@ def test_import_a_classic_qbo_accounts_csv_then_list_and_show(
     ]
     table = {line.split()[0]: line for line in lines[1:] if line.startswith("csv-")}
     assert set(table) == {"csv-1", "csv-2", "csv-3"}
-    assert re.match(r"csv-1\s+active\s+(59m|1h)\s+in \d+m\s+0\s+-$", table["csv-1"])
+    realm = grants[0]["realm_id"]
+    assert re.match(rf"csv-1\s+{realm}\s+active\s+(59m|1h)\s+in \d+m\s+0\s+-$", table["csv-1"])
     assert re.search(r"^\d+ accounts: .*\d+ active", result.stdout, re.M)
     for grant in grants:
         for secret in (grant["access_token"], grant["refresh_token"]):
@@ -302,7 +304,10 @@ def test_import_json_lines_from_stdin_dry_run_and_a_bad_file(
     bad.write_text("account,realm_id,refresh_token\n", encoding="utf-8")
     result = cli("import", str(bad), config=daemon.config)
     assert result.returncode == 2
-    assert result.stderr.startswith("qbo-daemon: error: line 1: unknown column 'account'")
+    assert result.stderr.startswith(
+        "qbo-daemon: error: line 1: missing column(s) account_id (companyid is taken as "
+        "realm_id); columns not used: account"
+    )
 
 
 def test_an_export_with_one_placeholder_token_prints_a_bounded_report(

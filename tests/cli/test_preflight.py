@@ -160,9 +160,13 @@ def test_risky_settings_are_warned_about_by_check_config_and_run(tmp_path: Path)
 
     logged = run_until_ready(config)
     seen = [
-        (line["setting"], line["detail"]) for line in logged if line["event"] == "config.warning"
+        (line["setting"], line["detail"])
+        for line in logged
+        if line["event"] == "config.setting_flagged"
     ]
-    assert all(line["level"] == "warning" for line in logged if line["event"] == "config.warning")
+    assert all(
+        line["level"] == "warning" for line in logged if line["event"] == "config.setting_flagged"
+    )
     assert [f"{s}: {d}" if s else d for s, d in seen] == warnings
     for secret in ("short-api-key", short_secret):
         assert secret not in json.dumps(logged)
@@ -188,7 +192,7 @@ def test_a_new_database_is_logged_at_warning_level_with_its_path(tmp_path: Path)
 
 
 def run_until_ready(config: Path) -> list[dict[str, object]]:
-    """``run`` until ``daemon.ready``, then SIGTERM; its JSON log lines."""
+    """``run`` until ``daemon.started``, then SIGTERM; its JSON log lines."""
     process = subprocess.Popen(
         [*QBO, "run", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -203,7 +207,7 @@ def run_until_ready(config: Path) -> list[dict[str, object]]:
             raw = process.stdout.readline()
             assert raw, f"the daemon exited early: {lines}"
             lines.append(json.loads(raw))
-            if lines[-1]["event"] == "daemon.ready":
+            if lines[-1]["event"] == "daemon.started":
                 break
         else:
             pytest.fail("the daemon did not become ready")

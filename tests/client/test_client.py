@@ -211,7 +211,7 @@ async def test_askers_at_once_share_one_call_to_the_daemon(
     asks = [
         e
         for e in lines
-        if e["event"] == "http.request" and e.get("path") == "/v1/accounts/acme/token"
+        if e["event"] == "http.request_served" and e.get("path") == "/v1/accounts/acme/token"
     ]
     assert len(asks) == 1, f"{kind}: {len(asks)} calls to the daemon"
     assert running.api_key not in stream.getvalue()

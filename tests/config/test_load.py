@@ -55,7 +55,7 @@ def test_defaults() -> None:
     assert config.intuit.environment == "production"
     assert config.intuit.client_id == ""
     assert not config.intuit.client_secret
-    assert config.intuit.redirect_uri == "http://localhost:3000/accounts/oauth2_callback"
+    assert config.intuit.redirect_uri == "http://localhost:8766/accounts/oauth2_callback"
     assert config.intuit.scopes == ("com.intuit.quickbooks.accounting",)
     assert config.intuit.authorization_endpoint == "https://appcenter.intuit.com/connect/oauth2"
     assert (
@@ -66,7 +66,7 @@ def test_defaults() -> None:
         == "https://developer.api.intuit.com/v2/oauth2/tokens/revoke"
     )
     assert config.intuit.timeout == timedelta(seconds=30)
-    assert (config.callback.host, config.callback.port) == ("127.0.0.1", 3000)
+    assert (config.callback.host, config.callback.port) == ("127.0.0.1", 8766)
     assert config.callback.path == "/accounts/oauth2_callback"
     assert config.callback.success_redirect is None
     assert (config.api.host, config.api.port, config.api.keys) == ("127.0.0.1", 8765, ())
@@ -145,7 +145,21 @@ format = "auto"                 # auto | console | json
 level = "info"
 """,
     )
-    assert dataclasses.replace(config, source=None) == default_config()
+    # design.md still shows the callback on 3000; our default moved off `rails s`'s port.
+    assert (config.callback.port, config.intuit.redirect_uri) == (
+        3000,
+        "http://localhost:3000/accounts/oauth2_callback",
+    )
+    defaults = default_config()
+    assert (
+        dataclasses.replace(
+            config,
+            source=None,
+            callback=defaults.callback,
+            intuit=dataclasses.replace(config.intuit, redirect_uri=defaults.intuit.redirect_uri),
+        )
+        == defaults
+    )
 
 
 def test_a_full_file(tmp_path: Path) -> None:
@@ -285,7 +299,7 @@ def test_unpadded_encryption_key_is_stored_padded(tmp_path: Path) -> None:
         ('[callback]\nlisten = "[nope]:3000"', '[callback] listen: expected "HOST:PORT"'),
         ('[callback]\nlisten = "bad host:3000"', '[callback] listen: expected "HOST:PORT"'),
         (
-            '[api]\nlisten = "0.0.0.0:3000"',
+            '[api]\nlisten = "0.0.0.0:8766"',
             "[api] listen: overlaps [callback] listen; give them different ports",
         ),
         (

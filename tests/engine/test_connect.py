@@ -703,7 +703,7 @@ async def test_logs_never_carry_a_code_state_or_token(
     assert failure["intuit_tid"] == faulted.intuit_tid
     assert any(e["event"] == "connect.denied" and e["account_id"] == "beta" for e in events)
     # The access log shows the callback path, never its query.
-    requests = [e for e in events if e["event"] == "http.request"]
+    requests = [e for e in events if e["event"] == "http.request_served"]
     assert any(e["path"] == running.config.callback.path for e in requests)
 
 

@@ -197,7 +197,7 @@ async def test_a_realm_refused_at_refresh_needs_reconnect_with_a_clear_error(
     assert running.services.scheduler.due_at("acme") is None
     status, body = await running.api("GET", "/v1/accounts/acme/token")
     assert (status, body["error"]) == (409, "needs_reconnect")
-    [event] = events(events_log, "account.needs_reconnect")
+    [event] = events(events_log, "account.reconnect_needed")
     assert event["account_id"] == "acme"
     assert "Intuit did not confirm" in event["reason"]
     # The tokens (of a company the app does not know) are revoked at Intuit.

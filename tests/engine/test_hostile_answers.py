@@ -201,7 +201,7 @@ async def test_a_retry_after_past_the_cap_waits_backoff_max_and_the_timer_stays(
     retry_at = world.scheduler.due_at("acme")
     assert retry_at is not None, "the account's timer vanished"
     assert timedelta(0) < retry_at - world.clock.now() <= timedelta(seconds=BACKOFF_MAX)
-    [line] = world.logs.lines("refresh.retrying", account_id="acme")
+    [line] = world.logs.lines("refresh.retry_scheduled", account_id="acme")
     assert 0 < line["delay"] <= BACKOFF_MAX
 
     await advance_to(world.daemon, world.clock, retry_at)

@@ -17,6 +17,7 @@ from qbo_daemon.engine.imports import (
     FieldError,
     ImportFileError,
     check_rows,
+    ignored_columns,
     item_json,
     parse_item,
     read_file,
@@ -84,7 +85,11 @@ def test_csv_line_numbers_count_blank_lines_and_quoted_newlines() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("account_id,realm_id,refresh_tokn\n", "line 1: unknown column 'refresh_tokn'"),
+        (
+            "account_id,realm_id,refresh_tokn\n",
+            "line 1: missing column(s) refresh_token (companyid is taken as realm_id); "
+            "columns not used: refresh_tokn",
+        ),
         ("account_id,refresh_token\n", "line 1: missing column(s) realm_id"),
         ("account_id,companyid,realm_id,refresh_token\n", "column 'realm_id' appears twice"),
         ("", "the file is empty"),
@@ -106,12 +111,16 @@ def test_json_lines_report_each_bad_line() -> None:
             '{"account_id": "bad id", "realm_id": "1", "refresh_token": "rt-b"}',
         ]
     )
-    good, bad = check_rows(read_rows(text), now=NOW)
-    assert [(c.position, c.item.account_id, c.item.realm_id) for c in good] == [(1, "7", "123")]
+    rows = read_rows(text)
+    good, bad = check_rows(rows, now=NOW)
+    assert [(c.position, c.item.account_id, c.item.realm_id) for c in good] == [
+        (1, "7", "123"),
+        (4, "a", "1"),  # a key the daemon does not use is ignored, and named
+    ]
+    assert ignored_columns(rows) == ["colour"]
     messages = {r.position: r.message for r in bad}
     assert messages[2].startswith("not valid JSON")
     assert messages[3] == "expected a JSON object on this line"
-    assert messages[4] == "colour: unknown field"
     assert messages[5] == "refresh_token: expected a string"
     assert messages[6].startswith("account_id: must be 1 to 128 characters")
 

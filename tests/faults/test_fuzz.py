@@ -184,7 +184,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzEnv]:
         yield FuzzEnv(sim, daemon, used, expired, pending)
         assert daemon.alive, "the daemon died during the fuzzing"
         assert daemon.terminate() == 0
-        crashes = [e for e in daemon.events() if e.get("event") in ("api.error", "connect.error")]
+        crashes = [
+            e for e in daemon.events() if e.get("event") in ("api.request_failed", "connect.failed")
+        ]
         assert not crashes, crashes
     finally:
         daemon.close()

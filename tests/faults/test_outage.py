@@ -158,7 +158,7 @@ def attempt_times(log: list[dict[str, Any]], began: float, ended: float) -> dict
 
 def check_backoff_in_daemon_log(daemon: DaemonProcess) -> None:
     """Every retry delay stays within the cap (or Retry-After); once expired, at least half."""
-    retries = [e for e in daemon.events() if e.get("event") == "refresh.retrying"]
+    retries = [e for e in daemon.events() if e.get("event") == "refresh.retry_scheduled"]
     assert retries
     for event in retries:
         delay = float(event["delay"])

@@ -41,7 +41,7 @@ def schema_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzEnv]:
         yield FuzzEnv(sim, daemon, used, used, used)
         assert daemon.alive, "the daemon died during the schema run"
         assert daemon.terminate() == 0
-        crashes = [e for e in daemon.events() if e.get("event") == "api.error"]
+        crashes = [e for e in daemon.events() if e.get("event") == "api.request_failed"]
         assert not crashes, crashes
     finally:
         daemon.close()

@@ -511,7 +511,7 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
         assert body["error"] == "needs_reconnect"
         assert account.status is AccountStatus.NEEDS_RECONNECT
         assert setup.daemon.services.scheduler.due_at("acme") is None
-        assert "account.needs_reconnect" in events
+        assert "account.reconnect_needed" in events
         seen = "`needs_reconnect`, timer stopped"
     else:
         # The refresh token was neither lost nor replaced; the access token is still good.
@@ -519,7 +519,7 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
         assert account.status is AccountStatus.ACTIVE
         assert account.refresh_token == before.refresh_token
         assert account.access_token == before.access_token
-        assert "account.needs_reconnect" not in events
+        assert "account.reconnect_needed" not in events
         assert_alive(setup, "acme")
         status, token = await setup.api("GET", "/v1/accounts/acme/token")
         assert status == 200, token
@@ -529,13 +529,13 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
             assert not setup.daemon.services.scheduler.credentials_ok
             status, _ = await setup.api("GET", "/readyz")
             assert status == 503
-            assert "intuit.invalid_client" in events
+            assert "intuit.client_refused" in events
             seen = "paused, not marked, token still served; resumed by the probe"
             # The timed probe (invalid_client_retry = 1 s) finds the credentials good again.
             await wait_for(lambda: setup.daemon.services.scheduler.credentials_ok)
         else:
             assert body["error"] == "unavailable"
-            assert "refresh.retrying" in events
+            assert "refresh.retry_scheduled" in events
             seen = "transient: retried with backoff, tokens kept, token still served"
         # The server is well again: the account refreshes and goes on.
         status, body = await setup.api("POST", "/v1/accounts/acme/refresh")

@@ -169,7 +169,7 @@ async def _run_briefly(config: Path) -> list[dict[str, object]]:
                 assert raw, f"the daemon exited early: {lines}"
                 line = json.loads(raw)
                 lines.append(line)
-                if line.get("event") == "daemon.ready":
+                if line.get("event") == "daemon.started":
                     break
         process.terminate()
         rest, _ = await asyncio.wait_for(process.communicate(), 60)

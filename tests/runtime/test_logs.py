@@ -395,7 +395,7 @@ async def test_access_logger_drops_the_query(stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=stream)
     await _serve_and_get(stream, web.AppRunner(_app(), access_log_class=AccessLogger))
     assert "SECRETCODE" not in stream.getvalue()
-    (line,) = [line for line in _lines(stream) if line["event"] == "http.request"]
+    (line,) = [line for line in _lines(stream) if line["event"] == "http.request_served"]
     assert line["logger"] == "aiohttp.access"
     assert line["method"] == "GET"
     assert line["path"] == "/cb"

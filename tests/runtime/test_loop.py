@@ -33,7 +33,7 @@ async def test_the_daemon_runs_and_says_so_on_uvloop(daemon_factory: StartDaemon
 
     [selected] = [line for line in lines if line.get("event") == "loop.selected"]
     assert selected["loop"] == "uvloop"
-    assert any(line.get("event") == "daemon.ready" for line in lines)
+    assert any(line.get("event") == "daemon.started" for line in lines)
 
 
 def test_without_uvloop_auto_falls_back_and_insisting_fails(

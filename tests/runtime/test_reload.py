@@ -269,7 +269,7 @@ async def test_sighup_reloads_log_level_and_api_keys_and_sigterm_stops(
         scheduled = await daemon.event("refresh.scheduled", account_id="late")
         assert scheduled["level"] == "debug"
         await daemon.event("refresh.succeeded", account_id="late")
-        await daemon.event("http.request", path="/v1/accounts/late/tokens")
+        await daemon.event("http.request_served", path="/v1/accounts/late/tokens")
 
     before = daemon.lines[: daemon.index(reloaded)]
     # A warning that a new database was made, then the failed reload: nothing else.
@@ -278,7 +278,7 @@ async def test_sighup_reloads_log_level_and_api_keys_and_sigterm_stops(
         "daemon.reload_failed",
     ]
     assert not [line for line in daemon.lines if line.get("account_id") == "early"]
-    assert not any(line.get("event") == "daemon.ready" for line in daemon.lines)
+    assert not any(line.get("event") == "daemon.started" for line in daemon.lines)
 
     daemon.send(signal.SIGTERM)
     async with asyncio.timeout(START_TIMEOUT):

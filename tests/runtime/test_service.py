@@ -396,7 +396,7 @@ async def test_webhooks_from_real_daemon_events(
     simulator.inject("invalid_grant", 1)
     status, _ = await running.api("POST", "/v1/accounts/beta/refresh")
     assert status == 409
-    await wait_for(lambda: "account.needs_reconnect" in hooks.events())
+    await wait_for(lambda: "account.reconnect_needed" in hooks.events())
 
     # A transient failure, then the timer's retry succeeds: recovered.
     simulator.inject("503", 1)
@@ -412,13 +412,13 @@ async def test_webhooks_from_real_daemon_events(
     await wait_for(lambda: "account.disconnected" in hooks.events())
 
     delivered = {d["event"]: d for d in hooks.delivered()}
-    assert delivered["account.needs_reconnect"]["account_id"] == "beta"
+    assert delivered["account.reconnect_needed"]["account_id"] == "beta"
     assert delivered["account.recovered"]["account_id"] == "acme"
     assert delivered["account.recovered"]["data"]["after_failures"] == 1
     assert delivered["account.disconnected"]["account_id"] == "acme"
     # A hard expiry ahead and a change of company have tests of their own.
     assert sorted(delivered) == sorted(
-        EVENTS - {"account.hard_expiry_soon", "account.realm_changed"}
+        EVENTS - {"account.hard_expiry_approached", "account.realm_changed"}
     )
     assert hooks.events().count("account.connected") == 2
 

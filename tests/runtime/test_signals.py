@@ -64,7 +64,7 @@ def test_a_second_sigterm_cuts_a_slow_shutdown_short(
         daemon.close()
     assert code == 128 + signal.SIGTERM
     assert exited_after < 2.0
-    forced = events(daemon, "daemon.forced_exit")
+    forced = events(daemon, "daemon.exit_forced")
     assert len(forced) == 1
     assert forced[0]["level"] == "warning"
     assert forced[0]["refreshes_abandoned"] == 1
@@ -85,7 +85,7 @@ def test_a_second_sigterm_cuts_a_slow_shutdown_short(
         "forced-exit",
         f'A refresh hanging on a silent Intuit, `shutdown_grace = "5s"`: a second SIGTERM '
         f"0.5 s into the drain exited {exited_after * 1000:.0f} ms later with status {code} "
-        "and a `daemon.forced_exit` warning; the next start found the account and "
+        "and a `daemon.exit_forced` warning; the next start found the account and "
         "refreshed it.",
     )
 
@@ -145,15 +145,15 @@ def test_reloads_run_one_at_a_time_and_a_shutdown_waits_for_one(
         sequence = [
             e["event"]
             for e in daemon.events()
-            if e.get("event") in ("daemon.reloading", "daemon.reloaded")
+            if e.get("event") in ("daemon.reload_started", "daemon.reloaded")
         ]
-        assert sequence == ["daemon.reloading", "daemon.reloaded"] * 2
+        assert sequence == ["daemon.reload_started", "daemon.reloaded"] * 2
 
         # A slow reload again, and SIGTERM while it runs: the shutdown waits for it.
         connect(daemon, "beta")
         point_webhook_at("d")
         daemon.signal(signal.SIGHUP)
-        wait_until(lambda: len(events(daemon, "daemon.reloading")) == 3, timeout=5, what="3rd")
+        wait_until(lambda: len(events(daemon, "daemon.reload_started")) == 3, timeout=5, what="3rd")
         daemon.signal(signal.SIGTERM)
         code = daemon.wait(timeout=30)
     finally:
@@ -162,7 +162,9 @@ def test_reloads_run_one_at_a_time_and_a_shutdown_waits_for_one(
     assert code == 0
     names = [e.get("event") for e in daemon.events()]
     assert names.count("daemon.reloaded") == 3
-    assert names.index("daemon.stopping") < len(names) - 1 - names[::-1].index("daemon.reloaded")
+    assert names.index("daemon.shutdown_started") < len(names) - 1 - names[::-1].index(
+        "daemon.reloaded"
+    )
     assert names[-1] == "daemon.stopped"
     assert not [line for line in daemon.lines if "Traceback" in line or "destroyed" in line]
 

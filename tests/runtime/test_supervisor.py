@@ -100,7 +100,7 @@ def test_a_listener_broken_from_outside_ends_the_daemon_with_a_critical_line(
     assert died[0]["task"] == "listener:callback"
     assert "Invalid argument" in died[0]["error"]
     events = [e.get("event") for e in daemon.events()]
-    assert events.index("supervisor.task_died") < events.index("daemon.stopping")
+    assert events.index("supervisor.task_died") < events.index("daemon.shutdown_started")
     assert events[-1] == "daemon.stopped"
     errors = [line for line in daemon.lines if line.startswith("qbo-daemon: error:")]
     assert len(errors) == 1, errors
@@ -140,7 +140,7 @@ async def test_a_supervised_task_that_ends_stops_the_daemon_and_fails_it(
         ("critical", task, "cancelled")
     ]
     events = [line["event"] for line in logs]
-    assert events.index("supervisor.task_died") < events.index("daemon.stopping")
+    assert events.index("supervisor.task_died") < events.index("daemon.shutdown_started")
     assert events[-1] == "daemon.stopped"
 
 

@@ -183,7 +183,7 @@ async def test_retries_after_failures_then_delivers_once(
         backoff_initial=2.0,
         rng=random.Random(7),
     )
-    notifier.emit("account.needs_reconnect", "acme", error="invalid_grant")
+    notifier.emit("account.reconnect_needed", "acme", error="invalid_grant")
     await drive(clock, receiver.delivered.is_set)
     await notifier.aclose(5)
 
@@ -198,12 +198,12 @@ async def test_retries_after_failures_then_delivers_once(
     # Signed anew on each attempt, with the injected clock's time.
     assert timestamps[0] == int(START.timestamp())
     assert timestamps == sorted(timestamps)
-    retries = named(logs, "webhook.retry")
+    retries = named(logs, "webhook.retry_scheduled")
     assert [entry["error"] for entry in retries] == ["HTTP 503", "TimeoutError"]
     assert retries[0]["retry_in"] <= 2.0
     assert retries[1]["retry_in"] <= 4.0
-    assert not named(logs, "webhook.gave_up")
-    [event_log] = named(logs, "account.needs_reconnect")
+    assert not named(logs, "webhook.delivery_abandoned")
+    [event_log] = named(logs, "account.reconnect_needed")
     assert event_log["log_level"] == "error", "a connection the user must redo is an error"
     assert event_log["error"] == "invalid_grant"
 
@@ -226,17 +226,17 @@ async def test_gives_up_after_max_attempts(
         rng=random.Random(1),
     )
     notifier.emit("account.disconnected", "acme")
-    await drive(clock, lambda: bool(named(logs, "webhook.gave_up")))
+    await drive(clock, lambda: bool(named(logs, "webhook.delivery_abandoned")))
     await notifier.aclose(1)
 
-    retries = named(logs, "webhook.retry")
+    retries = named(logs, "webhook.retry_scheduled")
     assert [entry["attempt"] for entry in retries] == [1, 2, 3]
     assert all(entry["error"] == "ClientConnectorError" for entry in retries)
     assert all(0.0 <= entry["retry_in"] <= 15.0 for entry in retries)
-    [gave_up] = named(logs, "webhook.gave_up")
+    [gave_up] = named(logs, "webhook.delivery_abandoned")
     assert gave_up["attempts"] == 4
     assert gave_up["log_level"] == "warning"
-    assert not named(logs, "webhook.undelivered_at_shutdown")
+    assert not named(logs, "webhook.queue_abandoned")
 
 
 async def test_secret_fields_are_neither_sent_nor_logged(
@@ -268,14 +268,14 @@ async def test_secret_fields_are_neither_sent_nor_logged(
 async def test_disabled_still_logs(logs: list[EventDict]) -> None:
     notifier = WebhookNotifier(None, None, None, clock=ManualClock(START))
     assert not notifier.enabled
-    notifier.emit("account.hard_expiry_soon", "acme", days_left=30)
+    notifier.emit("account.hard_expiry_approached", "acme", days_left=30)
     notifier.emit("account.connected", "globex")
     assert notifier.pending == 0
     await asyncio.wait_for(notifier.aclose(5), 1)
 
-    [soon] = named(logs, "account.hard_expiry_soon")
+    [soon] = named(logs, "account.hard_expiry_approached")
     assert soon == {
-        "event": "account.hard_expiry_soon",
+        "event": "account.hard_expiry_approached",
         "account_id": "acme",
         "days_left": 30,
         "log_level": "warning",
@@ -297,7 +297,7 @@ async def test_full_queue_drops_the_oldest(
     await notifier.aclose(5)
 
     assert [request.json["account_id"] for request in receiver.requests] == ["second", "third"]
-    [dropped] = named(logs, "webhook.queue_full_dropped_oldest")
+    [dropped] = named(logs, "webhook.oldest_dropped")
     assert dropped["account_id"] == "first"
 
 
@@ -314,10 +314,10 @@ async def test_close_is_bounded(
     started = loop.time()
     await notifier.aclose(0.3)
     assert loop.time() - started < 2
-    [undelivered] = named(logs, "webhook.undelivered_at_shutdown")
+    [undelivered] = named(logs, "webhook.queue_abandoned")
     assert undelivered["undelivered"] == 2
     notifier.emit("account.connected", "late")
-    assert named(logs, "webhook.dropped_after_close")
+    assert named(logs, "webhook.late_event_dropped")
 
 
 async def test_refuses_bad_use(session: aiohttp.ClientSession) -> None:

@@ -1,9 +1,8 @@
-"""The storage port on SQLite, against real files and real AES-GCM keys.
+"""Storage against real SQLite files and real AES-GCM keys: what only SQLite has.
 
 Every check reads what an operator would read: the rows (with the sqlite3
 module, not through Storage), the file's bytes and mode, the error message.
-What is written is decided as the engine decides it (its policy), and goes
-through the port's methods only.
+The behaviour both backends share is tested on both in test_shared.py.
 """
 
 from __future__ import annotations
@@ -20,26 +19,21 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from qbo_daemon.core.errors import (
-    AccountNotFoundError,
     DatabaseLockedError,
-    DecryptionError,
-    MissingKeyError,
-    OAuthStateError,
     StaleWriteError,
     StorageError,
 )
-from qbo_daemon.core.models import Account, AccountStatus, ImportItem, TokenSet
+from qbo_daemon.core.models import Account, AccountStatus, TokenSet
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.repository import (
     Attempt,
-    ClaimedState,
     DatabaseLock,
     StateRecord,
     Storage,
@@ -49,9 +43,6 @@ from qbo_daemon.store.states import answer_hash
 from tests.harness import attempts
 from tests.store.writes import (
     LEAD,
-    forget_tokens,
-    import_accounts,
-    record_failure,
     save_connection,
     save_refresh,
 )
@@ -166,18 +157,6 @@ async def test_new_database_is_wal_full_current_and_private(
     # The database and its WAL companions hold account data: owner only, from the start.
     for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
         assert mode(path) == 0o600, (path, oct(mode(path)))
-
-
-async def test_reopen_is_idempotent(db_path: Path, cipher: Cipher) -> None:
-    first = await Storage.open(db_path, cipher)
-    await connect(first)
-    await first.close()
-    second = await Storage.open(db_path, cipher)
-    try:
-        assert (await second.load("acct-1")).refresh_token == REFRESH
-        assert query(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    finally:
-        await second.close()
 
 
 # -- migrations ---------------------------------------------------------------
@@ -317,92 +296,6 @@ async def test_a_file_that_is_not_a_database_is_refused_without_leaking(
 # -- accounts -----------------------------------------------------------------
 
 
-async def test_save_connection_round_trip_and_utc_text(storage: Storage, db_path: Path) -> None:
-    local_now = NOW.astimezone(timezone(timedelta(hours=2)))  # same instant, not UTC
-    saved = await save_connection(storage, "acct-1", REALM, tokens(at=local_now), now=local_now)
-    loaded = await storage.load("acct-1")
-    assert loaded == saved
-    assert loaded.id > 0
-    assert (loaded.realm_id, loaded.access_token, loaded.refresh_token) == (
-        REALM,
-        ACCESS,
-        REFRESH,
-    )
-    assert loaded.status is AccountStatus.ACTIVE
-    assert loaded.version == 1
-    assert loaded.token_expires_at == NOW + HOUR
-    assert loaded.token_expires_at.tzinfo is UTC
-    assert loaded.reconnect_token_at == NOW + HOUR - LEAD
-
-    stored = row(
-        db_path,
-        "acct-1",
-        "status, version, key_id, token_expires_at, reconnect_token_at, "
-        "refresh_token_expires_at, last_refreshed_at, created_at, updated_at",
-    )
-    assert stored == (
-        "active",
-        1,
-        storage.primary_key_id,
-        "2025-03-01T13:00:00.000000Z",
-        "2025-03-01T12:50:00.000000Z",
-        "2025-06-09T12:00:00.000000Z",
-        "2025-03-01T12:00:00.000000Z",
-        "2025-03-01T12:00:00.000000Z",
-        "2025-03-01T12:00:00.000000Z",
-    )
-    secrets = row(db_path, "acct-1", "realm_id, access_token, refresh_token")
-    for value in secrets:
-        assert value.startswith(f"v1.{storage.primary_key_id}.")
-
-    listed = await storage.list_accounts()
-    assert [(a.account_id, a.realm_id, a.access_token, a.refresh_token) for a in listed] == [
-        ("acct-1", REALM, None, None)
-    ]
-    with pytest.raises(AccountNotFoundError, match="nope"):
-        await storage.load("nope")
-    assert await storage.find("nope") is None
-
-
-async def test_short_lived_token_is_due_at_half_life(storage: Storage) -> None:
-    saved = await connect(storage, lifetime=timedelta(minutes=4))
-    assert saved.reconnect_token_at == NOW + timedelta(minutes=2)
-
-
-async def test_reconnect_replaces_tokens_and_reactivates(storage: Storage, db_path: Path) -> None:
-    first = await connect(storage)
-    failed = await record_failure(
-        storage, first, status=AccountStatus.NEEDS_RECONNECT, error="invalid_grant", now=NOW
-    )
-    assert row(db_path, "acct-1", "status, version") == ("needs_reconnect", 2)
-    assert await storage.schedule_entries() == []
-
-    later = NOW + timedelta(days=3)
-    again = await save_connection(
-        storage, "acct-1", "REALM-2", tokens("ACCESS-2", "REFRESH-2", at=later), now=later
-    )
-    assert again.version == failed.version + 1 == 3
-    loaded = await storage.load("acct-1")
-    assert loaded == again
-    assert (loaded.realm_id, loaded.access_token, loaded.refresh_token) == (
-        "REALM-2",
-        "ACCESS-2",
-        "REFRESH-2",
-    )
-    assert loaded.status is AccountStatus.ACTIVE
-    assert (loaded.failure_count, loaded.last_error) == (0, None)
-    assert loaded.created_at == NOW
-    assert row(db_path, "acct-1", "status, version, failure_count, last_error, created_at") == (
-        "active",
-        3,
-        0,
-        None,
-        "2025-03-01T12:00:00.000000Z",
-    )
-    assert query(db_path, "SELECT COUNT(*) FROM accounts") == [(1,)]
-    assert [e.account_id for e in await storage.schedule_entries()] == ["acct-1"]
-
-
 async def test_no_secret_in_the_database_files(storage: Storage, db_path: Path) -> None:
     account = await connect(storage, account_id="acct-plaintext-marker")
     await save_refresh(storage, account, tokens(ACCESS + "-2", REFRESH + "-2"), now=NOW + HOUR)
@@ -422,87 +315,7 @@ async def test_no_secret_in_the_database_files(storage: Storage, db_path: Path) 
         assert secret.encode() not in data, secret
 
 
-async def test_ciphertext_moved_to_another_row_or_column_does_not_decrypt(
-    storage: Storage, db_path: Path
-) -> None:
-    await connect(storage, account_id="victim")
-    await save_connection(storage, "attacker", "REALM-X", tokens("ACCESS-X", "REFRESH-X"), now=NOW)
-    execute(
-        db_path,
-        "UPDATE accounts SET refresh_token = "
-        "(SELECT refresh_token FROM accounts WHERE account_id = 'victim') "
-        "WHERE account_id = 'attacker'",
-    )
-    with pytest.raises(DecryptionError, match="copied from another row") as caught:
-        await storage.load("attacker")
-    assert "'attacker'" in str(caught.value)
-    assert REFRESH not in str(caught.value)
-    assert (await storage.load("victim")).refresh_token == REFRESH
-
-    # Same row, another column: refused as well.
-    execute(
-        db_path,
-        "UPDATE accounts SET access_token = refresh_token WHERE account_id = 'victim'",
-    )
-    with pytest.raises(DecryptionError, match="access_token"):
-        await storage.load("victim")
-
-
-async def test_missing_key_is_named_at_start(
-    db_path: Path, key_a: EncryptionKey, key_b: EncryptionKey
-) -> None:
-    first = await Storage.open(db_path, Cipher([key_a]))
-    await connect(first)
-    await first.close()
-
-    other = await Storage.open(db_path, Cipher([key_b]))
-    try:
-        with pytest.raises(MissingKeyError) as caught:
-            await other.verify_keys()
-        assert caught.value.key_id == key_a.key_id
-        assert key_a.key_id in str(caught.value)
-        assert "encryption_keys" in str(caught.value)
-        with pytest.raises(MissingKeyError):
-            await other.load("acct-1")
-    finally:
-        await other.close()
-
-
-# -- compare-and-swap and group commit ----------------------------------------
-
-
-async def test_stale_save_refresh_changes_nothing(storage: Storage, db_path: Path) -> None:
-    v1 = await connect(storage)
-    v2 = await save_refresh(storage, v1, tokens("ACCESS-2", "REFRESH-2"), now=NOW)
-    assert v2.version == 2
-    before = query(db_path, "SELECT * FROM accounts")
-
-    attempt = Attempt("acct-1", NOW, "success", 120.0, intuit_tid="tid-stale")
-    with pytest.raises(StaleWriteError) as caught:
-        await save_refresh(storage, v1, tokens("ACCESS-3", "REFRESH-3"), now=NOW, attempt=attempt)
-    assert (caught.value.account_id, caught.value.expected_version) == ("acct-1", 1)
-    assert "'acct-1' changed since version 1" in str(caught.value)
-    assert query(db_path, "SELECT * FROM accounts") == before
-    assert query(db_path, "SELECT COUNT(*) FROM refresh_attempts") == [(0,)]
-    assert (await storage.load("acct-1")).refresh_token == "REFRESH-2"
-
-
-async def test_two_concurrent_refreshes_of_one_version_one_wins(
-    storage: Storage, db_path: Path
-) -> None:
-    v1 = await connect(storage)
-    results = await asyncio.gather(
-        save_refresh(storage, v1, tokens("ACCESS-A", "REFRESH-A"), now=NOW),
-        save_refresh(storage, v1, tokens("ACCESS-B", "REFRESH-B"), now=NOW),
-        return_exceptions=True,
-    )
-    winners = [r for r in results if isinstance(r, Account)]
-    losers = [r for r in results if isinstance(r, StaleWriteError)]
-    assert (len(winners), len(losers)) == (1, 1), results
-    stored = await storage.load("acct-1")
-    assert stored.refresh_token == winners[0].refresh_token
-    assert stored.version == 2
-    assert row(db_path, "acct-1", "version") == (2,)
+# -- group commit --------------------------------------------------------------
 
 
 async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
@@ -549,264 +362,6 @@ async def test_group_commit_lands_every_write_and_fails_the_stale_one_alone(
             assert loaded.refresh_token == f"REFRESH-{account.account_id}"
             assert loaded.reconnect_token_at == later + HOUR - LEAD
     assert query(db_path, "SELECT COUNT(*) FROM refresh_attempts") == [(39,)]
-
-
-async def test_close_commits_what_is_queued(db_path: Path, cipher: Cipher) -> None:
-    storage = await Storage.open(db_path, cipher)
-    accounts = [await connect(storage, account_id=f"acct-{n}") for n in range(5)]
-    pending = [
-        asyncio.create_task(
-            save_refresh(storage, a, tokens("ACCESS-2", f"R2-{a.account_id}"), now=NOW)
-        )
-        for a in accounts
-    ]
-    await asyncio.sleep(0)  # let them queue
-    await storage.close()
-    assert all(task.done() and task.exception() is None for task in pending)
-    assert query(db_path, "SELECT DISTINCT version FROM accounts") == [(2,)]
-    with pytest.raises(StorageError, match="closed"):
-        await save_refresh(storage, accounts[0], tokens(), now=NOW)
-
-
-# -- failures and disconnects -------------------------------------------------
-
-
-async def test_record_failure_counts_and_sets_status(storage: Storage, db_path: Path) -> None:
-    account = await connect(storage)
-    first = await record_failure(
-        storage,
-        account,
-        status=AccountStatus.ACTIVE,
-        error="connection reset",
-        now=NOW,
-        attempt=Attempt("acct-1", NOW, "transient", 30000.0, error="connection reset"),
-    )
-    assert row(db_path, "acct-1", "status, failure_count, last_error, version") == (
-        "active",
-        1,
-        "connection reset",
-        2,
-    )
-    later = NOW + HOUR
-    second = await record_failure(
-        storage, first, status=AccountStatus.EXPIRED, error="HTTP 503", now=later
-    )
-    assert second.failure_count == 2
-    assert row(db_path, "acct-1", "status, failure_count, last_error, version, updated_at") == (
-        "expired",
-        2,
-        "HTTP 503",
-        3,
-        "2025-03-01T13:00:00.000000Z",
-    )
-    assert await storage.load("acct-1") == second
-    assert [(a.outcome, a.error) for a in attempts(db_path, "acct-1")] == [
-        ("transient", "connection reset")
-    ]
-    # Expired accounts are still scheduled; needs_reconnect ones are not.
-    assert [e.status for e in await storage.schedule_entries()] == [AccountStatus.EXPIRED]
-    with pytest.raises(StaleWriteError):
-        await record_failure(storage, first, status=AccountStatus.EXPIRED, error="x", now=later)
-    third = await record_failure(
-        storage, second, status=AccountStatus.NEEDS_RECONNECT, error="invalid_grant", now=later
-    )
-    assert third.failure_count == 3
-    assert await storage.schedule_entries() == []
-    assert await storage.status_counts() == {"needs_reconnect": 1}
-
-    # A successful refresh clears the failure bookkeeping.
-    await save_refresh(storage, third, tokens(at=later), now=later)
-    assert row(db_path, "acct-1", "status, failure_count, last_error") == ("active", 0, None)
-
-
-async def test_forget_tokens_leaves_a_tombstone(storage: Storage, db_path: Path) -> None:
-    account = await connect(storage)
-    gone = await forget_tokens(storage, account, now=NOW + HOUR)
-    assert gone.status is AccountStatus.DISCONNECTED
-    assert row(
-        db_path, "acct-1", "status, access_token, refresh_token, reconnect_token_at, version"
-    ) == ("disconnected", None, None, None, 2)
-    loaded = await storage.load("acct-1")
-    assert (loaded.access_token, loaded.refresh_token) == (None, None)
-    assert loaded.status is AccountStatus.DISCONNECTED
-    assert await storage.schedule_entries() == []
-    with pytest.raises(StaleWriteError):
-        await forget_tokens(storage, account, now=NOW + HOUR)
-    with pytest.raises(StaleWriteError):  # a refresh that was in flight cannot resurrect it
-        await save_refresh(storage, account, tokens(), now=NOW + HOUR)
-    assert row(db_path, "acct-1", "refresh_token, version") == (None, 2)
-
-
-# -- import -------------------------------------------------------------------
-
-
-async def test_import_is_all_or_nothing(storage: Storage, db_path: Path) -> None:
-    existing = await connect(storage, account_id="kept")
-    before = query(db_path, "SELECT * FROM accounts")
-    items = [
-        ImportItem("new-1", REALM, "REFRESH-new-1"),
-        ImportItem("kept", "REALM-overwritten", "REFRESH-overwritten"),
-        ImportItem(cast(str, None), REALM, "REFRESH-bad"),  # NOT NULL account_id
-        ImportItem("new-2", REALM, "REFRESH-new-2"),
-    ]
-    with pytest.raises(StorageError, match="database write failed: NOT NULL"):
-        await import_accounts(storage, items, now=NOW)
-    assert query(db_path, "SELECT * FROM accounts") == before
-    assert await storage.load("kept") == existing
-
-    # A failure the database raises late (here a trigger) rolls back the earlier items too.
-    execute(
-        db_path,
-        "CREATE TRIGGER refuse_poison BEFORE INSERT ON accounts "
-        "WHEN NEW.account_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
-    )
-    items[2] = ImportItem("poison", REALM, "REFRESH-poison")
-    with pytest.raises(StorageError, match="poisoned row"):
-        await import_accounts(storage, items, now=NOW)
-    assert query(db_path, "SELECT * FROM accounts") == before
-
-    # The storage is still usable: nothing was left half-open.
-    del items[2]
-    stored = await import_accounts(storage, items, now=NOW)
-    assert [(r.account_id, r.existed) for r in stored] == [
-        ("new-1", False),
-        ("kept", True),
-        ("new-2", False),
-    ]
-    assert query(db_path, "SELECT account_id FROM accounts ORDER BY account_id") == [
-        ("kept",),
-        ("new-1",),
-        ("new-2",),
-    ]
-
-
-async def test_import_without_a_valid_access_token_is_due_at_once(
-    storage: Storage, db_path: Path
-) -> None:
-    items = [
-        ImportItem("no-access", REALM, "REFRESH-1"),
-        ImportItem("no-expiry", REALM, "REFRESH-2", access_token="ACCESS-2"),
-        ImportItem(
-            "expired", REALM, "REFRESH-3", access_token="ACCESS-3", token_expires_at=NOW - HOUR
-        ),
-        ImportItem(
-            "valid",
-            REALM,
-            "REFRESH-4",
-            access_token="ACCESS-4",
-            token_expires_at=NOW + timedelta(minutes=50),
-            refresh_token_expires_at=NOW + timedelta(days=30),
-        ),
-    ]
-    stored = [r.account for r in await import_accounts(storage, items, now=NOW)]
-    assert all(a and a.version == 1 and a.status is AccountStatus.ACTIVE for a in stored)
-    due = {e.account_id: e.reconnect_token_at for e in await storage.schedule_entries()}
-    assert due == {
-        "no-access": NOW,
-        "no-expiry": NOW,
-        "expired": NOW,
-        "valid": NOW + timedelta(minutes=40),
-    }
-    assert row(db_path, "no-access", "reconnect_token_at, refresh_token_expires_at") == (
-        "2025-03-01T12:00:00.000000Z",
-        "2025-06-09T12:00:00.000000Z",  # 100 days when unknown
-    )
-    assert row(db_path, "valid", "refresh_token_expires_at") == ("2025-03-31T12:00:00.000000Z",)
-    valid = await storage.load("valid")
-    assert (valid.access_token, valid.refresh_token, valid.realm_id) == (
-        "ACCESS-4",
-        "REFRESH-4",
-        REALM,
-    )
-    assert (await storage.load("no-access")).refresh_token == "REFRESH-1"
-
-
-# -- OAuth states -------------------------------------------------------------
-
-
-async def test_oauth_state_is_single_use(storage: Storage, db_path: Path) -> None:
-    ttl = timedelta(minutes=10)
-    first, other = answer_hash("code-1", None), answer_hash("code-2", None)
-    await storage.create_state("state-1", "acct-1", now=NOW, ttl=ttl)
-    assert await storage.get_state("state-1") == StateRecord("acct-1", None)
-    claim = await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=1))
-    assert claim == ClaimedState("acct-1", allow_realm_change=False, code_verifier=None)
-    with pytest.raises(OAuthStateError, match="already been used") as used:
-        await storage.consume_state("state-1", other, now=NOW + timedelta(minutes=2))
-    assert used.value.reason == "used"
-    with pytest.raises(OAuthStateError, match="already been used") as replayed:
-        await storage.consume_state("state-1", first, now=NOW + timedelta(minutes=2))
-    assert replayed.value.reason == "replayed"
-    await storage.finish_state("state-1", "connected")
-    assert await storage.get_state("state-1") == StateRecord("acct-1", "connected")
-
-    with pytest.raises(OAuthStateError) as unknown:
-        await storage.consume_state("never-issued", first, now=NOW)
-    assert unknown.value.reason == "unknown"
-    assert await storage.get_state("never-issued") is None
-
-    await storage.create_state("state-2", "acct-2", now=NOW, ttl=ttl)
-    with pytest.raises(OAuthStateError, match="expired") as expired:
-        await storage.consume_state("state-2", first, now=NOW + ttl)
-    assert expired.value.reason == "expired"
-    # A refused state is not marked used: it stays expired, not "used".
-    assert query(
-        db_path, "SELECT used_at FROM oauth_states WHERE state_hash = ?", (sha256_hex("state-2"),)
-    ) == [(None,)]
-    with pytest.raises(OAuthStateError) as again:
-        await storage.consume_state("state-2", first, now=NOW + ttl)
-    assert again.value.reason == "expired"
-
-    with pytest.raises(StorageError):  # a state value is never issued twice
-        await storage.create_state("state-1", "acct-3", now=NOW, ttl=ttl)
-    assert await storage.get_state("state-1") == StateRecord("acct-1", "connected")
-
-
-async def test_old_oauth_states_are_purged(storage: Storage, db_path: Path) -> None:
-    ttl = timedelta(minutes=10)
-    await storage.create_state("old", "acct-1", now=NOW, ttl=ttl)
-    await storage.create_state("new", "acct-2", now=NOW + timedelta(days=2), ttl=ttl)
-    assert query(db_path, "SELECT state_hash FROM oauth_states") == [(sha256_hex("new"),)]
-
-
-# -- refresh attempts ---------------------------------------------------------
-
-
-async def write_attempts(storage: Storage, count: int, start: int = 0) -> None:
-    for first in range(start, start + count, 100):
-        await asyncio.gather(
-            *(
-                storage.record_attempt(
-                    Attempt("acct-1", NOW + timedelta(seconds=n), "invalid_client", 1.5)
-                )
-                for n in range(first, min(first + 100, start + count))
-            )
-        )
-
-
-async def test_refresh_attempts_stay_bounded(db_path: Path, cipher: Cipher) -> None:
-    keep = 50
-    limit = keep + 1000
-    storage = await Storage.open(db_path, cipher, attempts_keep=keep)
-    try:
-        for chunk in range(25):
-            await write_attempts(storage, 100, chunk * 100)
-            (count,) = query(db_path, "SELECT COUNT(*) FROM refresh_attempts")[0]
-            assert count <= limit, (chunk, count)
-        newest = attempts(db_path, limit=1)
-        assert newest[0].started_at == NOW + timedelta(seconds=2499)
-    finally:
-        await storage.close()
-
-    # The bound holds across restarts too: each run writing fewer than a trim's worth.
-    for run in range(3):
-        storage = await Storage.open(db_path, cipher, attempts_keep=keep)
-        try:
-            await write_attempts(storage, 900, 10_000 * (run + 1))
-        finally:
-            await storage.close()
-        (count,) = query(db_path, "SELECT COUNT(*) FROM refresh_attempts")[0]
-        assert count <= limit, (run, count)
 
 
 # -- the database lock --------------------------------------------------------
@@ -885,142 +440,3 @@ def test_lock_of_a_killed_process_is_released(db_path: Path, holder: subprocess.
     assert holder.wait(timeout=10) == -signal.SIGKILL
     with DatabaseLock(db_path):
         pass
-
-
-# -- key rotation ---------------------------------------------------------------
-
-
-def key_ids_on_disk(path: Path) -> set[str]:
-    found = set()
-    for key_id, *secrets in query(
-        path, "SELECT key_id, realm_id, access_token, refresh_token FROM accounts"
-    ):
-        found.add(key_id)
-        found.update(Cipher.key_id_of(value) for value in secrets if value is not None)
-    return found
-
-
-async def test_reencrypt_moves_every_row_to_the_new_key(
-    db_path: Path, key_a: EncryptionKey, key_b: EncryptionKey
-) -> None:
-    old = await Storage.open(db_path, Cipher([key_a]))
-    for n in range(23):
-        await connect(old, account_id=f"acct-{n:02d}", access=f"A-{n}", refresh=f"R-{n}")
-    await forget_tokens(old, await old.load("acct-05"), now=NOW)  # a tombstone
-    await old.close()
-    assert key_ids_on_disk(db_path) == {key_a.key_id}
-
-    rotating = await Storage.open(db_path, Cipher([key_b, key_a]))
-    try:
-        await rotating.verify_keys()
-        results = [await rotating.reencrypt(batch=10) for _ in range(3)]
-        assert results == [(10, 13), (10, 3), (3, 0)]
-        assert await rotating.reencrypt() == (0, 0)
-    finally:
-        await rotating.close()
-    assert key_ids_on_disk(db_path) == {key_b.key_id}
-
-    new_only = await Storage.open(db_path, Cipher([key_b]))
-    try:
-        await new_only.verify_keys()
-        for n in range(23):
-            account = await new_only.load(f"acct-{n:02d}")
-            assert account.realm_id == REALM
-            if n == 5:
-                assert account.refresh_token is None
-            else:
-                assert (account.access_token, account.refresh_token) == (f"A-{n}", f"R-{n}")
-    finally:
-        await new_only.close()
-
-
-async def test_refresh_during_reencrypt_is_not_lost(
-    db_path: Path, key_a: EncryptionKey, key_b: EncryptionKey
-) -> None:
-    old = await Storage.open(db_path, Cipher([key_a]))
-    for n in range(20):
-        await connect(old, account_id=f"acct-{n:02d}")
-    await old.close()
-
-    storage = await Storage.open(db_path, Cipher([key_b, key_a]))
-    try:
-        # Both read before either writes, then race to the writer.
-        racing = await storage.load("acct-10")
-        waiting = await storage.load("acct-15")
-        saved, (done, remaining) = await asyncio.gather(
-            save_refresh(storage, racing, tokens("ACCESS-new", "REFRESH-new"), now=NOW),
-            storage.reencrypt(),
-        )
-        assert saved.refresh_token == "REFRESH-new"
-        assert (done, remaining) == (19, 0)
-
-        # A refresh read before the re-encryption finds the row moved on only in
-        # bookkeeping (same refresh token): it re-reads and writes again, as the
-        # refresher does, and its tokens land.
-        with pytest.raises(StaleWriteError):
-            await save_refresh(storage, waiting, tokens("ACCESS-15", "REFRESH-15"), now=NOW)
-        current = await storage.load("acct-15")
-        assert current.refresh_token == waiting.refresh_token
-        await save_refresh(storage, current, tokens("ACCESS-15", "REFRESH-15"), now=NOW)
-    finally:
-        await storage.close()
-    assert key_ids_on_disk(db_path) == {key_b.key_id}
-
-    new_only = await Storage.open(db_path, Cipher([key_b]))
-    try:
-        await new_only.verify_keys()
-        assert (await new_only.load("acct-10")).refresh_token == "REFRESH-new"
-        assert (await new_only.load("acct-15")).refresh_token == "REFRESH-15"
-        assert (await new_only.load("acct-03")).refresh_token == REFRESH
-    finally:
-        await new_only.close()
-
-
-# -- a database that refuses writes -------------------------------------------
-
-
-async def set_query_only(storage: Storage, on: bool) -> None:
-    """Make the writer connection refuse writes (works as root, unlike chmod)."""
-    await storage._db._writer.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
-
-
-async def test_failing_write_is_a_storage_error_and_writes_nothing(
-    storage: Storage, db_path: Path
-) -> None:
-    account = await connect(storage)
-    before = query(db_path, "SELECT * FROM accounts")
-    await set_query_only(storage, True)
-
-    attempt = Attempt("acct-1", NOW, "success", 90.0, intuit_tid="tid-1")
-    with pytest.raises(StorageError, match=r"database write failed: .*readonly"):
-        await save_refresh(
-            storage, account, tokens("ACCESS-2", "REFRESH-2"), now=NOW, attempt=attempt
-        )
-    with pytest.raises(StorageError, match="readonly"):
-        await import_accounts(
-            storage,
-            [ImportItem("imp-1", REALM, "R-1"), ImportItem("imp-2", REALM, "R-2")],
-            now=NOW,
-        )
-    with pytest.raises(StorageError, match="readonly"):
-        await save_connection(storage, "acct-2", REALM, tokens(), now=NOW)
-    with pytest.raises(StorageError, match="readonly"):
-        await storage.create_state("state-1", "acct-1", now=NOW, ttl=HOUR)
-    with pytest.raises(StorageError, match="readonly"):
-        await record_failure(storage, account, status=AccountStatus.EXPIRED, error="x", now=NOW)
-
-    assert query(db_path, "SELECT * FROM accounts") == before
-    assert query(db_path, "SELECT COUNT(*) FROM refresh_attempts") == [(0,)]
-    assert query(db_path, "SELECT COUNT(*) FROM oauth_states") == [(0,)]
-    assert (await storage.load("acct-1")) == account
-
-    # Once the database takes writes again, the caller's retry of the same write succeeds:
-    # no transaction was left open and the version was not consumed.
-    await set_query_only(storage, False)
-    saved = await save_refresh(
-        storage, account, tokens("ACCESS-2", "REFRESH-2"), now=NOW, attempt=attempt
-    )
-    assert saved.version == 2
-    assert row(db_path, "acct-1", "version") == (2,)
-    assert (await storage.load("acct-1")).refresh_token == "REFRESH-2"
-    assert [a.intuit_tid for a in attempts(db_path)] == ["tid-1"]

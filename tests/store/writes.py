@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from qbo_daemon.config.load import default_config
 from qbo_daemon.core.models import Account, AccountStatus, ImportItem, TokenSet
 from qbo_daemon.engine.policy import RefreshPolicy
-from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt, Imported
+from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt, Imported, RealmPolicy
 
 LEAD = timedelta(minutes=10)
 POLICY = RefreshPolicy(replace(default_config({}).refresh, lead=LEAD))
@@ -75,3 +75,19 @@ async def import_accounts(
     return await storage.import_connections(
         [POLICY.imported(i, now=now) for i in items], replace_existing=replace_existing
     )
+
+
+async def save_checked_connection(
+    storage: AccountStore,
+    account_id: str,
+    realm_id: str,
+    token_set: TokenSet,
+    *,
+    now: datetime,
+    policy: RealmPolicy,
+    realm_verified: bool = True,
+) -> tuple[Account, str | None]:
+    connected = POLICY.connected(
+        account_id, realm_id, token_set, now=now, realm_verified=realm_verified
+    )
+    return await storage.upsert_checked_connection(connected, policy)

@@ -63,10 +63,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         response = _error(request, exc.status, exc.reason, f"{request.method} {request.path}")
     except StorageError as exc:
-        log.error("ui.storage_error", error=str(exc), path=request.path)
+        log.error("ui.storage_failed", error=str(exc), path=request.path)
         response = _error(request, 503, "Database unavailable", "The database cannot be read now.")
     except Exception as exc:  # a boundary: answer, and log the cause
-        log.exception("ui.error", error=str(exc), path=request.path)
+        log.exception("ui.request_failed", error=str(exc), path=request.path)
         response = _error(request, 500, "Internal error", "See the daemon's log.")
     for name, value in _HEADERS.items():
         response.headers.setdefault(name, value)

@@ -68,7 +68,7 @@ async def login(request: web.Request) -> web.Response:
             request, next_path=next_path, status=401, error="That key is not accepted here."
         )
     cookie, session = sessions.issue(key, services.clock.now())
-    log.info("ui.signed_in", remote=address, key_id=session.key_id)
+    log.info("ui.sign_in_succeeded", remote=address, key_id=session.key_id)
     response = see_other(next_path)
     response.set_cookie(
         sessions.COOKIE_NAME,

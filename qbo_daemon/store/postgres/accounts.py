@@ -1,0 +1,403 @@
+"""The ``accounts`` and ``refresh_attempts`` tables on PostgreSQL, as the storage port needs them.
+
+The operations take and give whole :class:`Account` values and decide
+nothing about times or statuses: a write stores the row its caller decided.
+
+- :meth:`AccountTable.commit` is the compare-and-swap on ``version``: one
+  statement that updates the row only if it is still at the version the
+  caller read, appends the attempt only if it did, and notifies
+  ``qbo_account`` (delivered at commit). A stale write changes nothing and
+  raises :class:`StaleWriteError`.
+- :meth:`AccountTable.upsert` stores a connection or import whatever the row
+  held (``INSERT … ON CONFLICT``), keeping the row's ``id`` and ``created_at``.
+
+The attempts table is trimmed to its newest ``attempts_keep`` rows every
+:data:`TRIM_EVERY` attempts this process writes (so with several daemons it
+holds at most ``attempts_keep`` + :data:`TRIM_EVERY` per daemon). The trim is
+a transaction of its own, after the write that made it due: it takes a lock
+that waits for attempts being written, so it sees them all, and it must not
+wait while holding an account's row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import structlog
+
+from qbo_daemon.core.errors import (
+    AccountNotFoundError,
+    CryptoError,
+    MissingKeyError,
+    StaleWriteError,
+    StorageError,
+)
+from qbo_daemon.core.models import Account
+from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.port import Attempt, Imported, RealmPolicy, ScheduleEntry
+from qbo_daemon.store.postgres.database import Conn, PgDatabase
+from qbo_daemon.store.postgres.realms import check_realm
+from qbo_daemon.store.postgres.rows import (
+    ATTEMPT_COLUMNS,
+    CONNECTION_COLUMNS,
+    INSERT_COLUMNS,
+    NOTE_COLUMNS,
+    SCHEDULE_COLUMNS,
+    SELECT_ACCOUNTS,
+    TOKEN_COLUMNS,
+    account_from_record,
+    account_values,
+    attempt_from_record,
+    attempt_values,
+    schedule_entry,
+)
+from qbo_daemon.store.rows import realm_digest
+
+log = structlog.get_logger("qbo_daemon.store.postgres")
+
+# The channel every account change is announced on; the payload is the account_id.
+CHANNEL = "qbo_account"
+# Attempts written (by this process) between two trims of the attempts table.
+TRIM_EVERY = 1000
+# Rows per query when the scheduler reads every account it times.
+SCHEDULE_CHUNK = 5000
+_ATTEMPT_TYPES = ("text", "timestamptz", "text", "float8", "text", "text")
+
+
+def _commit_statement(columns: tuple[str, ...]) -> str:
+    """The compare-and-swap of ``columns`` ($3…), the attempt after them, the notification.
+
+    $1 is the account_id, $2 the version read; the attempt's values follow the
+    columns' and are all NULL when there is no attempt.
+    """
+    params = {column: f"${n}" for n, column in enumerate(columns, 3)}
+    sets = ", ".join(f"{column} = {param}" for column, param in params.items())
+    first = len(columns) + 3
+    attempt = ", ".join(f"${n}::{kind}" for n, kind in enumerate(_ATTEMPT_TYPES, first))
+    return (
+        f"WITH updated AS (UPDATE accounts SET {sets}, version = version + 1 "
+        "WHERE account_id = $1 AND version = $2 RETURNING account_id), "
+        f"attempt AS (INSERT INTO refresh_attempts ({', '.join(ATTEMPT_COLUMNS)}) "
+        f"SELECT {attempt} FROM updated WHERE ${first + 1}::timestamptz IS NOT NULL) "
+        f"SELECT pg_notify('{CHANNEL}', account_id) FROM updated"
+    )
+
+
+COMMIT_TOKENS = _commit_statement(TOKEN_COLUMNS)
+COMMIT_NOTE = _commit_statement(NOTE_COLUMNS)
+UPSERT = (
+    f"WITH stored AS (INSERT INTO accounts AS a ({', '.join(INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(INSERT_COLUMNS) + 1))}) "
+    "ON CONFLICT (account_id) DO UPDATE SET "
+    + ", ".join(f"{column} = EXCLUDED.{column}" for column in CONNECTION_COLUMNS)
+    + ", version = a.version + 1 "
+    "RETURNING id, account_id, version, created_at, last_failure_at, "
+    "(xmax <> 0) AS existed) "
+    f"SELECT id, version, created_at, last_failure_at, existed, "
+    f"pg_notify('{CHANNEL}', account_id) FROM stored"
+)
+INSERT_ATTEMPT = (
+    f"INSERT INTO refresh_attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6)"
+)
+TRIM_ATTEMPTS = (
+    "DELETE FROM refresh_attempts WHERE id <= (SELECT max(id) FROM refresh_attempts) - $1"
+)
+# Waits for the attempts being written and holds off new ones, so the trim sees them all.
+_LOCK_ATTEMPTS = "LOCK TABLE refresh_attempts IN SHARE ROW EXCLUSIVE MODE"
+
+
+class AccountTable:
+    """Accounts and their refresh attempts; secrets under ``cipher`` (a reload may swap it)."""
+
+    def __init__(self, database: PgDatabase, cipher: Cipher, *, attempts_keep: int) -> None:
+        self._db = database
+        self.cipher = cipher
+        self._attempts_keep = attempts_keep
+        # Start due for a trim: the count is not kept across restarts (as on SQLite).
+        self._attempts_since_trim = TRIM_EVERY - 1
+
+    # -- reading -------------------------------------------------------------------
+
+    async def find(self, account_id: str) -> Account | None:
+        """The account with its secrets decrypted, or None."""
+        record = await self._db.fetchrow(f"{SELECT_ACCOUNTS} WHERE account_id = $1", account_id)
+        return None if record is None else account_from_record(self.cipher, record, tokens=True)
+
+    async def load(self, account_id: str) -> Account:
+        """The account with its secrets decrypted; :class:`AccountNotFoundError` if none."""
+        account = await self.find(account_id)
+        if account is None:
+            raise AccountNotFoundError(account_id)
+        return account
+
+    async def list_accounts(self) -> list[Account]:
+        """Every account by ``account_id``; the tokens are not decrypted (they are None)."""
+        records = await self._db.fetch(f"{SELECT_ACCOUNTS} ORDER BY account_id")
+        return [account_from_record(self.cipher, r, tokens=False) for r in records]
+
+    async def schedule_entries(self) -> list[ScheduleEntry]:
+        """Every active or expired account holding a refresh token and a token expiry."""
+        entries: list[ScheduleEntry] = []
+        last_id = 0
+        while True:
+            records = await self._db.fetch(
+                f"SELECT {SCHEDULE_COLUMNS} FROM accounts "
+                "WHERE status IN ('active', 'expired') AND refresh_token IS NOT NULL "
+                "AND id > $1 ORDER BY id LIMIT $2",
+                last_id,
+                SCHEDULE_CHUNK,
+            )
+            entries.extend(e for r in records if (e := schedule_entry(r)) is not None)
+            if len(records) < SCHEDULE_CHUNK:
+                return entries
+            last_id = records[-1]["id"]
+
+    async def status_counts(self) -> dict[str, int]:
+        records = await self._db.fetch("SELECT status, count(*) AS n FROM accounts GROUP BY status")
+        return {r["status"]: r["n"] for r in records}
+
+    async def attempts(self, account_id: str | None = None, limit: int = 100) -> list[Attempt]:
+        """The newest attempts first, of one account or of all.
+
+        Newest by ``started_at``: daemons writing at once insert in no set order.
+        """
+        where = "WHERE account_id = $2" if account_id else "WHERE $2::text IS NULL"
+        records = await self._db.fetch(
+            f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM refresh_attempts {where} "
+            "ORDER BY started_at DESC, id DESC LIMIT $1",
+            limit,
+            account_id,
+        )
+        return [attempt_from_record(r) for r in records]
+
+    async def verify_keys(self, cipher: Cipher | None = None) -> None:
+        """Raise :class:`MissingKeyError` if a stored value's key is not configured.
+
+        Decrypts one row per key id in use; with ``cipher`` (a reload's keys, not
+        yet in use) only checks the key ids, as SQLite's storage does.
+        """
+        records = await self._db.fetch(
+            "SELECT key_id, min(account_id) AS sample FROM accounts "
+            "WHERE key_id IS NOT NULL GROUP BY key_id"
+        )
+        for record in records:
+            if record["key_id"] not in (cipher or self.cipher).key_ids:
+                raise MissingKeyError(record["key_id"])
+            if cipher is None:
+                await self.load(record["sample"])
+
+    # -- writing -------------------------------------------------------------------
+
+    async def commit(
+        self, account: Account, read_version: int, *, tokens: bool, attempt: Attempt | None
+    ) -> Account:
+        """Store ``account`` if the row is still at ``read_version``; then at ``read_version + 1``.
+
+        With ``tokens`` false, the secret columns keep what is stored (a note).
+        Durable when it returns; :class:`StaleWriteError` (nothing written, the
+        attempt neither) when the row changed or is gone.
+        """
+        columns, statement = (
+            (TOKEN_COLUMNS, COMMIT_TOKENS) if tokens else (NOTE_COLUMNS, COMMIT_NOTE)
+        )
+        values = account_values(self.cipher, account, columns)
+        noted = attempt_values(attempt) if attempt is not None else (None,) * len(ATTEMPT_COLUMNS)
+
+        async def work(conn: Conn) -> bool:
+            return bool(
+                await conn.fetch(statement, account.account_id, read_version, *values, *noted)
+            )
+
+        if not await self._db.write(work):
+            raise StaleWriteError(account.account_id, read_version)
+        if attempt is not None:
+            await self._count_attempt()
+        return replace(account, version=read_version + 1)
+
+    async def record_attempt(self, attempt: Attempt) -> None:
+        """Note an attempt that changes no account (``invalid_client``)."""
+        await self._db.write(lambda conn: conn.execute(INSERT_ATTEMPT, *attempt_values(attempt)))
+        await self._count_attempt()
+
+    async def upsert(self, accounts: Sequence[Account]) -> list[Account]:
+        """Make each account's credentials the stored ones, in one transaction: all or nothing.
+
+        Not a compare-and-swap: a connection or import wins over whatever the row
+        held. A new row is at version 1; an existing one keeps its ``id`` and
+        ``created_at`` and its version moves on.
+        """
+        cipher = self.cipher
+        return await self._db.write(lambda conn: _upsert_on(conn, cipher, accounts))
+
+    async def import_(
+        self, accounts: Sequence[Account], *, replace_existing: bool
+    ) -> list[Imported]:
+        """:meth:`upsert`, saying of each whether it existed; an existing one is left
+        as it is unless ``replace_existing``. One transaction: all or nothing."""
+        cipher = self.cipher
+        return await self._db.write(
+            lambda conn: _import_on(conn, cipher, accounts, replace_existing)
+        )
+
+    async def existing_ids(self, account_ids: Sequence[str]) -> set[str]:
+        """Which of ``account_ids`` are stored (a snapshot)."""
+        records = await self._db.fetch(
+            "SELECT account_id FROM accounts WHERE account_id = ANY($1::text[])",
+            list(account_ids),
+        )
+        return {r["account_id"] for r in records}
+
+    async def upsert_checked(
+        self, account: Account, policy: RealmPolicy
+    ) -> tuple[Account, str | None]:
+        """:meth:`upsert` one connection if the realm rules allow it, in one transaction.
+
+        Raises :class:`RealmConflictError` (nothing written); returns the stored
+        account and its previous realm when the connection changed it.
+        """
+        cipher = self.cipher
+        realm_id = account.realm_id
+        assert realm_id is not None  # a connection always names its company
+
+        async def work(conn: Conn) -> tuple[Account, str | None]:
+            previous = await check_realm(conn, cipher, account.account_id, realm_id, policy)
+            (stored,) = await _upsert_on(conn, cipher, [account])
+            return stored, previous
+
+        return await self._db.write(work)
+
+    async def fill_realm_digests(self, batch: int = 500) -> None:
+        """Give rows stored before schema version 2 the digest that finds them by realm.
+
+        A row whose realm does not decrypt is left alone: ``verify_keys`` names
+        the missing key. Several daemons may run this at once: each row is
+        written only while its digest is still missing.
+        """
+        last_id = 0
+        while True:
+            records = await self._db.fetch(
+                "SELECT id, account_id, realm_id FROM accounts WHERE realm_digest IS NULL "
+                "AND realm_id IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
+                last_id,
+                batch,
+            )
+            if not records:
+                return
+            last_id = records[-1]["id"]
+            updates = []
+            for record in records:
+                try:
+                    realm = self.cipher.decrypt(
+                        record["realm_id"],
+                        table="accounts",
+                        column="realm_id",
+                        row_key=record["account_id"],
+                    )
+                except CryptoError:
+                    continue
+                updates.append((realm_digest(self.cipher, realm), record["id"]))
+
+            async def work(conn: Conn, updates: list[tuple[str | None, int]] = updates) -> None:
+                await conn.executemany(
+                    "UPDATE accounts SET realm_digest = $1 WHERE id = $2 AND realm_digest IS NULL",
+                    updates,
+                )
+
+            await self._db.write(work)
+
+    async def insert_new(self, accounts: Sequence[Account]) -> int:
+        """Store new accounts with one ``COPY``: all or nothing, an existing one fails it all.
+
+        The bulk path (the benchmark): no notification per row.
+        """
+        cipher = self.cipher
+        records = [account_values(cipher, replace(a, version=1), INSERT_COLUMNS) for a in accounts]
+
+        async def work(conn: Conn) -> None:
+            await conn.copy_records_to_table("accounts", records=records, columns=INSERT_COLUMNS)
+
+        await self._db.write(work)
+        return len(records)
+
+    async def reencrypt(self, *, batch: int) -> tuple[int, int]:
+        """Re-encrypt up to ``batch`` rows not under the primary key: (done now, still to do).
+
+        Each row is a compare-and-swap: one a refresh rewrote meanwhile is left
+        for the next call (the refresh wrote it under the primary key).
+        """
+        primary = self.cipher.primary_key_id
+        records = await self._db.fetch(
+            f"{SELECT_ACCOUNTS} WHERE key_id IS NOT NULL AND key_id <> $1 LIMIT $2",
+            primary,
+            batch,
+        )
+        done = 0
+        for record in records:
+            account = account_from_record(self.cipher, record, tokens=True)
+            try:
+                await self.commit(account, account.version, tokens=True, attempt=None)
+                done += 1
+            except StaleWriteError:
+                continue
+        remaining = await self._db.fetchrow(
+            "SELECT count(*) AS n FROM accounts WHERE key_id IS NOT NULL AND key_id <> $1",
+            primary,
+        )
+        return done, int(remaining["n"]) if remaining else 0
+
+    # -- the attempts table's bound ------------------------------------------------------
+
+    async def _count_attempt(self) -> None:
+        """Count an attempt written; every :data:`TRIM_EVERY`, trim the table.
+
+        The attempt is already committed: a failed trim is logged, never raised
+        (the caller would take its durable write for a failed one).
+        """
+        self._attempts_since_trim += 1
+        if self._attempts_since_trim < TRIM_EVERY:
+            return
+        self._attempts_since_trim = 0
+
+        async def trim(conn: Conn) -> None:
+            await conn.execute(_LOCK_ATTEMPTS)
+            await conn.execute(TRIM_ATTEMPTS, self._attempts_keep)
+
+        try:
+            await self._db.write(trim)
+        except StorageError as exc:
+            self._attempts_since_trim = TRIM_EVERY - 1  # try again with the next attempt
+            log.warning("storage.attempts_trim_failed", error=str(exc))
+
+
+async def _upsert_on(conn: Conn, cipher: Cipher, accounts: Sequence[Account]) -> list[Account]:
+    """:meth:`AccountTable.upsert`'s statements, inside the caller's transaction."""
+    done = await _import_on(conn, cipher, accounts, True)
+    return [imported.account for imported in done if imported.account is not None]
+
+
+async def _import_on(
+    conn: Conn, cipher: Cipher, accounts: Sequence[Account], replace_existing: bool
+) -> list[Imported]:
+    """Each account upserted (or, existing and not to be replaced, left), in order."""
+    done: list[Imported] = []
+    for account in accounts:
+        if not replace_existing:
+            found = await conn.fetchrow(
+                "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE", account.account_id
+            )
+            if found is not None:
+                done.append(Imported(account.account_id, True, None))
+                continue
+        values = account_values(cipher, replace(account, version=1), INSERT_COLUMNS)
+        record = await conn.fetchrow(UPSERT, *values)
+        assert record is not None  # an upsert always returns its row
+        stored = replace(
+            account,
+            id=record["id"],
+            version=record["version"],
+            created_at=record["created_at"],
+            last_failure_at=record["last_failure_at"],
+        )
+        done.append(Imported(account.account_id, bool(record["existed"]), stored))
+    return done
