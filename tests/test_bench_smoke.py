@@ -99,3 +99,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {"c8 0 ms uvloop: CPU per 1000 / ceiling", "c8 0 ms asyncio: rate / ceiling"} <= goals
     assert "daemon uvloop" in done.stdout
     assert "cron 4 thread(s)" in done.stdout
+
+    # The before/after table reads the same files (here one run against itself).
+    compared = subprocess.run(
+        [sys.executable, "-m", "bench.compare", str(out), str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
+    assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
