@@ -40,6 +40,7 @@ from qbo_daemon.core.models import iso, parse_iso
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.lock import DatabaseLock
 from qbo_daemon.store.postgres.database import DAEMON_APPLICATION, Conn, PgDatabase, PgSettings
+from qbo_daemon.store.rows import ACCOUNT_COLUMNS
 from qbo_daemon.store.sqlite import Database
 
 # Rows per read and per write.
@@ -63,33 +64,8 @@ class Table:
 
 
 TABLES = (
-    Table(
-        "accounts",
-        "id",
-        (
-            "id",
-            "account_id",
-            "status",
-            "realm_id",
-            "access_token",
-            "refresh_token",
-            "key_id",
-            "token_expires_at",
-            "reconnect_token_at",
-            "refresh_token_expires_at",
-            "refresh_token_hard_expires_at",
-            "failure_count",
-            "last_error",
-            "last_refreshed_at",
-            "version",
-            "created_at",
-            "updated_at",
-            "last_failure_at",
-            "realm_verified",
-            "realm_digest",
-        ),
-        booleans=("realm_verified",),
-    ),
+    # The same columns every other reader of accounts uses (store/rows.py).
+    Table("accounts", "id", ACCOUNT_COLUMNS, booleans=("realm_verified",)),
     # PostgreSQL's ``seq`` (SQLite's rowid) is not copied: each side numbers the rows in
     # the order they arrive, by state_hash.
     Table(
