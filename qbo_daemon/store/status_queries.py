@@ -70,7 +70,8 @@ _MINUTES = (
 
 
 class StatusQueries:
-    """Read-only queries over the accounts and attempts tables, for the status page."""
+    """The status page's queries (:class:`~qbo_daemon.store.status_values.StatusReads`)
+    over SQLite's accounts and attempts tables."""
 
     def __init__(self, database: Database, cipher: Callable[[], Cipher]) -> None:
         self._db = database
@@ -78,7 +79,6 @@ class StatusQueries:
         self._cipher = cipher
 
     async def status_counts(self, now: datetime) -> dict[AccountStatus, int]:
-        """Accounts per status as reported; every status is present."""
         rows = await self._db.fetchall(
             "SELECT status, COUNT(*) AS n FROM accounts GROUP BY status", ()
         )
@@ -95,11 +95,8 @@ class StatusQueries:
         return counts
 
     async def due_per_minute(self, now: datetime, within: timedelta) -> list[MinuteCount]:
-        """Scheduled refreshes in each minute from ``now`` to ``now + within`` (every minute).
-
-        One count per minute over the index, rather than one GROUP BY over the rows:
-        at 100,000 accounts due within the hour that is 10 ms against 300.
-        """
+        """One count per minute over the index, rather than one GROUP BY over the rows:
+        at 100,000 accounts due within the hour that is 10 ms against 300."""
         rows = await self._db.fetchall(
             f"{_MINUTES} SELECT lo AS minute, (SELECT COUNT(*) FROM accounts "
             f"WHERE {NEXT_REFRESH_KEY} >= lo AND {NEXT_REFRESH_KEY} < hi) AS n FROM minutes",
@@ -108,14 +105,12 @@ class StatusQueries:
         return [MinuteCount(_minute(row["minute"]), row["n"]) for row in rows if row["n"]]
 
     async def overdue(self, now: datetime) -> int:
-        """Scheduled accounts whose refresh time has passed: retrying, or being caught up."""
         row = await self._db.fetchone(
             f"SELECT COUNT(*) AS n FROM accounts WHERE {NEXT_REFRESH_KEY} < ?", (iso(now),)
         )
         return int(row["n"]) if row else 0
 
     async def next_due(self, now: datetime, limit: int) -> list[AccountRow]:
-        """The next ``limit`` accounts to refresh from ``now`` on, soonest first."""
         rows = await self._db.fetchall(
             f"SELECT {COLUMNS}, {NEXT_REFRESH_KEY} AS sort_key FROM accounts "
             f"WHERE {NEXT_REFRESH_KEY} >= ? AND {NEXT_REFRESH_KEY} < '~' "
@@ -125,8 +120,7 @@ class StatusQueries:
         return [self._row(row, now) for row in rows]
 
     async def attempts_per_minute(self, since: datetime, until: datetime) -> list[MinuteOutcomes]:
-        """Refresh attempts in each minute from ``since`` to ``until``: succeeded and failed
-        (minutes with any), counted over the (started_at, outcome) index."""
+        """Counted over the (started_at, outcome) index."""
         rows = await self._db.fetchall(
             f"{_MINUTES} SELECT lo AS minute, "
             "(SELECT COUNT(*) FROM refresh_attempts WHERE started_at >= lo AND started_at < hi "
@@ -144,8 +138,6 @@ class StatusQueries:
     async def near_hard_expiry(
         self, now: datetime, within: timedelta, limit: int
     ) -> tuple[int, list[AccountRow]]:
-        """Connected accounts whose refresh token meets Intuit's 5-year limit within ``within``:
-        how many, and the first ``limit`` of them, soonest first."""
         where = (
             "WHERE refresh_token_hard_expires_at <= ? "
             "AND refresh_token_hard_expires_at IS NOT NULL AND status != 'disconnected'"
@@ -168,7 +160,6 @@ class StatusQueries:
         return self._row(row, now)
 
     async def page(self, request: PageRequest, now: datetime) -> Page:
-        """One page of the listing, filtered, searched and sorted."""
         return await read_page(request, now, self._cipher(), _DIALECT, self._db.fetchall, self._row)
 
     def _row(self, row: sqlite3.Row, now: datetime) -> AccountRow:

@@ -14,13 +14,13 @@ page. A realm id is decrypted one row at a time, never searched in clear.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from qbo_daemon.core.errors import CryptoError
-from qbo_daemon.core.models import AccountStatus, shown_status
+from qbo_daemon.core.models import AccountStatus, parse_iso, shown_status
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.rows import REALM_DIGEST_PURPOSE
 
@@ -104,6 +104,39 @@ class MinuteOutcomes:
     minute: datetime
     succeeded: int
     failed: int
+
+
+class StatusReads(Protocol):
+    """The status page's queries, as either backend answers them."""
+
+    async def status_counts(self, now: datetime) -> dict[AccountStatus, int]:
+        """Accounts per status as reported; every status is present."""
+
+    async def due_per_minute(self, now: datetime, within: timedelta) -> list[MinuteCount]:
+        """Scheduled refreshes in each minute from ``now`` to ``now + within`` (minutes
+        with any)."""
+
+    async def overdue(self, now: datetime) -> int:
+        """Scheduled accounts whose refresh time has passed: retrying, or being caught up."""
+
+    async def next_due(self, now: datetime, limit: int) -> list[AccountRow]:
+        """The next ``limit`` accounts to refresh from ``now`` on, soonest first."""
+
+    async def attempts_per_minute(self, since: datetime, until: datetime) -> list[MinuteOutcomes]:
+        """Refresh attempts in each minute from ``since`` to ``until``: succeeded and failed
+        (minutes with any)."""
+
+    async def near_hard_expiry(
+        self, now: datetime, within: timedelta, limit: int
+    ) -> tuple[int, list[AccountRow]]:
+        """Connected accounts whose refresh token meets Intuit's 5-year limit within ``within``:
+        how many, and the first ``limit`` of them, soonest first."""
+
+    async def account(self, account_id: str, now: datetime) -> AccountRow:
+        """One account's row; :class:`AccountNotFoundError` if unknown."""
+
+    async def page(self, request: PageRequest, now: datetime) -> Page:
+        """One page of the listing, filtered, searched and sorted (:func:`read_page`)."""
 
 
 @dataclass
@@ -204,7 +237,13 @@ async def read_page(
     row: Callable[[Any, datetime], AccountRow],
 ) -> Page:
     """One page of the listing, filtered, searched and sorted, and how many match:
-    ``fetch`` runs a statement, ``row`` shows one of its rows at ``now``."""
+    ``fetch`` runs a statement, ``row`` shows one of its rows at ``now``.
+
+    A cursor whose key no row of the sort could have (a link edited by hand) is
+    dropped: the listing starts from its first page.
+    """
+    if not all(c is None or fits(request.sort, c.key) for c in (request.after, request.before)):
+        request = replace(request, after=None, before=None)
     counted, paged = dialect.params(), dialect.params()
     where = status_conditions(request.status, now, counted)
     page_where = status_conditions(request.status, now, paged, column=dialect.page_status)
@@ -219,6 +258,22 @@ async def read_page(
         f"SELECT COUNT(*) AS n FROM accounts {where_clause(where)}", counted.values
     )
     return turn_page(request, rows, int(total["n"]))
+
+
+def fits(sort: Sort, key: str | int) -> bool:
+    """Whether a row of ``sort`` could have ``key`` as its sort key: the failure count,
+    or ISO text (also "~" for an account the scheduler does not time, "" for one
+    that never failed)."""
+    if sort is Sort.FAILURES:
+        return isinstance(key, int) and not isinstance(key, bool)
+    if not isinstance(key, str):
+        return False
+    if key == ("~" if sort is Sort.NEXT_REFRESH else ""):
+        return True
+    try:
+        return parse_iso(key) is not None
+    except ValueError:
+        return False
 
 
 def turn_page(request: PageRequest, rows: list[AccountRow], total: int) -> Page:

@@ -31,6 +31,7 @@ from qbo_daemon.store.port import (
 from qbo_daemon.store.postgres.accounts import CHANNEL, AccountTable
 from qbo_daemon.store.postgres.database import PgDatabase, PgSettings
 from qbo_daemon.store.postgres.states import OAuthStates
+from qbo_daemon.store.postgres.status_queries import PgStatusQueries
 
 __all__ = ["PgSettings", "PostgresStorage"]
 
@@ -43,6 +44,8 @@ class PostgresStorage:
         self._db = database
         self._accounts = AccountTable(database, cipher, attempts_keep=attempts_keep)
         self._states = OAuthStates(database)
+        # The status page's reads (no token column), with whichever keys are current.
+        self.status_page = PgStatusQueries(database, lambda: self._accounts.cipher)
 
     @classmethod
     async def open(
