@@ -39,6 +39,7 @@ from qbo_daemon.store.postgres.claims import ClaimTable
 from qbo_daemon.store.postgres.database import PgDatabase, PgSettings
 from qbo_daemon.store.postgres.rows import account_change
 from qbo_daemon.store.postgres.states import OAuthStates
+from qbo_daemon.store.postgres.status_queries import PgStatusQueries
 
 __all__ = ["PgSettings", "PostgresStorage"]
 
@@ -58,6 +59,8 @@ class PostgresStorage:
         self._claims = ClaimTable(database, cipher, node_id)
         self._states = OAuthStates(database)
         self._on_change: Callable[[AccountChange | None], None] | None = None
+        # The status page's reads (no token column), with whichever keys are current.
+        self.status_page = PgStatusQueries(database, lambda: self._accounts.cipher)
 
     @classmethod
     async def open(
