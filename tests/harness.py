@@ -7,6 +7,7 @@ import contextlib
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,13 @@ async def launch_daemon(
         await task  # raises the start-up error
         raise AssertionError("the daemon did not become ready")
     return daemon, config, stop, task
+
+
+async def next_refresh(services: Services, account_id: str) -> datetime | None:
+    """When ``account_id`` is refreshed next: its timer, or beyond the timers' window the
+    due time in its row (the window brings it back): what the API shows."""
+    account = await services.storage.find(account_id)
+    return None if account is None else services.scheduler.next_refresh(account)
 
 
 async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.01) -> None:

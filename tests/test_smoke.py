@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from tests.conftest import StartDaemon
-from tests.harness import wait_for
+from tests.harness import next_refresh, wait_for
 
 
 async def test_connect_refresh_and_serve(daemon_factory: StartDaemon) -> None:
@@ -23,7 +23,7 @@ async def test_connect_refresh_and_serve(daemon_factory: StartDaemon) -> None:
     assert status == 200
     assert running.simulator.is_access_token_valid(token["access_token"])
 
-    await wait_for(lambda: running.services.scheduler.due_at("acme") is not None)
+    await wait_for(lambda: next_refresh(running.services, "acme"))
     with sqlite3.connect(running.database) as db:
         row = db.execute(
             "SELECT status, version FROM accounts WHERE account_id = 'acme'"

@@ -70,7 +70,18 @@ def accounts_table(accounts: Sequence[Mapping[str, Any]], now: datetime) -> str:
     """The ``accounts list`` table, with a summary line (and a hint when one needs a user)."""
     if not accounts:
         return "no accounts yet: connect one with `qbo-daemon connect ID` or import them\n"
-    header = ("ACCOUNT", "REALM", "STATUS", "EXPIRES IN", "NEXT REFRESH", "FAILURES", "LAST ERROR")
+    # Several daemons on PostgreSQL: which one refreshes each account first.
+    nodes = any("node" in account for account in accounts)
+    header: tuple[str, ...] = (
+        "ACCOUNT",
+        "REALM",
+        "STATUS",
+        "EXPIRES IN",
+        "NEXT REFRESH",
+        *(("NODE",) if nodes else ()),
+        "FAILURES",
+        "LAST ERROR",
+    )
     rows = [header]
     for account in accounts:
         rows.append(
@@ -80,6 +91,7 @@ def accounts_table(accounts: Sequence[Mapping[str, Any]], now: datetime) -> str:
                 str(account["status"]),
                 expires_in(account, now),
                 relative(account.get("next_refresh_at"), now),
+                *((str(account.get("node") or "-"),) if nodes else ()),
                 str(account.get("failure_count", 0)),
                 _short(account.get("last_error")),
             )

@@ -126,6 +126,18 @@ class Metrics:
             "1 while the daemon is healthy (Intuit accepts our client credentials), else 0.",
             registry=registry,
         )
+        self._node = Gauge(
+            "qbo_cluster_node",
+            "1, labelled with this daemon's node id (several daemons on one PostgreSQL).",
+            ["node_id"],
+            registry=registry,
+        )
+        self._heartbeats = Gauge(
+            "qbo_cluster_heartbeat_age_seconds",
+            "Seconds since each daemon on the shared database last beat, as this one read it.",
+            ["node_id"],
+            registry=registry,
+        )
         self._error_classes: set[str] = set()
         self._next_due = _NextDueCollector()
         registry.register(self._next_due)
@@ -182,6 +194,14 @@ class Metrics:
     def set_next_due(self, seconds: float | None) -> None:
         """Seconds until the earliest due refresh; None (nothing scheduled) hides the series."""
         self._next_due.value = seconds
+
+    def set_cluster(self, node_id: str, heartbeat_ages: Mapping[str, float]) -> None:
+        """This daemon's node id, and every node's heartbeat age (gone ones vanish)."""
+        self._node.clear()
+        self._node.labels(node_id).set(1)
+        self._heartbeats.clear()
+        for node, age in heartbeat_ages.items():
+            self._heartbeats.labels(node).set(age)
 
     def set_refreshing(self, n: int) -> None:
         self._refreshing.set(n)

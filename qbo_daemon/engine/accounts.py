@@ -124,6 +124,9 @@ class AccountService:
         data["status"] = self._policy.shown_status(account, now).value
         data["next_refresh_at"] = iso(self._scheduler.next_refresh(account))
         data["hard_expiry_soon"] = self._policy.hard_expiry_soon(account, now)
+        node = self._scheduler.preferred_node(account.account_id)
+        if node is not None:
+            data["node"] = node
         return data
 
     async def exists(self, account_id: str) -> bool:

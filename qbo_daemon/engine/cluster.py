@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from qbo_daemon.core.errors import StorageError
+from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.store.port import AccountChange, ClaimStore, NodeInfo
 
 log = structlog.get_logger("qbo_daemon.engine.cluster")
@@ -49,11 +50,13 @@ class Cluster:
         self,
         claims: ClaimStore,
         *,
+        metrics: Metrics | None = None,
         heartbeat_every: float = HEARTBEAT_EVERY,
         dead_after: float = DEAD_AFTER,
         head_start: float = HEAD_START,
     ) -> None:
         self.claims = claims
+        self._metrics = metrics
         self.node_id = claims.node_id
         self.head_start = head_start
         self._heartbeat_every = heartbeat_every
@@ -143,6 +146,8 @@ class Cluster:
             log.info("cluster.joined", node_id=self.node_id, nodes=len(nodes))
         self.connected = True
         self.nodes = nodes
+        if self._metrics is not None:
+            self._metrics.set_cluster(self.node_id, {n.node_id: n.age for n in nodes})
         live = tuple(n.node_id for n in nodes if n.age <= self._dead_after)
         if self.node_id not in live:
             live = (*live, self.node_id)

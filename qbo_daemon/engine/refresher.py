@@ -283,12 +283,15 @@ class Refresher:
         saved = await self._persist(account, result, decide)
         self._metrics.refresh_attempt("success", call.duration)
         if isinstance(saved, Replaced):
-            if _refreshed_after(saved.current, account):
+            if claim is not None:
+                # Several daemons: another may have refreshed it while this one was
+                # paused or cut off. Its tokens are newer; these are kept nowhere.
                 log.error(
                     "refresh.superseded",
                     intuit_tid=result.intuit_tid,
-                    detail="another daemon stored a newer refresh while this answer was "
-                    "outstanding; the answer is dropped, its tokens kept nowhere",
+                    detail="the row holds newer credentials (another daemon's refresh, a "
+                    "reconnect, an import or a disconnect) than the ones this answer "
+                    "was for; the answer is dropped and its tokens kept nowhere",
                 )
             else:
                 self._discarded(result.intuit_tid, answer="success")
@@ -475,15 +478,6 @@ class Refresher:
             reason="the account was reconnected, imported or disconnected meanwhile",
             intuit_tid=intuit_tid,
         )
-
-
-def _refreshed_after(current: Account | None, account: Account) -> bool:
-    """Whether ``current`` holds a refresh stored after ``account`` was read."""
-    if current is None or current.last_refreshed_at is None:
-        return False
-    return (
-        account.last_refreshed_at is None or current.last_refreshed_at > account.last_refreshed_at
-    )
 
 
 def _abandoned_recently(claim: Claim | None) -> bool:

@@ -113,6 +113,9 @@ class Scheduler:
         # max_wait seconds whatever it waits for, so an old value means it is wedged:
         # the systemd watchdog is fed only while it is recent (runtime/daemon.py).
         self.last_turn = time.monotonic()
+        # Whether the dispatcher is asleep until its next due time (or a wake-up):
+        # nothing of the scheduler's own is under way.
+        self.waiting = False
 
     # -- state for the API, health and metrics --------------------------------
 
@@ -160,6 +163,10 @@ class Scheduler:
         ):
             return account.reconnect_token_at
         return due
+
+    def preferred_node(self, account_id: str) -> str | None:
+        """Several daemons: the node that claims ``account_id`` first; else None."""
+        return None if self._cluster is None else self._cluster.preferred(account_id)
 
     def next_due_in(self) -> float | None:
         self._drop_stale()
@@ -701,8 +708,11 @@ class Scheduler:
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         waker = asyncio.ensure_future(self._wakeup.wait())
         try:
+            await asyncio.sleep(0)  # both have started: the sleep is counted from now
+            self.waiting = True
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.waiting = False
             for task in (sleeper, waker):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

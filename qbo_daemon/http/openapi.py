@@ -32,6 +32,27 @@ def _time(description: str, *, nullable: bool = True) -> dict[str, Any]:
     }
 
 
+# Every field of an account, as every daemon shows it (``node`` only when several share).
+_ACCOUNT_FIELDS = (
+    "account_id",
+    "status",
+    "realm_id",
+    "realm_verified",
+    "token_expires_at",
+    "reconnect_token_at",
+    "refresh_token_expires_at",
+    "refresh_token_hard_expires_at",
+    "last_refreshed_at",
+    "failure_count",
+    "last_error",
+    "version",
+    "created_at",
+    "updated_at",
+    "next_refresh_at",
+    "hard_expiry_soon",
+)
+
+
 def _object(properties: dict[str, Any], *, required: list[str] | None = None) -> dict[str, Any]:
     return {
         "type": "object",
@@ -118,9 +139,18 @@ _SCHEMAS: dict[str, Any] = {
             "version": {"type": "integer", "minimum": 1},
             "created_at": _time("", nullable=False),
             "updated_at": _time("", nullable=False),
-            "next_refresh_at": _time("When this daemon's timer fires; null when none is set."),
+            "next_refresh_at": _time(
+                "When the account is refreshed next: this daemon's timer, or its due time "
+                "when that is beyond the timers' 10-minute window; null when none is set."
+            ),
             "hard_expiry_soon": {"type": "boolean"},
-        }
+            "node": {
+                "type": "string",
+                "description": "Several daemons on PostgreSQL only: the node that refreshes "
+                "this account first (another takes over within about a second if it is gone).",
+            },
+        },
+        required=[*_ACCOUNT_FIELDS],
     ),
     "AccountList": _object({"accounts": {"type": "array", "items": _ref("Account")}}),
     "Token": _object(

@@ -159,6 +159,7 @@ class Daemon:
                 detail="a refresh Intuit answers during a shutdown may be cut off and a "
                 "rotated refresh token lost; keep [refresh] shutdown_grace above it",
             )
+        metrics = Metrics()
         cipher = load_cipher(config.storage.encryption_keys, config.storage.path)
         storage: Storage | PostgresStorage
         cluster: Cluster | None = None
@@ -172,7 +173,7 @@ class Daemon:
                 node_id=config.cluster.resolved_node_id(host=socket.gethostname(), pid=os.getpid()),
             )
             stack.push_async_callback(storage.close)
-            cluster = Cluster(storage)
+            cluster = Cluster(storage, metrics=metrics)
         else:
             lock = DatabaseLock(config.storage.path)
             lock.acquire()
@@ -193,7 +194,6 @@ class Daemon:
         )
         self._session = session
         stack.push_async_callback(session.close)
-        metrics = Metrics()
         notifier = self._make_notifier(config, session)
         relay = EventRelay(notifier)
         self._relay = relay

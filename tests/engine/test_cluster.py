@@ -120,7 +120,8 @@ async def test_connected_on_one_node_served_by_the_other_and_refreshed_once(
     for node in (first, second):
         await wait_for(lambda node=node: node.services.scheduler.due_at("acme") is not None)
         due = node.services.scheduler.due_at("acme")
-        assert due is not None and due >= refreshed.reconnect_token_at
+        assert due is not None
+        assert due >= refreshed.reconnect_token_at
 
 
 async def test_a_token_asked_of_every_node_at_once_is_refreshed_by_one_call(
@@ -157,7 +158,9 @@ async def test_a_node_that_stops_hands_its_accounts_to_the_others(
 
     async def all_refreshed() -> bool:
         now = [await b.services.storage.load(row.account_id) for row in rows]
-        return all(n.version > r.version and n.failure_count == 0 for n, r in zip(now, rows))
+        return all(
+            n.version > r.version and n.failure_count == 0 for n, r in zip(now, rows, strict=True)
+        )
 
     await wait_for(all_refreshed)
     assert sorted(refresh_calls(sim), key=str) == sorted((r.refresh_token for r in rows), key=str)

@@ -27,7 +27,7 @@ from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator, RequestLogEntry
 from qbo_daemon.store.schema import sha256_hex
 from tests.conftest import StartDaemon
-from tests.harness import RunningDaemon, run_daemon
+from tests.harness import RunningDaemon, next_refresh, run_daemon
 from tests.manual_clock import ManualClock
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -216,7 +216,8 @@ async def test_connect_stores_an_encrypted_row_with_times_from_intuits_answer(
 
     # Scheduled at once, at its reconnect time, without waiting for any poll.
     assert (
-        running.services.scheduler.due_at("acme") == START + timedelta(seconds=ACCESS_LIFE) - LEAD
+        await next_refresh(running.services, "acme")
+        == START + timedelta(seconds=ACCESS_LIFE) - LEAD
     )
 
     [used] = db_rows(running, "SELECT * FROM oauth_states")
@@ -598,7 +599,7 @@ async def test_a_restart_between_authorize_url_and_callback_still_connects(
         assert_says(page, 200, "QuickBooks is connected")
         assert len(exchanges(simulator)) == 1
         assert account_row(second, "acme")["status"] == "active"
-        assert second.services.scheduler.due_at("acme") is not None
+        assert await next_refresh(second.services, "acme") is not None
         status, token = await second.api("GET", "/v1/accounts/acme/token")
         assert status == 200
         assert simulator.is_access_token_valid(token["access_token"])
@@ -620,7 +621,7 @@ async def test_reconnecting_after_needs_reconnect_replaces_the_tokens(
     assert (status, body["error"]) == (409, "needs_reconnect")
     dead = account_row(running, "acme")
     assert dead["status"] == "needs_reconnect"
-    assert running.services.scheduler.due_at("acme") is None
+    assert await next_refresh(running.services, "acme") is None
     status, body = await running.api("GET", "/v1/accounts/acme/token")
     assert (status, body["error"]) == (409, "needs_reconnect")
 
@@ -639,7 +640,7 @@ async def test_reconnecting_after_needs_reconnect_replaces_the_tokens(
     new = await running.services.storage.load("acme")
     assert new.refresh_token not in (None, old.refresh_token)
     assert new.realm_id == second_back.query["realmId"]
-    assert running.services.scheduler.due_at("acme") == new.reconnect_token_at
+    assert await next_refresh(running.services, "acme") == new.reconnect_token_at
     status, token = await running.api("GET", "/v1/accounts/acme/token")
     assert status == 200
     assert token["access_token"] == new.access_token

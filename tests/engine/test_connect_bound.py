@@ -49,7 +49,7 @@ from tests.engine.test_connect import (
     state_of,
     with_query,
 )
-from tests.harness import RunningDaemon
+from tests.harness import RunningDaemon, next_refresh
 
 # The companies a forged callback may name: another connected one, or one made up.
 FORGED = ["another-company", "made-up"]
@@ -194,7 +194,7 @@ async def test_a_realm_refused_at_refresh_needs_reconnect_with_a_clear_error(
     assert row["realm_verified"] == 0
     assert "Intuit did not confirm" in row["last_error"]
     assert "CompanyInfo answered HTTP 403" in row["last_error"]
-    assert running.services.scheduler.due_at("acme") is None
+    assert await next_refresh(running.services, "acme") is None
     status, body = await running.api("GET", "/v1/accounts/acme/token")
     assert (status, body["error"]) == (409, "needs_reconnect")
     [event] = events(events_log, "account.reconnect_needed")

@@ -44,7 +44,7 @@ from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.simulator.app import IntuitSimulator, RequestLogEntry, SimulatorSettings
 from tests.engine.test_scheduler import Logs, advance, advance_to, settle
 from tests.figures import write_figure
-from tests.harness import RunningDaemon, start_daemon, wait_for
+from tests.harness import RunningDaemon, next_refresh, start_daemon, wait_for
 from tests.manual_clock import ManualClock
 
 T0 = datetime(2031, 3, 3, 9, 0, tzinfo=UTC)
@@ -170,11 +170,11 @@ async def world(tmp_path: Path, escapes: Escapes) -> AsyncIterator[World]:
     await sim.close()
 
 
-def assert_live_or_terminal(world: World, account_id: str, status: AccountStatus) -> None:
-    """Invariant 2: a timer due within the longest wait, or a terminal status."""
+async def assert_live_or_terminal(world: World, account_id: str, status: AccountStatus) -> None:
+    """Invariant 2: a refresh due within the longest wait, or a terminal status."""
     if status in TERMINAL:
         return
-    due = world.scheduler.due_at(account_id)
+    due = await next_refresh(world.daemon.services, account_id)
     assert due is not None, f"{account_id} ({status}) has no timer"
     assert due <= world.clock.now() + LONGEST_WAIT, (account_id, iso(due))
 
@@ -191,7 +191,7 @@ async def test_a_retry_after_past_the_cap_waits_backoff_max_and_the_timer_stays(
     world: World, escapes: Escapes, header: str
 ) -> None:
     await world.imported("acme")
-    due = world.scheduler.due_at("acme")
+    due = await next_refresh(world.daemon.services, "acme")
     assert due is not None
     await world.answer(503, "<html>busy</html>", [("Retry-After", header)])
 
@@ -262,7 +262,7 @@ async def test_a_200_with_any_lifetime_commits_the_rotated_refresh_token(
     assert account.refresh_token_expires_at <= now + timedelta(seconds=8_726_400)
     hard = account.refresh_token_hard_expires_at
     assert hard is None or hard <= now + timedelta(days=5 * 365 + 2)
-    assert_live_or_terminal(world, account.account_id, account.status)
+    await assert_live_or_terminal(world, account.account_id, account.status)
     assert not escapes, escapes
 
 
@@ -270,7 +270,7 @@ async def test_unprintable_words_in_an_error_answer_are_recorded_readably(
     world: World, escapes: Escapes
 ) -> None:
     await world.imported("acme")
-    due = world.scheduler.due_at("acme")
+    due = await next_refresh(world.daemon.services, "acme")
     assert due is not None
     body = json.dumps({"error": "server\ud800error", "error_description": "down\ud800\u202e"})
     await world.answer(500, body, [("intuit_tid", "t" * 500)])
@@ -285,7 +285,7 @@ async def test_unprintable_words_in_an_error_answer_are_recorded_readably(
     account.last_error.encode("utf-8")
     [attempt] = await world.daemon.services.status.attempts("acme")
     assert (attempt.outcome, attempt.intuit_tid) == ("transient", None)
-    assert_live_or_terminal(world, account.account_id, account.status)
+    await assert_live_or_terminal(world, account.account_id, account.status)
     assert not escapes, escapes
 
 
@@ -550,7 +550,7 @@ async def push(world: World, account_id: str, sequence: list[Answer], tally: Tal
     status, listing = await world.daemon.api("GET", "/v1/accounts")
     assert status == 200, listing
     for shown in listing["accounts"]:
-        assert_live_or_terminal(world, shown["account_id"], AccountStatus(shown["status"]))
+        await assert_live_or_terminal(world, shown["account_id"], AccountStatus(shown["status"]))
     # Invariant 3.
     assert world.scheduler.running
     assert_no_escapes(world.escapes)

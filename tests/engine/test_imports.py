@@ -24,7 +24,7 @@ from qbo_daemon.engine.imports import (
     read_rows,
 )
 from tests.conftest import StartDaemon
-from tests.harness import RunningDaemon, wait_for
+from tests.harness import RunningDaemon, next_refresh, wait_for
 from tests.http.test_api import call, refreshes_of
 
 NOW = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
@@ -352,10 +352,9 @@ async def test_a_batch_is_stored_a_thousand_rows_per_transaction(
     with contextlib.closing(sqlite3.connect(running.database)) as db:
         stored = [r[0] for r in db.execute("SELECT account_id FROM accounts ORDER BY account_id")]
     assert stored == [f"bulk-{n:04d}" for n in range(1000)]
-    scheduler = running.services.scheduler
-    assert scheduler.due_at("bulk-0000") is not None
-    assert scheduler.due_at("bulk-0999") is not None
-    assert scheduler.due_at("bulk-1000") is None
+    assert await next_refresh(running.services, "bulk-0000") is not None
+    assert await next_refresh(running.services, "bulk-0999") is not None
+    assert await next_refresh(running.services, "bulk-1000") is None
 
     # Sending the rest again (as the answer says) completes the import.
     with contextlib.closing(sqlite3.connect(running.database)) as db, db:

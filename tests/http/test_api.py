@@ -28,7 +28,7 @@ from qbo_daemon.http.openapi import openapi_document
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.store.crypto import EncryptionKey, generate_key
 from tests.conftest import StartDaemon
-from tests.harness import RunningDaemon, wait_for
+from tests.harness import RunningDaemon, next_refresh, wait_for
 from tests.manual_clock import ManualClock
 
 DOC = openapi_document()
@@ -310,7 +310,7 @@ async def test_import_refreshes_at_once_and_listing_carries_no_secret(
     await wait_for(
         lambda: any(e.status == 200 for e in refreshes_of(running, grant["refresh_token"]))
     )
-    await wait_for(lambda: running.services.scheduler.due_at("acme") is not None)
+    await wait_for(lambda: next_refresh(running.services, "acme"))
     assert (await call(running, "GET", "/v1/accounts/acme"))[1]["status"] == "active"
     status, token = await call(running, "GET", "/v1/accounts/acme/token")
     assert status == 200
@@ -452,7 +452,7 @@ async def test_a_dead_refresh_token_is_409_needs_reconnect_with_a_hint(
 async def test_refresh_now_and_authorize_url(running: RunningDaemon) -> None:
     _, body = grant_body(running)
     await call(running, "PUT", "/v1/accounts/acme/tokens", json=body)
-    await wait_for(lambda: running.services.scheduler.due_at("acme") is not None)
+    await wait_for(lambda: next_refresh(running.services, "acme"))
     _, before = await call(running, "GET", "/v1/accounts/acme")
     status, after = await call(running, "POST", "/v1/accounts/acme/refresh")
     assert status == 200

@@ -38,7 +38,7 @@ from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.store.crypto import generate_key
 from tests.engine.test_connect import Page, browse
 from tests.figures import DOCS, write_figure
-from tests.harness import InProcessDaemon, launch_daemon, wait_for
+from tests.harness import InProcessDaemon, launch_daemon, next_refresh, wait_for
 from tests.oauth_servers import OMIT, Answer, Behaviour, OAuthServer, Rotation
 
 CLIENT_ID = "ABcd1234EFgh5678independent"
@@ -201,13 +201,14 @@ def assert_no_secret_logged(setup: Setup, *texts: str) -> None:
         assert secret not in text, f"a secret ({secret[:3]}...) reached the log or an answer"
 
 
-def assert_alive(setup: Setup, *account_ids: str) -> None:
-    """The daemon runs, no task crashed, and every live account has a timer."""
+async def assert_alive(setup: Setup, *account_ids: str) -> None:
+    """The daemon runs, no task crashed, and every live account has a next refresh."""
     assert not setup.daemon.task.done()
-    scheduler = setup.daemon.services.scheduler
-    assert scheduler.running
+    services = setup.daemon.services
+    assert services.scheduler.running
     for account_id in account_ids:
-        assert scheduler.due_at(account_id) is not None, f"{account_id} lost its timer"
+        due = await next_refresh(services, account_id)
+        assert due is not None, f"{account_id} lost its timer"
     crashes = [e for e in setup.log_events() if e.get("level") == "critical" or "exception" in e]
     assert crashes == []
 
@@ -370,7 +371,7 @@ async def test_a_connection_lives_its_whole_life(start: Start, case: Case) -> No
     assert server.grant_types() == ["authorization_code", "refresh_token", "refresh_token"]
     if case.behaviour().rotation == "always":
         assert len(set(presented)) == 2
-    assert_alive(setup, "acme")
+    await assert_alive(setup, "acme")
     assert (await account_json(setup))["next_refresh_at"] is not None
 
     # The token API serves the access token the server issued last.
@@ -390,10 +391,10 @@ async def test_a_connection_lives_its_whole_life(start: Start, case: Case) -> No
     gone = await stored(setup)
     assert gone.refresh_token is None
     assert gone.access_token is None
-    assert setup.daemon.services.scheduler.due_at("acme") is None
+    assert await next_refresh(setup.daemon.services, "acme") is None
 
     assert_no_secret_logged(setup)
-    assert_alive(setup)
+    await assert_alive(setup)
     assert not setup.other.seen
     revoke = "revoked there" if case.revoked == "revoked" else "revoke failed, forgotten here"
     record(case.id, case.what, f"connected, 2 refreshes, token served; {revoke}")
@@ -510,7 +511,7 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
         assert status == 409, body
         assert body["error"] == "needs_reconnect"
         assert account.status is AccountStatus.NEEDS_RECONNECT
-        assert setup.daemon.services.scheduler.due_at("acme") is None
+        assert await next_refresh(setup.daemon.services, "acme") is None
         assert "account.reconnect_needed" in events
         seen = "`needs_reconnect`, timer stopped"
     else:
@@ -520,7 +521,7 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
         assert account.refresh_token == before.refresh_token
         assert account.access_token == before.access_token
         assert "account.reconnect_needed" not in events
-        assert_alive(setup, "acme")
+        await assert_alive(setup, "acme")
         status, token = await setup.api("GET", "/v1/accounts/acme/token")
         assert status == 200, token
         assert token["access_token"] == before.access_token
@@ -543,7 +544,7 @@ async def test_a_refresh_refused_or_garbled_keeps_the_account_right(
         account = await stored(setup)
         assert account.refresh_token == server.live_refresh_token()
         assert account.failure_count == 0
-        assert_alive(setup, "acme")
+        await assert_alive(setup, "acme")
     assert not setup.other.seen, "a token request followed a redirect to another origin"
     assert_no_secret_logged(setup, *said)
     assert not setup.daemon.task.done()
@@ -566,12 +567,15 @@ async def test_a_refresh_on_a_connection_the_server_dropped_is_retried_by_the_sc
     account = await stored(setup)
     assert (account.status, account.failure_count) == (AccountStatus.ACTIVE, 1)
     assert account.refresh_token == before.refresh_token
-    assert_alive(setup, "acme")
+    await assert_alive(setup, "acme")
     # The scheduler's retry (backoff_initial 1 s) opens a new connection and succeeds.
     await wait_for(lambda: server.grant_types().count("refresh_token") == 1, timeout=10)
-    await wait_for(
-        lambda: setup.daemon.services.scheduler.due_at("acme") != account.reconnect_token_at
-    )
+
+    async def retimed() -> bool:
+        due = await next_refresh(setup.daemon.services, "acme")
+        return bool(due != account.reconnect_token_at)
+
+    await wait_for(retimed)
 
     async def recovered() -> bool:
         now = await stored(setup)
@@ -580,7 +584,7 @@ async def test_a_refresh_on_a_connection_the_server_dropped_is_retried_by_the_sc
     await wait_for(recovered, timeout=10)
     assert [s.params()["grant_type"] for s in server.calls("token-dropped")] == ["refresh_token"]
     assert_no_secret_logged(setup)
-    assert_alive(setup, "acme")
+    await assert_alive(setup, "acme")
     record(
         case,
         "keeps connections alive, then closes one unanswered when the next request arrives "
@@ -611,7 +615,7 @@ async def test_a_code_exchange_on_a_connection_the_server_dropped_still_connects
     events = [e["event"] for e in setup.log_events()]
     assert events.count("intuit.connection_dropped") == 1
     assert_no_secret_logged(setup)
-    assert_alive(setup, "acme", "beta")
+    await assert_alive(setup, "acme", "beta")
     record(
         case,
         "the same, met by a second user's code exchange",
@@ -644,7 +648,7 @@ async def test_an_ambiguous_callback_is_refused_and_changes_nothing(
     assert setup.server.grant_types() == []
     assert await setup.daemon.services.storage.find("acme") is None
     assert_no_secret_logged(setup)
-    assert_alive(setup)
+    await assert_alive(setup)
     record(case, what, "400 page, no code exchanged, nothing stored")
 
 
@@ -661,7 +665,7 @@ async def test_a_user_who_declines_gets_a_clear_page_and_nothing_is_stored(
     assert setup.server.grant_types() == []
     assert await setup.daemon.services.storage.find("acme") is None
     assert any(e["event"] == "connect.denied" for e in setup.log_events())
-    assert_alive(setup)
+    await assert_alive(setup)
     record(
         case,
         "the user declines: `error=access_denied` with `error_description`",

@@ -29,7 +29,9 @@ LEASE = 30.0
 
 
 @pytest.fixture
-async def pair(pg_url: str, cipher: Cipher) -> AsyncIterator[tuple[PostgresStorage, PostgresStorage]]:
+async def pair(
+    pg_url: str, cipher: Cipher
+) -> AsyncIterator[tuple[PostgresStorage, PostgresStorage]]:
     first = await PostgresStorage.open(pg_url, cipher, node_id="node-a")
     second = await PostgresStorage.open(pg_url, cipher, node_id="node-b")
     yield first, second
@@ -81,7 +83,8 @@ async def test_one_node_claims_and_the_other_is_told_who_holds_it_and_for_how_lo
     granted = await a.claim("acct-1", lease=LEASE)
     assert isinstance(granted, Claimed)
     assert granted.account.refresh_token == tokens().refresh_token
-    assert granted.claim.owner == "node-a" and granted.claim.abandoned_since is None
+    assert granted.claim.owner == "node-a"
+    assert granted.claim.abandoned_since is None
     refused = await b.claim("acct-1", lease=LEASE)
     assert isinstance(refused, Busy)
     assert refused.owner == "node-a"
@@ -106,7 +109,8 @@ async def test_the_claims_commit_ends_it_and_the_next_claim_takes_a_new_generati
     again = await b.claim("acct-1", lease=LEASE)
     assert isinstance(again, Claimed)
     assert again.claim.generation == granted.claim.generation + 1
-    assert again.account.refresh_token == "R2" and again.account.version == stored.version
+    assert again.account.refresh_token == "R2"
+    assert again.account.version == stored.version
 
 
 async def test_a_timers_claim_of_a_row_refreshed_meanwhile_is_not_due(
@@ -134,7 +138,8 @@ async def test_a_node_paused_past_its_lease_stores_its_answer_if_the_row_is_as_i
     assert isinstance(taken, Claimed)
     # The call a paused node made and never answered: it may have rotated the token.
     assert taken.claim.abandoned_since is not None
-    assert taken.claim.abandoned_for is not None and taken.claim.abandoned_for >= 0
+    assert taken.claim.abandoned_for is not None
+    assert taken.claim.abandoned_for >= 0
 
     with structlog.testing.capture_logs() as logs:
         stored = await a.commit(refreshed_write(account, paused, "A-late", "R-late"))
@@ -168,7 +173,8 @@ async def test_a_release_makes_no_write_and_keeps_the_mark_of_an_abandoned_call(
     assert isinstance(abandoned, Claimed)
     await expire_lease(pg_url)
     taken = await b.claim("acct-1", lease=LEASE)
-    assert isinstance(taken, Claimed) and taken.claim.abandoned_since is not None
+    assert isinstance(taken, Claimed)
+    assert taken.claim.abandoned_since is not None
     await b.release(taken.claim)
     assert (await lease_columns(pg_url))["inflight_since"] == taken.claim.abandoned_since
     # A stale release (an old generation) changes nothing.
@@ -190,9 +196,11 @@ async def test_a_failure_note_may_keep_the_mark_and_new_tokens_always_end_it(
         AccountWrite(note, account.version, tokens=False, claim=taken.claim, keep_abandoned=True)
     )
     row = await lease_columns(pg_url)
-    assert row["lease_owner"] is None and row["inflight_since"] is not None
+    assert row["lease_owner"] is None
+    assert row["inflight_since"] is not None
     again = await b.claim("acct-1", lease=LEASE)
-    assert isinstance(again, Claimed) and again.claim.abandoned_since is not None
+    assert isinstance(again, Claimed)
+    assert again.claim.abandoned_since is not None
     await b.commit(refreshed_write(noted, again, "A3", "R3"))
     assert (await lease_columns(pg_url))["inflight_since"] is None
 
@@ -237,7 +245,8 @@ async def test_every_change_is_heard_with_its_schedule_and_a_cut_listener_comes_
     assert change is not None
     assert (change.account_id, change.version, change.origin) == ("acct-1", 1, "node-a")
     assert change.reconnect_token_at == account.reconnect_token_at
-    assert change.status is account.status and change.failure_count == 0
+    assert change.status is account.status
+    assert change.failure_count == 0
     heard.clear()
 
     admin = await asyncpg.connect(pg_url)
