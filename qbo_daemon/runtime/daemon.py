@@ -65,7 +65,7 @@ from qbo_daemon.runtime.supervisor import Supervisor, TaskDiedError
 from qbo_daemon.runtime.systemd import SystemdNotifier
 from qbo_daemon.runtime.webhooks import WebhookNotifier
 from qbo_daemon.store.keys import load_cipher
-from qbo_daemon.store.postgres.storage import PostgresStorage
+from qbo_daemon.store.postgres.storage import PgSettings, PostgresStorage
 from qbo_daemon.store.repository import DatabaseLock, Storage
 
 log = structlog.get_logger("qbo_daemon.runtime.daemon")
@@ -170,6 +170,8 @@ class Daemon:
                 config.storage.url.reveal(),
                 cipher,
                 attempts_keep=config.storage.attempts_keep,
+                # Attempts hold a connection to claim and to commit, never across a call.
+                settings=PgSettings(max_size=config.refresh.concurrency + 4),
                 node_id=config.cluster.resolved_node_id(host=socket.gethostname(), pid=os.getpid()),
             )
             stack.push_async_callback(storage.close)
