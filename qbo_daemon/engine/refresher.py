@@ -186,14 +186,22 @@ class Refresher:
         refreshed since: it is not due any more.
         """
         began = self._clock.monotonic()
-        if self._cluster is None:
-            account = await self._storage.find(account_id)
-            if account is None:
-                return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
-            return account, None, began
-        result = await self._cluster.claims.claim(
-            account_id, lease=self.lease, due_by=self._clock.now() if due is not None else None
-        )
+        try:
+            if self._cluster is None:
+                account = await self._storage.find(account_id)
+                if account is None:
+                    return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
+                return account, None, began
+            result = await self._cluster.claims.claim(
+                account_id,
+                lease=self.lease,
+                due_by=self._clock.now() if due is not None else None,
+            )
+        except StorageError as exc:
+            # Nothing was asked of Intuit: an outage of the database, retried with backoff.
+            return Outcome(
+                OutcomeKind.TRANSIENT, None, message=f"the database is unavailable: {exc}"
+            )
         if result is None:
             return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
         if isinstance(result, NotDue):

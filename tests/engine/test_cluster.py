@@ -19,8 +19,10 @@ import pytest
 
 from qbo_daemon.cli.demo import free_port, simulator_config_text
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
-from qbo_daemon.store.crypto import generate_key
-from tests.harness import RunningDaemon, run_daemon, wait_for
+from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
+from qbo_daemon.store.port import Claimed
+from qbo_daemon.store.postgres.storage import PostgresStorage
+from tests.harness import RunningDaemon, next_refresh, run_daemon, wait_for
 from tests.manual_clock import ManualClock
 
 START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -164,3 +166,36 @@ async def test_a_node_that_stops_hands_its_accounts_to_the_others(
 
     await wait_for(all_refreshed)
     assert sorted(refresh_calls(sim), key=str) == sorted((r.refresh_token for r in rows), key=str)
+
+
+async def test_a_refusal_after_taking_over_an_unanswered_call_is_not_final_at_once(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock, pg_url: str, tmp_path: Path
+) -> None:
+    (a,) = await nodes(1)
+    assert await a.connect("acme") == 200
+    stored = await a.services.storage.load("acme")
+    assert stored.refresh_token is not None
+    assert stored.reconnect_token_at is not None
+    # A node that is gone claimed the account and called Intuit, which rotated the
+    # token; the node never stored the answer (it was paused, or died).
+    cipher = Cipher([EncryptionKey.from_text(a.encryption_key)])
+    ghost = await PostgresStorage.open(pg_url, cipher, node_id="ghost")
+    try:
+        assert isinstance(await ghost.claim("acme", lease=0.2), Claimed)
+    finally:
+        await ghost.close()
+    await asyncio.sleep(0.3)  # its lease runs out
+    sim.invalidate(stored.refresh_token)
+
+    await move_to(clock, stored.reconnect_token_at + timedelta(seconds=1))
+    await wait_for(lambda: len(refresh_calls(sim)) == 1)
+
+    async def noted() -> bool:
+        return (await a.services.storage.load("acme")).failure_count == 1
+
+    await wait_for(noted)
+    row = await a.services.storage.load("acme")
+    assert row.status.value == "active"  # not needs_reconnect: the ghost may come back
+    assert row.last_error is not None
+    assert "not final" in row.last_error
+    assert await next_refresh(a.services, "acme") is not None
