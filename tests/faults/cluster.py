@@ -188,6 +188,27 @@ class Node(DaemonProcess):
             self.signal(signal.SIGCONT)
         self.paused = False
 
+    def unread_answers(self, port: int) -> int:
+        """This process's TCP connections to 127.0.0.1:``port`` holding bytes it has not read.
+
+        Read while it is paused: each is a call it had in flight when it stopped,
+        answered since (``/proc``: its socket inodes, and the kernel's receive queues).
+        """
+        inodes = set()
+        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+        unread = 0
+        for line in Path("/proc/net/tcp").read_text(encoding="ascii").splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            receive_queue = int(fields[4].split(":")[1], 16)
+            if remote_port == port and fields[9] in inodes and receive_queue > 0:
+                unread += 1
+        return unread
+
     def ask_to_stop(self) -> None:
         """SIGTERM without waiting (the drain runs meanwhile); :meth:`terminate` reaps."""
         if self.alive:
@@ -440,6 +461,31 @@ class Cluster:
         self.nodes[number].pause()
         return time.time()
 
+    def pause_mid_call(self, number: int, *, keep_rotation: float) -> tuple[float, int]:
+        """SIGSTOP node ``number`` while it has calls to Intuit in flight: (when, how many).
+
+        Each call is seen as its answer waiting unread in the stopped node's
+        sockets, once the simulator's ``latency`` has passed. Meanwhile the
+        simulator's ``rotate_after`` is ``keep_rotation``, so that an answer the
+        stopped node holds is not the only copy of a rotated chain; the caller
+        sets it back. A stop that caught no call is undone (SIGCONT, well within a
+        claim) and tried again, 8 times at most; (when, 0) if none caught one.
+        """
+        node = self.nodes[number]
+        paused_at = 0.0
+        rotate_after = self.sim.settings.rotate_after
+        for _ in range(8):
+            self.sim.update(rotate_after=keep_rotation)
+            paused_at = self.pause(number)
+            time.sleep(self.sim.settings.latency + 0.5)
+            caught = node.unread_answers(self.sim.port)
+            if caught:
+                return paused_at, caught
+            self.resume(number)
+            self.sim.update(rotate_after=rotate_after)
+            time.sleep(0.7)
+        return paused_at, 0
+
     def resume(self, number: int) -> float:
         self.nodes[number].resume()
         return time.time()
@@ -598,7 +644,12 @@ class Cluster:
             found.append(f"refresh tokens misused at the simulator: {uses}")
         ledger = self.ledger()
         for entry in ledger.misuses[:5]:
-            found.append(f"misuse: {entry}")
+            kinds = [k for k in ("concurrent_use", "stale_use") if entry.get(k)]
+            account_id = ledger.owner.get(entry["presented_refresh_token"], "an unknown account")
+            found.append(
+                f"{'+'.join(kinds)} of {account_id}'s refresh token at {entry['at']}: "
+                f"answered {entry['status']} {entry['error'] or ''} (tid {entry['intuit_tid']})"
+            )
         shown = self.accounts()
         rows = self.rows()
         for account_id in self.seeded:
