@@ -232,6 +232,7 @@ class Seeded:
     account_id: str
     realm_id: str
     refresh_token: str
+    access_token: str | None  # None: imported without one (due at once)
     due_at: float  # the next_refresh_at the importing node answered, epoch seconds
 
 
@@ -593,6 +594,7 @@ class Cluster:
                 account_id=row["account_id"],
                 realm_id=row["realm_id"],
                 refresh_token=row["refresh_token"],
+                access_token=row.get("access_token"),
                 due_at=parse_time(imported["next_refresh_at"]),
             )
         self.seeded.update(seeded)
@@ -612,23 +614,45 @@ class Cluster:
         return Ledger.of(self.seeded, self.sim.log())
 
     def wait_refreshed(self, account_ids: Sequence[str], *, after: float, timeout: float) -> Ledger:
-        """Until each account has a refresh answered 200 that arrived at or after ``after``."""
+        """Until each account has a refresh the simulator answered 200 and the cluster
+        committed, both at or after ``after``.
+
+        Committed: its row's ``last_refreshed_at`` is at or after ``after`` and its
+        access token is no longer the one it was imported with (an answer that
+        died with a killed node does not count).
+        """
         found: list[Ledger] = []
+        missing: list[str] = []
 
         def done() -> bool:
             ledger = self.ledger()
+            rows = self.rows()
             found[:] = [ledger]
-            return all(ledger.first_refresh(a, after) is not None for a in account_ids)
+            missing[:] = [
+                a
+                for a in account_ids
+                if ledger.first_refresh(a, after) is None or not self._committed(rows, a, after)
+            ]
+            return not missing
 
         try:
             wait_until(done, timeout=timeout, interval=0.5, what="every account refreshed")
         except AssertionError:
-            missing = [a for a in account_ids if found[0].first_refresh(a, after) is None]
             raise AssertionError(
-                f"{len(missing)} of {len(account_ids)} accounts not refreshed within "
-                f"{timeout}s, e.g. {missing[:5]}; failures at the simulator: {found[0].failures}"
+                f"{len(missing)} of {len(account_ids)} accounts not refreshed and committed "
+                f"within {timeout}s, e.g. {missing[:5]}; failures at the simulator: "
+                f"{found[0].failures}"
             ) from None
         return found[0]
+
+    def _committed(self, rows: dict[str, Row], account_id: str, after: float) -> bool:
+        row = rows.get(account_id)
+        return (
+            row is not None
+            and row.last_refreshed_at is not None
+            and row.last_refreshed_at >= after
+            and row.access_token != self.seeded[account_id].access_token
+        )
 
     def problems(self) -> list[str]:
         """What the fault tests forbid, in words: empty when all is well.
@@ -746,7 +770,8 @@ class LoadResult:
     by_node: Counter[str] = field(default_factory=Counter)
     server_errors: list[tuple[int, Any]] = field(default_factory=list)
     wrong_tokens: int = 0
-    unanswered: list[str] = field(default_factory=list)
+    unanswered: list[str] = field(default_factory=list)  # no node up, or every one refused
+    transport_errors: list[str] = field(default_factory=list)  # e.g. a read timeout (nginx: 504)
     latencies: list[float] = field(default_factory=list)
 
 
@@ -793,6 +818,10 @@ class TokenLoad:
                     with self._lock:
                         self.result.unanswered.append(str(exc))
                     time.sleep(0.05)
+                    continue
+                except requests.RequestException as exc:
+                    with self._lock:
+                        self.result.transport_errors.append(f"{type(exc).__name__}: {exc}")
                     continue
                 with self._lock:
                     result = self.result

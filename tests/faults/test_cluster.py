@@ -329,6 +329,7 @@ def test_rolling_restart_under_load_answers_no_5xx(tmp_path: Path, report: Repor
     assert result.server_errors == [], result.server_errors[:5]
     assert result.wrong_tokens == 0
     assert result.unanswered == []
+    assert result.transport_errors == []
     assert result.statuses[200] > 0
     write_figure(
         "cluster-rolling",

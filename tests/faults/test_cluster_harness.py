@@ -68,6 +68,7 @@ def test_one_node_on_sqlite_makes_every_move(tmp_path: Path) -> None:
         assert result.calls > 0
         assert result.statuses[200] > 0
         assert not result.server_errors
+        assert not result.transport_errors
         assert result.wrong_tokens == 0
 
         assert cluster.problems() == []
