@@ -158,16 +158,6 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = read_config(args)
-    if config.storage.url:
-        # Better than silently serving the SQLite file at path instead.
-        error = ConfigError(
-            "[storage] url: selects PostgreSQL, but this qbo-daemon cannot serve on PostgreSQL "
-            "yet (only migrate-storage uses it); unset it (and $QBO_STORAGE_URL, "
-            "$CREDENTIALS_DIRECTORY/storage_url) to run on the SQLite file at [storage] path",
-            path=None if config.source is None else str(config.source),
-        )
-        error.key = "storage.url"
-        raise error
     findings = preflight(config)  # what check-config reports, refused before anything starts
     errors = [f for f in findings if f.is_error]
     for finding in errors:

@@ -122,7 +122,7 @@ class AccountService:
         data = account.public_dict()
         now = self._clock.now()
         data["status"] = self._policy.shown_status(account, now).value
-        data["next_refresh_at"] = iso(self._scheduler.due_at(account.account_id))
+        data["next_refresh_at"] = iso(self._scheduler.next_refresh(account))
         data["hard_expiry_soon"] = self._policy.hard_expiry_soon(account, now)
         return data
 

@@ -17,6 +17,7 @@ class OutcomeKind(StrEnum):
     INVALID_CLIENT = "invalid_client"
     REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105 - a name, not a secret
     SKIPPED = "skipped"  # the account is gone, disconnected, needs a reconnect, or was replaced
+    ELSEWHERE = "elsewhere"  # another daemon holds the account's claim (several on PostgreSQL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,7 @@ class Outcome:
     message: str | None = None
     duration: float | None = None  # seconds the Intuit call took
     intuit_tid: str | None = None
+    retry_in: float | None = None  # ELSEWHERE: seconds until the other node's claim runs out
 
     @property
     def retry_after(self) -> float | None:

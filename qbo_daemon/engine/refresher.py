@@ -33,6 +33,7 @@ refresh token, and the one on disk may be dead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,15 +47,17 @@ from qbo_daemon.core.errors import (
     InvalidGrantError,
     StaleWriteError,
     StorageError,
+    TransientIntuitError,
 )
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, TokenSet
+from qbo_daemon.engine.cluster import LEASE_MARGIN, TAKEOVER_GRACE, Cluster
 from qbo_daemon.engine.outcome import Outcome, OutcomeKind
 from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.realm_check import RealmCheck
 from qbo_daemon.engine.state import AccountStates, HeldTokens
 from qbo_daemon.intuit.client import IntuitClient, TokenResult
-from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt
+from qbo_daemon.store.port import AccountStore, AccountWrite, Attempt, Busy, Claim, NotDue
 
 log = structlog.get_logger("qbo_daemon.refresh")
 
@@ -96,8 +99,11 @@ class Refresher:
         *,
         concurrency: int,
         realm_check: RealmCheck | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self._storage = storage
+        # Several daemons on one database: every call to Intuit is made under a claim.
+        self._cluster = cluster
         # Re-checks an unverified realm after each committed refresh (engine.realm_check).
         self.realm_check = realm_check
         self._intuit = intuit
@@ -121,24 +127,117 @@ class Refresher:
         ``seen_version`` is the version an asker saw too old to serve: if the
         row moved on since and is fresh, no call is made (:attr:`OutcomeKind.CURRENT`).
         """
+        busy: Busy | None = None
         async with self._slots:
-            account = await self._storage.find(account_id)  # load once
-            now = self._clock.now()
-            if account is None:
-                return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
-            refresh_token = account.refresh_token
-            if not account.status.scheduled or refresh_token is None:
-                return Outcome(OutcomeKind.SKIPPED, account, message=f"account is {account.status}")
-            if self._refreshed_since(account, seen_version, now):
-                return Outcome(OutcomeKind.CURRENT, account, message="refreshed meanwhile")
-            dead = self._policy.refresh_token_death(account, now)
-            call = None if dead is not None else await self._call(refresh_token, due)
+            loaded = await self._load(account_id, due)  # load once (and claim)
+            if isinstance(loaded, Busy):
+                busy = loaded
+            elif isinstance(loaded, Outcome):
+                return loaded
+            else:
+                account, claim, claimed_at = loaded
+                now = self._clock.now()
+                refresh_token = account.refresh_token
+                if not account.status.scheduled or refresh_token is None:
+                    await self._release(claim)
+                    return Outcome(
+                        OutcomeKind.SKIPPED, account, message=f"account is {account.status}"
+                    )
+                if self._refreshed_since(account, seen_version, now):
+                    await self._release(claim)
+                    return Outcome(OutcomeKind.CURRENT, account, message="refreshed meanwhile")
+                if claim is not None and not self._lease_left(claim, claimed_at):
+                    await self._release(claim)
+                    return Outcome(
+                        OutcomeKind.ELSEWHERE,
+                        account,
+                        message="the claim came too late to call Intuit in time",
+                        retry_in=0.0,
+                    )
+                dead = self._policy.refresh_token_death(account, now)
+                call = None if dead is not None else await self._call(refresh_token, due)
+        if busy is not None:
+            return Outcome(
+                OutcomeKind.ELSEWHERE,
+                busy.account,
+                message=f"node {busy.owner} is refreshing it",
+                retry_in=busy.remaining,
+            )
         if dead is not None:
-            return await self._give_up(account, dead, now)
+            return await self._give_up(account, dead, now, claim)
         assert call is not None
         if isinstance(call.result, IntuitError):
-            return await self._failed(account, call.result, call)
-        return await self._succeeded(account, call.result, call)
+            return await self._failed(account, call.result, call, claim)
+        return await self._succeeded(account, call.result, call, claim)
+
+    # -- several daemons -------------------------------------------------------------
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim lasts: the Intuit timeout, and a margin to start and to commit."""
+        return self._intuit.config.timeout.total_seconds() + 2 * LEASE_MARGIN
+
+    async def _load(
+        self, account_id: str, due: datetime | None
+    ) -> tuple[Account, Claim | None, float] | Busy | Outcome:
+        """The row to decide from; with several daemons, claimed for this attempt.
+
+        A timer's claim (``due`` set) is refused for a row another node has
+        refreshed since: it is not due any more.
+        """
+        began = self._clock.monotonic()
+        if self._cluster is None:
+            account = await self._storage.find(account_id)
+            if account is None:
+                return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
+            return account, None, began
+        result = await self._cluster.claims.claim(
+            account_id, lease=self.lease, due_by=self._clock.now() if due is not None else None
+        )
+        if result is None:
+            return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
+        if isinstance(result, NotDue):
+            return Outcome(OutcomeKind.CURRENT, result.account, message="refreshed by another node")
+        if isinstance(result, Busy):
+            return result
+        return result.account, result.claim, began
+
+    def _lease_left(self, claim: Claim, claimed_at: float) -> bool:
+        """Whether the claim still has the Intuit timeout and a margin left."""
+        left = claim.lease - (self._clock.monotonic() - claimed_at)
+        return left >= self._intuit.config.timeout.total_seconds() + LEASE_MARGIN
+
+    async def _release(self, claim: Claim | None) -> None:
+        if claim is not None and self._cluster is not None:
+            try:
+                await self._cluster.claims.release(claim)
+            except StorageError as exc:  # the lease runs out by itself
+                log.warning("claim.release_failed", error=str(exc))
+
+    async def follow(self, outcome: Outcome) -> Outcome:
+        """An asker's attempt found another node refreshing: wait for that node's commit.
+
+        Single flight across nodes: no second call is made; the answer is the
+        row that node commits (announced by the database), or ``outcome`` if
+        none comes before its claim runs out.
+        """
+        account = outcome.account
+        if outcome.kind is not OutcomeKind.ELSEWHERE or account is None or self._cluster is None:
+            return outcome
+        with self._cluster.watching(account.account_id) as changed:
+            current = await self._storage.find(account.account_id)
+            if current is not None and current.version == account.version:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout((outcome.retry_in or 0.0) + LEASE_MARGIN):
+                        await changed.wait()
+                current = await self._storage.find(account.account_id)
+        if (
+            current is not None
+            and current.version > account.version
+            and valid_for(current, self._clock.now()) > self._policy.near_expiry
+        ):
+            return Outcome(OutcomeKind.CURRENT, current, message="refreshed by another node")
+        return outcome
 
     # -- the steps -------------------------------------------------------------------
 
@@ -166,7 +265,9 @@ class Refresher:
             self._metrics.set_refreshing(self.calling)
         return Call(result, started, self._clock.monotonic() - began)
 
-    async def _succeeded(self, account: Account, result: TokenResult, call: Call) -> Outcome:
+    async def _succeeded(
+        self, account: Account, result: TokenResult, call: Call, claim: Claim | None
+    ) -> Outcome:
         attempt = Attempt(
             account_id=account.account_id,
             started_at=call.started,
@@ -177,12 +278,20 @@ class Refresher:
 
         def decide(row: Account) -> AccountWrite:
             refreshed = self._policy.refreshed(row, result.tokens, now=self._clock.now())
-            return AccountWrite(refreshed, row.version, tokens=True, attempt=attempt)
+            return AccountWrite(refreshed, row.version, tokens=True, attempt=attempt, claim=claim)
 
         saved = await self._persist(account, result, decide)
         self._metrics.refresh_attempt("success", call.duration)
         if isinstance(saved, Replaced):
-            self._discarded(result.intuit_tid, answer="success")
+            if _refreshed_after(saved.current, account):
+                log.error(
+                    "refresh.superseded",
+                    intuit_tid=result.intuit_tid,
+                    detail="another daemon stored a newer refresh while this answer was "
+                    "outstanding; the answer is dropped, its tokens kept nowhere",
+                )
+            else:
+                self._discarded(result.intuit_tid, answer="success")
             return _replaced(saved)
         if self.realm_check is not None:
             checked = await self.realm_check.after_refresh(saved)
@@ -200,7 +309,21 @@ class Refresher:
             OutcomeKind.SUCCESS, saved, duration=call.duration, intuit_tid=result.intuit_tid
         )
 
-    async def _failed(self, account: Account, error: IntuitError, call: Call) -> Outcome:
+    async def _failed(
+        self, account: Account, error: IntuitError, call: Call, claim: Claim | None
+    ) -> Outcome:
+        keep_abandoned = False
+        if isinstance(error, InvalidGrantError) and _abandoned_recently(claim):
+            # Another node's call with this refresh token never answered into the
+            # database: it may have rotated the token, and that node may yet store it.
+            keep_abandoned = True
+            error = TransientIntuitError(
+                f"{error} (after another node's unanswered call; not final for "
+                f"{TAKEOVER_GRACE:.0f} s)",
+                status=error.status,
+                code=error.code,
+                intuit_tid=error.intuit_tid,
+            )
         if isinstance(error, InvalidGrantError):
             kind, outcome = OutcomeKind.INVALID_GRANT, "invalid_grant"
         elif isinstance(error, InvalidClientError):
@@ -220,6 +343,7 @@ class Refresher:
         if kind is OutcomeKind.INVALID_CLIENT:
             # Our credentials are wrong, not this account: mark nothing.
             await self._storage.record_attempt(attempt)
+            await self._release(claim)
             return Outcome(kind, account, error)
         if kind is OutcomeKind.INVALID_GRANT:
             # Before calling the connection dead, look again: a refresh token that changed
@@ -234,7 +358,14 @@ class Refresher:
 
         def decide(row: Account) -> AccountWrite:
             failed = self._policy.failed(row, error, now=now)
-            return AccountWrite(failed, row.version, tokens=False, attempt=attempt)
+            return AccountWrite(
+                failed,
+                row.version,
+                tokens=False,
+                attempt=attempt,
+                claim=claim,
+                keep_abandoned=keep_abandoned,
+            )
 
         noted = await self._commit(account, decide)
         if isinstance(noted, Replaced):
@@ -243,13 +374,15 @@ class Refresher:
             return _replaced(noted)
         return Outcome(kind, noted, error, duration=call.duration, intuit_tid=error.intuit_tid)
 
-    async def _give_up(self, account: Account, reason: str, now: datetime) -> Outcome:
+    async def _give_up(
+        self, account: Account, reason: str, now: datetime, claim: Claim | None
+    ) -> Outcome:
         """The refresh token is dead: the account needs a reconnect, without asking Intuit."""
         attempt = Attempt(account.account_id, now, "expired", 0.0, error=reason)
 
         def decide(row: Account) -> AccountWrite:
             dead = self._policy.dead(row, reason, now=now)
-            return AccountWrite(dead, row.version, tokens=False, attempt=attempt)
+            return AccountWrite(dead, row.version, tokens=False, attempt=attempt, claim=claim)
 
         noted = await self._commit(account, decide)
         if isinstance(noted, Replaced):
@@ -261,17 +394,22 @@ class Refresher:
     async def _commit(self, account: Account, decide: Decide) -> Account | Replaced:
         """Commit the decision made from ``account``; on a conflict, re-decide once.
 
-        The re-decision reads the row again: a different refresh token (a
-        reconnect, an import, a disconnect) means the connection was replaced and
-        its newer credentials win (:class:`Replaced`, nothing written); the same
-        one means only bookkeeping moved, and the decision is made again from the
-        current row. A second conflict raises :class:`StaleWriteError`.
+        The re-decision reads the row again: other tokens (a reconnect, an
+        import, a disconnect, or another daemon's refresh) mean the row holds
+        newer credentials, and they win (:class:`Replaced`, nothing written); the
+        same ones mean only bookkeeping moved (a failure note, a key rotation),
+        and the decision is made again from the current row. A second conflict
+        raises :class:`StaleWriteError`.
         """
         try:
             return await self._storage.commit(decide(account))
         except StaleWriteError:
             current = await self._storage.find(account.account_id)
-            if current is None or current.refresh_token != account.refresh_token:
+            if (
+                current is None
+                or current.refresh_token != account.refresh_token
+                or current.access_token != account.access_token
+            ):
                 return Replaced(current)
             return await self._storage.commit(decide(current))
 
@@ -337,6 +475,23 @@ class Refresher:
             reason="the account was reconnected, imported or disconnected meanwhile",
             intuit_tid=intuit_tid,
         )
+
+
+def _refreshed_after(current: Account | None, account: Account) -> bool:
+    """Whether ``current`` holds a refresh stored after ``account`` was read."""
+    if current is None or current.last_refreshed_at is None:
+        return False
+    return (
+        account.last_refreshed_at is None or current.last_refreshed_at > account.last_refreshed_at
+    )
+
+
+def _abandoned_recently(claim: Claim | None) -> bool:
+    return (
+        claim is not None
+        and claim.abandoned_for is not None
+        and claim.abandoned_for < TAKEOVER_GRACE
+    )
 
 
 def _replaced(replaced: Replaced) -> Outcome:

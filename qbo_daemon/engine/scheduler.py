@@ -40,15 +40,17 @@ from typing import Protocol
 import structlog
 
 from qbo_daemon.core.clock import Clock
+from qbo_daemon.core.errors import StorageError
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import Account, TokenSet, iso
+from qbo_daemon.engine.cluster import Cluster
 from qbo_daemon.engine.outcome import Outcome, OutcomeKind
 from qbo_daemon.engine.policy import RefreshPolicy, valid_for
 from qbo_daemon.engine.refresher import Refresher
 from qbo_daemon.engine.state import AccountState, AccountStates, ClientPause, PauseState
 from qbo_daemon.engine.triggers import Trigger
 from qbo_daemon.intuit.parse import after
-from qbo_daemon.store.port import AccountStore, ScheduleEntry
+from qbo_daemon.store.port import AccountChange, AccountStore, ScheduleEntry
 
 log = structlog.get_logger("qbo_daemon.engine.scheduler")
 
@@ -73,8 +75,19 @@ class Scheduler:
         concurrency: int,
         max_wait: float = 30.0,
         rng: random.Random | None = None,
+        window: float | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self._refresher = refresher
+        # Timers only for the accounts due within ``window`` seconds (None: all of them),
+        # read again from the database's index as time moves on (:meth:`_refill`).
+        self._window = window
+        self._window_end: datetime | None = None
+        self._refill_failed_at: float | None = None
+        # Several daemons: who goes first, and the changes the others commit.
+        self._cluster = cluster
+        if cluster is not None:
+            cluster.subscribe(self.heard)
         self._storage = storage
         self._clock = clock
         self._metrics = metrics
@@ -83,6 +96,7 @@ class Scheduler:
         self._states = states
         self._max_wait = max_wait
         self._rng = rng or random.Random()
+        self._no_jitter = _NoJitter()
         self._heap: list[tuple[float, int, str]] = []
         # The live heap entry of each scheduled account; any other entry is stale.
         self._current: dict[str, tuple[float, int, str]] = {}
@@ -94,6 +108,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._resync = False  # changes were missed: read the whole window again
         # time.monotonic() of the dispatcher's latest turn. It turns at least every
         # max_wait seconds whatever it waits for, so an old value means it is wedged:
         # the systemd watchdog is fed only while it is recent (runtime/daemon.py).
@@ -135,6 +150,17 @@ class Scheduler:
             return None
         return datetime.fromtimestamp(entry[0], self._clock.now().tzinfo)
 
+    def next_refresh(self, account: Account) -> datetime | None:
+        """When ``account`` is refreshed next: its timer, or its due time beyond the window."""
+        due = self.due_at(account.account_id)
+        if (
+            due is None
+            and account.status.scheduled
+            and self._beyond_window(account.reconnect_token_at)
+        ):
+            return account.reconnect_token_at
+        return due
+
     def next_due_in(self) -> float | None:
         self._drop_stale()
         if not self._heap:
@@ -149,9 +175,11 @@ class Scheduler:
 
     async def start(self) -> int:
         """Schedule every active or expired account; overdue ones are due at once."""
-        entries = await self._storage.schedule_entries()
-        self._load(entries)
         now = self._clock.now()
+        if self._window is not None:
+            self._window_end = after(now, self._window)
+        entries = await self._storage.schedule_entries(self._window_end)
+        self._load(entries)
         for entry in entries:
             self._check_hard_expiry(entry.account_id, entry.refresh_token_hard_expires_at, now)
             if entry.reconnect_token_at <= now:
@@ -183,8 +211,12 @@ class Scheduler:
     # -- scheduling --------------------------------------------------------------
 
     def schedule(self, account_id: str, due: datetime, *, trigger: Trigger = "scheduled") -> None:
-        """(Re)schedule ``account_id`` at ``due``; replaces any earlier timer."""
-        entry = (due.timestamp(), next(self._seq), account_id)
+        """(Re)schedule ``account_id`` at ``due``; replaces any earlier timer.
+
+        With several daemons, a node that is not the account's preferred one
+        gives that node a head start (:meth:`Cluster.delay`).
+        """
+        entry = (self._key(account_id, due), next(self._seq), account_id)
         self._current[account_id] = entry
         heapq.heappush(self._heap, entry)
         if trigger == "scheduled":
@@ -205,7 +237,9 @@ class Scheduler:
             state.recovered()  # a new connection: earlier failures were another's
             self._states.forget_if_idle(account.account_id)
         due = account.reconnect_token_at
-        if account.status.scheduled and due is not None:
+        if account.status.scheduled and due is not None and self._beyond_window(due):
+            self.unschedule(account.account_id)  # a refill of the window brings it back
+        elif account.status.scheduled and due is not None:
             self.schedule(
                 account.account_id,
                 due,
@@ -248,13 +282,14 @@ class Scheduler:
         """
         state = self._states.get(account_id)
         if state is not None and state.attempt is not None:
-            return await asyncio.shield(state.attempt)
+            return await self._refresher.follow(await asyncio.shield(state.attempt))
         refusal = self._refusal()
         if refusal is not None:
             return refusal
-        return await asyncio.shield(
+        outcome = await asyncio.shield(
             self._start(account_id, trigger=trigger, seen_version=seen_version)
         )
+        return await self._refresher.follow(outcome)
 
     async def refresh_for_token(self, account: Account, *, trigger: Trigger = "api") -> Outcome:
         """A fresh token is wanted: ``account``, as the reader loaded it, has none worth serving.
@@ -268,7 +303,7 @@ class Scheduler:
         account_id = account.account_id
         state = self._states.get(account_id)
         if state is not None and state.attempt is not None:
-            return await asyncio.shield(state.attempt)
+            return await self._refresher.follow(await asyncio.shield(state.attempt))
         refusal = self._refusal()
         if refusal is not None:
             return refusal
@@ -282,9 +317,10 @@ class Scheduler:
                     None,
                     message="Intuit failed; the next try waits for its backoff",
                 )
-        return await asyncio.shield(
+        outcome = await asyncio.shield(
             self._start(account_id, trigger=trigger, seen_version=account.version)
         )
+        return await self._refresher.follow(outcome)
 
     def refresh_in_background(self, account_id: str, *, trigger: Trigger = "api") -> None:
         """A valid token inside the lead was served: refresh it, unless one is under way."""
@@ -396,6 +432,11 @@ class Scheduler:
             )
         elif kind is OutcomeKind.INVALID_CLIENT:
             self._paused(account_id, outcome)
+        elif kind is OutcomeKind.ELSEWHERE:
+            # Its commit is announced and reschedules this timer; this one is in case
+            # it never commits (its node died mid-call): try once its claim is over.
+            retry_in = (outcome.retry_in or 0.0) + self._rng.uniform(0.05, 0.25)
+            self.schedule(account_id, after(self._clock.now(), retry_in))
         elif kind is OutcomeKind.SKIPPED:
             current = outcome.account
             if current is not None and current.status.scheduled:
@@ -423,7 +464,10 @@ class Scheduler:
         state = self._states.get(account_id)
         failures = state.recovered() if state is not None else 0
         if account.reconnect_token_at is not None:
-            self.schedule(account_id, account.reconnect_token_at)
+            if self._beyond_window(account.reconnect_token_at):
+                self.unschedule(account_id)  # a refill of the window brings it back
+            else:
+                self.schedule(account_id, account.reconnect_token_at)
         log.info(
             "refresh.succeeded",
             duration_ms=round((outcome.duration or 0.0) * 1000, 1),
@@ -496,6 +540,95 @@ class Scheduler:
                 "account.hard_expiry_approached", account_id, hard_expires_at=iso(hard)
             )
 
+    # -- what other daemons did ---------------------------------------------------------
+
+    def heard(self, change: AccountChange | None) -> None:
+        """Another daemon committed ``change``: time the account as its row now asks.
+
+        None: changes may have been missed; the window is read again.
+        """
+        if change is None:
+            self._resync = True
+            self._wakeup.set()
+            return
+        account_id = change.account_id
+        if self._in_flight(account_id):
+            return  # this node's attempt decides when it ends
+        due = change.reconnect_token_at
+        if not change.status.scheduled or due is None:
+            self.unschedule(account_id)
+            return
+        state = self._states.get(account_id)
+        if change.failure_count == 0:
+            if state is not None:
+                state.recovered()
+                self._states.forget_if_idle(account_id)
+        elif change.last_failure_at is not None:
+            # Its backoff, as the failing node may have timed it (without its jitter).
+            delay = self._policy.retry_delay(
+                change.failure_count, expired=False, retry_after=None, rng=self._no_jitter
+            )
+            due = max(due, after(change.last_failure_at, delay))
+        if self._beyond_window(due):
+            self.unschedule(account_id)
+        else:
+            self.schedule(account_id, due)
+
+    # -- the window ----------------------------------------------------------------------
+
+    def _beyond_window(self, due: datetime | None) -> bool:
+        return due is not None and self._window_end is not None and due > self._window_end
+
+    def _key(self, account_id: str, due: datetime) -> float:
+        """Where ``due`` goes in the heap: later by the head start another node has."""
+        at = due.timestamp()
+        if self._cluster is None:
+            return at
+        delay = self._cluster.delay(account_id)
+        if delay:
+            # An overdue account goes after every one this node is preferred for.
+            at = max(at, self._clock.now().timestamp()) + delay
+        return at
+
+    async def _refill(self) -> None:
+        """Move the window on: time the accounts that fall due in the next stretch.
+
+        Called by the dispatcher when the window's end is less than half a
+        window away (or changes were missed: then the whole window is read again).
+        """
+        now = self._clock.now()
+        resync = self._resync
+        end = self._window_end
+        if self._window is None or end is None:
+            if not resync:
+                return
+        elif not resync and (end - now).total_seconds() > self._window / 2:
+            return
+        began = time.monotonic()
+        if self._refill_failed_at is not None and began - self._refill_failed_at < 1.0:
+            return
+        if self._window is not None:
+            end = after(now, self._window)
+        try:
+            entries = await self._storage.schedule_entries(
+                end, after=None if resync else self._window_end
+            )
+        except StorageError as exc:
+            self._refill_failed_at = began
+            log.warning("scheduler.refill_failed", error=str(exc), detail="retrying")
+            return
+        self._refill_failed_at = None
+        self._resync = False
+        self._window_end = end
+        added = 0
+        for entry in entries:
+            account_id = entry.account_id
+            # A timer already set knows better (a retry's backoff, another node's change).
+            if account_id not in self._current and not self._in_flight(account_id):
+                self.schedule(account_id, entry.reconnect_token_at)
+                added += 1
+        log.debug("scheduler.window_moved", until=iso(end), added=added, resync=resync)
+
     # -- the dispatcher ----------------------------------------------------------------
 
     def _load(self, entries: Iterable[ScheduleEntry]) -> None:
@@ -518,6 +651,7 @@ class Scheduler:
         while not self._stopping:
             self.last_turn = time.monotonic()
             self._wakeup.clear()
+            await self._refill()
             self._drop_stale()
             now = self._clock.now().timestamp()
             if self._heap and self._heap[0][0] <= now and self._pause.allows_call(now):
@@ -549,6 +683,10 @@ class Scheduler:
                 self._start(account_id, trigger=trigger, due=due, slot=slot)
                 continue
             wait = self._max_wait
+            if self._window_end is not None and self._window is not None:
+                # Wake when the window is half used, to move it on.
+                half_used = self._window_end.timestamp() - self._window / 2
+                wait = min(wait, max(half_used - now, 0.0) + 0.001)
             if self._heap and self._pause.state is not PauseState.PROBING:
                 # Paused, the next dispatch is when both the entry and the pause are due;
                 # waiting for only one of them would spin until the other comes.
@@ -569,6 +707,13 @@ class Scheduler:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+class _NoJitter(random.Random):
+    """The top of each jitter range: when another node's backoff ends at the latest."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return max(a, b)
 
 
 def _dispatch_width(concurrency: int) -> int:

@@ -19,6 +19,7 @@ from qbo_daemon.core.errors import StorageError
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.accounts import AccountService
+from qbo_daemon.engine.cluster import Cluster
 from qbo_daemon.engine.connect import ConnectFlow
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.scheduler import Events, Scheduler
@@ -46,6 +47,7 @@ class Services:
     metrics: Metrics
     events: Events
     policy: RefreshPolicy
+    cluster: Cluster | None = None  # several daemons on one PostgreSQL database
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether the daemon can do its job, and each check's verdict."""
@@ -57,6 +59,8 @@ class Services:
             checks["database"] = f"failing: {exc}"
         if self.scheduler.holding_tokens:
             checks["database"] = "failing: token writes are failing; new tokens held in memory"
+        if self.cluster is not None and not self.cluster.connected:
+            checks["database"] = "failing: the heartbeat cannot reach the database"
         checks["scheduler"] = "ok" if self.scheduler.running else "not running"
         checks["intuit_credentials"] = (
             "ok"

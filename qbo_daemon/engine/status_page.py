@@ -1,6 +1,7 @@
 """The status page's reads, as an engine service: the HTTP handlers never reach the store.
 
-The queries themselves are the store's (:mod:`qbo_daemon.store.status_queries`:
+The queries themselves are the store's (:mod:`qbo_daemon.store.status_queries` on SQLite,
+:mod:`qbo_daemon.store.postgres.status_queries` on PostgreSQL:
 indexed counts and pages that never select a token column, statuses shown by
 :func:`~qbo_daemon.core.models.shown_status`). This service hands them to
 ``qbo_daemon.http.ui`` with the refresh history of an account, and names the
@@ -16,7 +17,7 @@ from typing import Protocol
 from qbo_daemon.core.models import AccountStatus
 from qbo_daemon.engine.scheduler import Scheduler
 from qbo_daemon.store.port import Attempt
-from qbo_daemon.store.status_queries import (
+from qbo_daemon.store.status_values import (
     AccountRow,
     Cursor,
     MinuteCount,
@@ -24,7 +25,7 @@ from qbo_daemon.store.status_queries import (
     Page,
     PageRequest,
     Sort,
-    StatusQueries,
+    StatusReads,
 )
 
 __all__ = [
@@ -42,10 +43,10 @@ __all__ = [
 
 
 class StatusSource(Protocol):
-    """What the status page reads from: the SQLite store's queries and attempts."""
+    """What the status page reads from: either store's queries and attempts."""
 
     @property
-    def status_page(self) -> StatusQueries: ...
+    def status_page(self) -> StatusReads: ...
 
     async def attempts(self, account_id: str | None = None, limit: int = 100) -> list[Attempt]: ...
 
@@ -76,7 +77,7 @@ class StatusPage:
     # -- the store's reads -----------------------------------------------------------
 
     @property
-    def _queries(self) -> StatusQueries:
+    def _queries(self) -> StatusReads:
         return self._source.status_page
 
     async def status_counts(self, now: datetime) -> dict[AccountStatus, int]:

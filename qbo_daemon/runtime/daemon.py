@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -37,6 +39,7 @@ from qbo_daemon.core.clock import Clock, SystemClock
 from qbo_daemon.core.errors import ConfigError, QboDaemonError
 from qbo_daemon.core.metrics import Metrics
 from qbo_daemon.engine.accounts import AccountService
+from qbo_daemon.engine.cluster import Cluster
 from qbo_daemon.engine.connect import ConnectFlow
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.engine.realm_check import RealmCheck
@@ -62,6 +65,7 @@ from qbo_daemon.runtime.supervisor import Supervisor, TaskDiedError
 from qbo_daemon.runtime.systemd import SystemdNotifier
 from qbo_daemon.runtime.webhooks import WebhookNotifier
 from qbo_daemon.store.keys import load_cipher
+from qbo_daemon.store.postgres.storage import PostgresStorage
 from qbo_daemon.store.repository import DatabaseLock, Storage
 
 log = structlog.get_logger("qbo_daemon.runtime.daemon")
@@ -74,6 +78,10 @@ STATUS_INTERVAL = 15.0
 DISPATCHER_MAX_WAIT = 30.0
 # How long a shutdown waits for a reload under way.
 RELOAD_SHUTDOWN_WAIT = 10.0
+# The scheduler keeps timers for the accounts due within this many seconds and reads
+# the next ones from the database's index as time moves on: memory follows the
+# accounts due soon, not all of them.
+SCHEDULER_WINDOW = 600.0
 # File descriptors kept for the database, the log, sd_notify and the like,
 # beside the listeners' caps and the HTTP client's pool.
 FD_RESERVE = 64
@@ -151,16 +159,30 @@ class Daemon:
                 detail="a refresh Intuit answers during a shutdown may be cut off and a "
                 "rotated refresh token lost; keep [refresh] shutdown_grace above it",
             )
-        lock = DatabaseLock(config.storage.path)
-        lock.acquire()
-        stack.callback(lock.release)
         cipher = load_cipher(config.storage.encryption_keys, config.storage.path)
-        storage = await Storage.open(
-            config.storage.path, cipher, attempts_keep=config.storage.attempts_keep
-        )
-        stack.push_async_callback(storage.close)
-        if storage.writer is not None:
-            supervisor.watch("storage-writer", storage.writer)
+        storage: Storage | PostgresStorage
+        cluster: Cluster | None = None
+        lock: DatabaseLock | None = None
+        if config.storage.url is not None:
+            # Several daemons may share it: claims, not a lock, keep them apart.
+            storage = await PostgresStorage.open(
+                config.storage.url.reveal(),
+                cipher,
+                attempts_keep=config.storage.attempts_keep,
+                node_id=config.cluster.resolved_node_id(host=socket.gethostname(), pid=os.getpid()),
+            )
+            stack.push_async_callback(storage.close)
+            cluster = Cluster(storage)
+        else:
+            lock = DatabaseLock(config.storage.path)
+            lock.acquire()
+            stack.callback(lock.release)
+            storage = await Storage.open(
+                config.storage.path, cipher, attempts_keep=config.storage.attempts_keep
+            )
+            stack.push_async_callback(storage.close)
+            if storage.writer is not None:
+                supervisor.watch("storage-writer", storage.writer)
         await storage.verify_keys()
 
         pool = max(100, config.refresh.concurrency * 2)
@@ -177,8 +199,13 @@ class Daemon:
         self._relay = relay
         stack.push_async_callback(self._close_notifier)
 
-        services = self._build(config, storage, session, metrics, relay)
+        services = self._build(config, storage, session, metrics, relay, cluster)
         self.services = services
+        if cluster is not None:
+            # Heard of and alive before it serves: the others count on it from here on.
+            await cluster.start()
+            stack.push_async_callback(cluster.leave)
+            supervisor.start("heartbeat", cluster.run())
         listeners = await self._start_listeners(services)
         for listener in reversed(listeners):
             stack.push_async_callback(listener.close)
@@ -192,12 +219,18 @@ class Daemon:
             assert listener.task is not None
             supervisor.watch(f"listener:{listener.name}", listener.task)
 
-        # Where the CLI finds us, even after a reload changed [api] listen in the file.
-        lock.advertise(config.api.url)
+        if lock is not None:
+            # Where the CLI finds us, even after a reload changed [api] listen in the file.
+            lock.advertise(config.api.url)
         log.info(
             "daemon.started",
             version=__version__,
-            database=str(config.storage.path.resolve()),
+            database=(
+                storage.where
+                if isinstance(storage, PostgresStorage)
+                else str(config.storage.path.resolve())
+            ),
+            node_id=cluster.node_id if cluster is not None else None,
             accounts=await services.storage.status_counts(),
             accounts_scheduled=scheduled,
             api=config.api.url,
@@ -222,10 +255,11 @@ class Daemon:
     def _build(
         self,
         config: Config,
-        storage: Storage,
+        storage: Storage | PostgresStorage,
         session: aiohttp.ClientSession,
         metrics: Metrics,
         events: EventRelay,
+        cluster: Cluster | None,
     ) -> Services:
         clock = self.clock
         refresh = config.refresh
@@ -242,6 +276,7 @@ class Daemon:
             states,
             concurrency=refresh.concurrency,
             realm_check=realm_check,
+            cluster=cluster,
         )
         scheduler = Scheduler(
             refresher,
@@ -253,6 +288,8 @@ class Daemon:
             states,
             concurrency=refresh.concurrency,
             max_wait=self._max_wait,
+            window=SCHEDULER_WINDOW,
+            cluster=cluster,
         )
         return Services(
             config=config,
@@ -277,6 +314,7 @@ class Daemon:
             policy=policy,
             metrics=metrics,
             events=events,
+            cluster=cluster,
         )
 
     async def _start_listeners(self, services: Services) -> list[Listener]:

@@ -22,7 +22,7 @@ beside ``read_version`` (``docs/architecture.md``, "The storage port").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -45,6 +45,13 @@ class AccountWrite:
     read_version: int
     tokens: bool
     attempt: Attempt | None = None
+    # Several daemons: the claim the decision was made under. The write still lands
+    # when the claim was lost but the row is exactly as read (its answer is then the
+    # newest token there is); it ends the claim if it is still this one.
+    claim: Claim | None = None
+    # Keep the row's mark of an Intuit call that never answered into the database
+    # (``Claim.abandoned_since``): set on the failure note of a refusal that call may explain.
+    keep_abandoned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +116,63 @@ class RealmPolicy:
     allow_change: bool = False  # {"allow_realm_change": true} on the authorize-url request
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One node's right to call Intuit for one account, until its lease runs out.
+
+    ``generation`` is the fencing token: every claim of the row takes the next
+    one, so a write can tell its own claim from a later node's.
+    """
+
+    account_id: str
+    owner: str
+    generation: int
+    lease: float  # seconds the database granted, counted from before the claim was sent
+    # A call to Intuit an earlier claim started and never answered into the database
+    # (its node died or was paused): it may have rotated the refresh token.
+    abandoned_since: datetime | None = None
+    abandoned_for: float | None = None  # seconds since then, by the database's clock
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The claim was granted: the row as it is now, secrets decrypted."""
+
+    account: Account
+    claim: Claim
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another node holds the account's claim for ``remaining`` more seconds."""
+
+    account: Account
+    owner: str
+    remaining: float
+
+
+@dataclass(frozen=True, slots=True)
+class NotDue:
+    """A timer's claim found the row refreshed already: not due before ``account``'s time."""
+
+    account: Account
+
+
+ClaimResult = Claimed | Busy | NotDue
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A daemon sharing the database, as its heartbeat row says."""
+
+    node_id: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    age: float  # seconds since its last heartbeat, by the database's clock
+
+
 class AccountStore(Protocol):
     """Accounts, OAuth states and refresh attempts, durable and encrypted at rest."""
 
@@ -131,8 +195,14 @@ class AccountStore(Protocol):
         """Every account by ``account_id``; the tokens are not decrypted (they are None)."""
         ...
 
-    async def schedule_entries(self) -> list[ScheduleEntry]:
-        """Every active or expired account that holds a refresh token and a token expiry."""
+    async def schedule_entries(
+        self, until: datetime | None = None, *, after: datetime | None = None
+    ) -> list[ScheduleEntry]:
+        """Every active or expired account that holds a refresh token and a token expiry.
+
+        With ``until`` only those whose ``reconnect_token_at`` is by then (and
+        later than ``after``, if given), read from an index: the scheduler's window.
+        """
         ...
 
     async def status_counts(self) -> dict[str, int]: ...
@@ -246,3 +316,57 @@ class AccountStore(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class ClaimStore(Protocol):
+    """What several daemons on one database add to :class:`AccountStore`: claims,
+    heartbeats and change notifications (PostgreSQL only; one SQLite daemon needs none).
+
+    Leases and heartbeats are timed by the database's clock, so nodes whose
+    clocks disagree still agree on who holds what.
+    """
+
+    node_id: str
+
+    async def claim(
+        self, account_id: str, *, lease: float, due_by: datetime | None = None
+    ) -> ClaimResult | None:
+        """Claim ``account_id`` for one attempt, or say who holds it; None if it is gone.
+
+        With ``due_by`` (a timer's attempt) a row whose ``reconnect_token_at`` is
+        later is not claimed: it was refreshed meanwhile (:class:`NotDue`).
+        """
+        ...
+
+    async def release(self, claim: Claim) -> None:
+        """End ``claim`` without a write (no call was made), if it is still held."""
+        ...
+
+    async def heartbeat(self) -> list[NodeInfo]:
+        """Say this node is alive; return every node's row."""
+        ...
+
+    async def leave(self) -> None:
+        """Remove this node's heartbeat row (a clean shutdown)."""
+        ...
+
+    async def listen(self, callback: Callable[[AccountChange | None], None]) -> None:
+        """Call ``callback`` after each committed change of an account, any node's.
+
+        ``callback(None)``: changes may have been missed (the connection that
+        listens was cut and is back); read again what depends on them.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AccountChange:
+    """A committed change of an account, as every node hears of it (no secrets)."""
+
+    account_id: str
+    version: int
+    status: AccountStatus
+    reconnect_token_at: datetime | None
+    failure_count: int
+    last_failure_at: datetime | None
+    origin: str | None  # the node that wrote it, when known

@@ -30,7 +30,7 @@ from qbo_daemon.core.errors import (
     MissingKeyError,
     StaleWriteError,
 )
-from qbo_daemon.core.models import Account
+from qbo_daemon.core.models import Account, iso
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.lock import DatabaseLock
 from qbo_daemon.store.port import (
@@ -56,6 +56,7 @@ from qbo_daemon.store.rows import (
     realm_digest,
     schedule_entries_from,
 )
+from qbo_daemon.store.schema import NEXT_REFRESH_KEY
 from qbo_daemon.store.sqlite import Database, ReadBatcher, RowUpdate, WriteJob
 from qbo_daemon.store.states import OAuthStates
 from qbo_daemon.store.status_queries import StatusQueries
@@ -176,12 +177,26 @@ class Storage:
         rows = await self._db.fetchall(f"{SELECT_ACCOUNTS} ORDER BY account_id")
         return [account_from_row(self._cipher, row, tokens=False) for row in rows]
 
-    async def schedule_entries(self) -> list[ScheduleEntry]:
+    async def schedule_entries(
+        self, until: datetime | None = None, *, after: datetime | None = None
+    ) -> list[ScheduleEntry]:
         """Every account the scheduler should time: active or expired, with times.
 
-        Read a chunk of rows at a time: with 100,000 accounts, all the rows at once
-        would hold ~55 MB of row objects beside the entries made from them.
+        With ``until``, only those due by then (and after ``after``): the
+        scheduler's window, read from the index on the next refresh
+        (``accounts_next_refresh``). Without, a chunk of rows at a time: with
+        100,000 accounts, all the rows at once would hold ~55 MB of row objects
+        beside the entries made from them.
         """
+        if until is not None:
+            rows = await self._db.fetchall(
+                "SELECT id, account_id, status, reconnect_token_at, token_expires_at, "
+                "refresh_token_expires_at, refresh_token_hard_expires_at FROM accounts "
+                f"WHERE {NEXT_REFRESH_KEY} <= ? AND {NEXT_REFRESH_KEY} > ? "
+                "AND refresh_token IS NOT NULL",
+                (iso(until), iso(after) if after is not None else ""),
+            )
+            return list(schedule_entries_from(rows))
         entries = []
         last_id = 0
         while True:

@@ -45,6 +45,10 @@ class Backend:
     async def execute(self, sql: str) -> None:
         raise NotImplementedError
 
+    async def execute_all(self, statements: list[str]) -> None:
+        """Each of ``statements`` (no parameters), in one transaction."""
+        raise NotImplementedError
+
     async def schema_version(self) -> int:
         raise NotImplementedError
 
@@ -98,6 +102,11 @@ class SqliteBackend(Backend):
         with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
             conn.execute(sql)
 
+    async def execute_all(self, statements: list[str]) -> None:
+        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+            for sql in statements:
+                conn.execute(sql)
+
     async def schema_version(self) -> int:
         ((version,),) = await self.query("PRAGMA user_version")
         return int(version)
@@ -143,6 +152,11 @@ class PostgresBackend(Backend):
     async def execute(self, sql: str) -> None:
         async with self._connection() as conn:
             await conn.execute(sql)
+
+    async def execute_all(self, statements: list[str]) -> None:
+        async with self._connection() as conn, conn.transaction():
+            for sql in statements:
+                await conn.execute(sql)
 
     async def schema_version(self) -> int:
         async with self._connection() as conn:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime
 
+import asyncpg
 import structlog
 
 from qbo_daemon.core.errors import (
@@ -35,11 +37,12 @@ from qbo_daemon.core.errors import (
 )
 from qbo_daemon.core.models import Account
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.port import Attempt, Imported, RealmPolicy, ScheduleEntry
+from qbo_daemon.store.port import Attempt, Claim, Imported, RealmPolicy, ScheduleEntry
 from qbo_daemon.store.postgres.database import Conn, PgDatabase
 from qbo_daemon.store.postgres.realms import check_realm
 from qbo_daemon.store.postgres.rows import (
     ATTEMPT_COLUMNS,
+    CHANGE_PAYLOAD,
     CONNECTION_COLUMNS,
     INSERT_COLUMNS,
     NOTE_COLUMNS,
@@ -65,37 +68,65 @@ SCHEDULE_CHUNK = 5000
 _ATTEMPT_TYPES = ("text", "timestamptz", "text", "float8", "text", "text")
 
 
-def _commit_statement(columns: tuple[str, ...]) -> str:
+def _commit_statement(columns: tuple[str, ...], *, tokens: bool) -> str:
     """The compare-and-swap of ``columns`` ($3…), the attempt after them, the notification.
 
     $1 is the account_id, $2 the version read; the attempt's values follow the
-    columns' and are all NULL when there is no attempt.
+    columns' and are all NULL when there is no attempt; then the claim's owner
+    and generation (NULL without a claim), whether to keep the row's mark of an
+    abandoned call, and the writing node (the notification's origin).
+
+    The write lands whenever the row is at the version read: a node that lost
+    its claim but finds the row exactly as it read it holds the newest token
+    there is. The claim ends only if it is still this one (``fenced``, which the
+    statement returns), so a later node's claim is never cut short. New tokens
+    end the mark of an abandoned call: the chain is whole again.
     """
     params = {column: f"${n}" for n, column in enumerate(columns, 3)}
     sets = ", ".join(f"{column} = {param}" for column, param in params.items())
     first = len(columns) + 3
     attempt = ", ".join(f"${n}::{kind}" for n, kind in enumerate(_ATTEMPT_TYPES, first))
+    owner, generation, keep, origin = (f"${n}" for n in range(first + 6, first + 10))
+    fenced = (
+        f"({owner}::text IS NOT NULL AND p.prior_owner IS NOT DISTINCT FROM {owner}::text "
+        f"AND p.prior_generation = {generation}::bigint)"
+    )
+    # (The IS NULL test only gives the parameter a type where nothing else uses it.)
+    cleared = "true" if tokens else f"({fenced} AND NOT {keep}::boolean)"
+    inflight = f"CASE WHEN {cleared} OR {keep}::boolean IS NULL THEN NULL ELSE a.inflight_since END"
+    payload = CHANGE_PAYLOAD.replace("$origin", origin)
     return (
-        f"WITH updated AS (UPDATE accounts SET {sets}, version = version + 1 "
-        "WHERE account_id = $1 AND version = $2 RETURNING account_id), "
+        "WITH prior AS (SELECT account_id, lease_owner AS prior_owner, "
+        "lease_generation AS prior_generation FROM accounts "
+        "WHERE account_id = $1 AND version = $2 FOR UPDATE), "
+        f"updated AS (UPDATE accounts a SET {sets}, version = a.version + 1, "
+        f"lease_owner = CASE WHEN {fenced} THEN NULL ELSE a.lease_owner END, "
+        f"lease_until = CASE WHEN {fenced} THEN NULL ELSE a.lease_until END, "
+        f"inflight_since = {inflight} "
+        "FROM prior p WHERE a.account_id = p.account_id "
+        "RETURNING a.account_id, a.version, a.status, a.reconnect_token_at, a.failure_count, "
+        f"a.last_failure_at, {fenced} AS fenced), "
         f"attempt AS (INSERT INTO refresh_attempts ({', '.join(ATTEMPT_COLUMNS)}) "
         f"SELECT {attempt} FROM updated WHERE ${first + 1}::timestamptz IS NOT NULL) "
-        f"SELECT pg_notify('{CHANNEL}', account_id) FROM updated"
+        f"SELECT fenced, pg_notify('{CHANNEL}', {payload}) FROM updated"
     )
 
 
-COMMIT_TOKENS = _commit_statement(TOKEN_COLUMNS)
-COMMIT_NOTE = _commit_statement(NOTE_COLUMNS)
+COMMIT_TOKENS = _commit_statement(TOKEN_COLUMNS, tokens=True)
+COMMIT_NOTE = _commit_statement(NOTE_COLUMNS, tokens=False)
+# A new connection or import replaces the credentials: any claim on the old ones ends
+# (that call's answer can no longer be stored), and so does the mark of an abandoned call.
+_ORIGIN = len(INSERT_COLUMNS) + 1
 UPSERT = (
     f"WITH stored AS (INSERT INTO accounts AS a ({', '.join(INSERT_COLUMNS)}) "
     f"VALUES ({', '.join(f'${n}' for n in range(1, len(INSERT_COLUMNS) + 1))}) "
     "ON CONFLICT (account_id) DO UPDATE SET "
     + ", ".join(f"{column} = EXCLUDED.{column}" for column in CONNECTION_COLUMNS)
-    + ", version = a.version + 1 "
-    "RETURNING id, account_id, version, created_at, last_failure_at, "
-    "(xmax <> 0) AS existed) "
+    + ", version = a.version + 1, lease_owner = NULL, lease_until = NULL, inflight_since = NULL "
+    "RETURNING id, account_id, version, created_at, last_failure_at, status, "
+    "reconnect_token_at, failure_count, (xmax <> 0) AS existed) "
     f"SELECT id, version, created_at, last_failure_at, existed, "
-    f"pg_notify('{CHANNEL}', account_id) FROM stored"
+    f"pg_notify('{CHANNEL}', {CHANGE_PAYLOAD.replace('$origin', f'${_ORIGIN}')}) FROM stored"
 )
 INSERT_ATTEMPT = (
     f"INSERT INTO refresh_attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6)"
@@ -110,9 +141,12 @@ _LOCK_ATTEMPTS = "LOCK TABLE refresh_attempts IN SHARE ROW EXCLUSIVE MODE"
 class AccountTable:
     """Accounts and their refresh attempts; secrets under ``cipher`` (a reload may swap it)."""
 
-    def __init__(self, database: PgDatabase, cipher: Cipher, *, attempts_keep: int) -> None:
+    def __init__(
+        self, database: PgDatabase, cipher: Cipher, *, attempts_keep: int, node_id: str
+    ) -> None:
         self._db = database
         self.cipher = cipher
+        self.node_id = node_id  # named as the origin of every change this node notifies
         self._attempts_keep = attempts_keep
         # Start due for a trim: the count is not kept across restarts (as on SQLite).
         self._attempts_since_trim = TRIM_EVERY - 1
@@ -136,8 +170,26 @@ class AccountTable:
         records = await self._db.fetch(f"{SELECT_ACCOUNTS} ORDER BY account_id")
         return [account_from_record(self.cipher, r, tokens=False) for r in records]
 
-    async def schedule_entries(self) -> list[ScheduleEntry]:
-        """Every active or expired account holding a refresh token and a token expiry."""
+    async def schedule_entries(
+        self, until: datetime | None = None, *, after: datetime | None = None
+    ) -> list[ScheduleEntry]:
+        """Every active or expired account holding a refresh token and a token expiry.
+
+        With ``until``, only those due by then (and after ``after``, if given):
+        read from the partial index on ``reconnect_token_at`` (``accounts_due``),
+        so a node's start-up and each refill of its window read the window, not
+        the table.
+        """
+        if until is not None:
+            records = await self._db.fetch(
+                f"SELECT {SCHEDULE_COLUMNS} FROM accounts "
+                "WHERE status IN ('active', 'expired') AND reconnect_token_at <= $1 "
+                "AND reconnect_token_at > coalesce($2, '-infinity'::timestamptz) "
+                "AND refresh_token IS NOT NULL",
+                until,
+                after,
+            )
+            return [e for r in records if (e := schedule_entry(r)) is not None]
         entries: list[ScheduleEntry] = []
         last_id = 0
         while True:
@@ -190,7 +242,14 @@ class AccountTable:
     # -- writing -------------------------------------------------------------------
 
     async def commit(
-        self, account: Account, read_version: int, *, tokens: bool, attempt: Attempt | None
+        self,
+        account: Account,
+        read_version: int,
+        *,
+        tokens: bool,
+        attempt: Attempt | None,
+        claim: Claim | None = None,
+        keep_abandoned: bool = False,
     ) -> Account:
         """Store ``account`` if the row is still at ``read_version``; then at ``read_version + 1``.
 
@@ -204,13 +263,33 @@ class AccountTable:
         values = account_values(self.cipher, account, columns)
         noted = attempt_values(attempt) if attempt is not None else (None,) * len(ATTEMPT_COLUMNS)
 
-        async def work(conn: Conn) -> bool:
-            return bool(
-                await conn.fetch(statement, account.account_id, read_version, *values, *noted)
+        fence = (None, None) if claim is None else (claim.owner, claim.generation)
+
+        async def work(conn: Conn) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                statement,
+                account.account_id,
+                read_version,
+                *values,
+                *noted,
+                *fence,
+                keep_abandoned,
+                self.node_id,
             )
 
-        if not await self._db.write(work):
+        done = await self._db.write(work)
+        if done is None:
             raise StaleWriteError(account.account_id, read_version)
+        if claim is not None and not done["fenced"]:
+            # Paused or cut off past its lease, but nothing was written meanwhile: the
+            # answer it holds is the newest there is, and storing it is what saves it.
+            log.warning(
+                "claim.lost",
+                account_id=account.account_id,
+                generation=claim.generation,
+                detail="the claim ran out before the answer was stored; the row was "
+                "unchanged, so the answer was stored",
+            )
         if attempt is not None:
             await self._count_attempt()
         return replace(account, version=read_version + 1)
@@ -227,17 +306,17 @@ class AccountTable:
         held. A new row is at version 1; an existing one keeps its ``id`` and
         ``created_at`` and its version moves on.
         """
-        cipher = self.cipher
-        return await self._db.write(lambda conn: _upsert_on(conn, cipher, accounts))
+        cipher, origin = self.cipher, self.node_id
+        return await self._db.write(lambda conn: _upsert_on(conn, cipher, accounts, origin))
 
     async def import_(
         self, accounts: Sequence[Account], *, replace_existing: bool
     ) -> list[Imported]:
         """:meth:`upsert`, saying of each whether it existed; an existing one is left
         as it is unless ``replace_existing``. One transaction: all or nothing."""
-        cipher = self.cipher
+        cipher, origin = self.cipher, self.node_id
         return await self._db.write(
-            lambda conn: _import_on(conn, cipher, accounts, replace_existing)
+            lambda conn: _import_on(conn, cipher, accounts, replace_existing, origin)
         )
 
     async def existing_ids(self, account_ids: Sequence[str]) -> set[str]:
@@ -256,13 +335,13 @@ class AccountTable:
         Raises :class:`RealmConflictError` (nothing written); returns the stored
         account and its previous realm when the connection changed it.
         """
-        cipher = self.cipher
+        cipher, origin = self.cipher, self.node_id
         realm_id = account.realm_id
         assert realm_id is not None  # a connection always names its company
 
         async def work(conn: Conn) -> tuple[Account, str | None]:
             previous = await check_realm(conn, cipher, account.account_id, realm_id, policy)
-            (stored,) = await _upsert_on(conn, cipher, [account])
+            (stored,) = await _upsert_on(conn, cipher, [account], origin)
             return stored, previous
 
         return await self._db.write(work)
@@ -370,14 +449,16 @@ class AccountTable:
             log.warning("storage.attempts_trim_failed", error=str(exc))
 
 
-async def _upsert_on(conn: Conn, cipher: Cipher, accounts: Sequence[Account]) -> list[Account]:
+async def _upsert_on(
+    conn: Conn, cipher: Cipher, accounts: Sequence[Account], origin: str
+) -> list[Account]:
     """:meth:`AccountTable.upsert`'s statements, inside the caller's transaction."""
-    done = await _import_on(conn, cipher, accounts, True)
+    done = await _import_on(conn, cipher, accounts, True, origin)
     return [imported.account for imported in done if imported.account is not None]
 
 
 async def _import_on(
-    conn: Conn, cipher: Cipher, accounts: Sequence[Account], replace_existing: bool
+    conn: Conn, cipher: Cipher, accounts: Sequence[Account], replace_existing: bool, origin: str
 ) -> list[Imported]:
     """Each account upserted (or, existing and not to be replaced, left), in order."""
     done: list[Imported] = []
@@ -390,7 +471,7 @@ async def _import_on(
                 done.append(Imported(account.account_id, True, None))
                 continue
         values = account_values(cipher, replace(account, version=1), INSERT_COLUMNS)
-        record = await conn.fetchrow(UPSERT, *values)
+        record = await conn.fetchrow(UPSERT, *values, origin)
         assert record is not None  # an upsert always returns its row
         stored = replace(
             account,

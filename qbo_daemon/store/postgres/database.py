@@ -80,6 +80,7 @@ class PgDatabase:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._channels: dict[str, Callable[[str], None]] = {}
 
     @classmethod
     async def open(cls, url: str, settings: PgSettings | None = None) -> PgDatabase:
@@ -197,14 +198,45 @@ class PgDatabase:
 
     async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
         """Call ``callback(payload)`` for every notification on ``channel``, once committed."""
-
-        def deliver(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            callback(str(payload))
-
+        self._channels[channel] = callback
         try:
-            await self._listener.add_listener(channel, deliver)
+            await self._listener.add_listener(channel, _deliver(callback))
         except DRIVER_ERRORS as exc:
             raise StorageError(f"cannot listen on {channel}: {_reason(exc, self._url)}") from None
+
+    async def relisten(self) -> bool:
+        """Reconnect the LISTEN connection if the server cut it; True if it did.
+
+        Notifications sent while it was cut are lost: a caller told True reads
+        again what it keeps of the database.
+        """
+        if not self._listener.is_closed() or self._closing:
+            return False
+        try:
+            listener = await asyncpg.connect(
+                self._url,
+                timeout=self._settings.connect_timeout,
+                statement_cache_size=0,
+                server_settings=_server_settings(self._settings),
+            )
+        except _CONNECT_ERRORS as exc:
+            raise StorageError(f"cannot listen again: {_reason(exc, self._url)}") from None
+        try:
+            for channel, callback in self._channels.items():
+                await listener.add_listener(channel, _deliver(callback))
+        except DRIVER_ERRORS as exc:
+            with contextlib.suppress(*DRIVER_ERRORS):
+                await listener.close(timeout=self._settings.close_timeout)
+            raise StorageError(f"cannot listen again: {_reason(exc, self._url)}") from None
+        self._listener = listener
+        return True
+
+
+def _deliver(callback: Callable[[str], None]) -> Callable[[object, int, str, object], None]:
+    def deliver(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        callback(str(payload))
+
+    return deliver
 
 
 def _reason(exc: BaseException, url: str) -> str:

@@ -9,14 +9,16 @@ accounts of one company. Times are ``timestamptz``: aware UTC datetimes both way
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from qbo_daemon.core.models import Account, AccountStatus, utc
 from qbo_daemon.store.crypto import Cipher
-from qbo_daemon.store.port import Attempt, ScheduleEntry
+from qbo_daemon.store.port import AccountChange, Attempt, ScheduleEntry
 from qbo_daemon.store.rows import realm_digest
 
 # Every column of ``accounts`` an Account holds: identity first, then what writes set.
@@ -57,6 +59,13 @@ CONNECTION_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c != "last_failure_at")
 INSERT_COLUMNS = ACCOUNT_COLUMNS[1:]
 SELECT_ACCOUNTS = f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts"
 ATTEMPT_COLUMNS = ("account_id", "started_at", "outcome", "duration_ms", "intuit_tid", "error")
+# What every node hears of a committed change (store.port.AccountChange): no secrets.
+# ``$origin`` is replaced by the parameter that names the writing node.
+CHANGE_PAYLOAD = (
+    "json_build_object('a', account_id, 'v', version, 's', status, "
+    "'r', extract(epoch from reconnect_token_at), 'f', failure_count, "
+    "'l', extract(epoch from last_failure_at), 'o', $origin::text)::text"
+)
 SCHEDULE_COLUMNS = (
     "id, account_id, status, reconnect_token_at, token_expires_at, "
     "refresh_token_expires_at, refresh_token_hard_expires_at"
@@ -134,6 +143,29 @@ def schedule_entry(record: asyncpg.Record) -> ScheduleEntry | None:
         refresh_token_expires_at=record["refresh_token_expires_at"],
         refresh_token_hard_expires_at=record["refresh_token_hard_expires_at"],
     )
+
+
+def account_change(payload: str) -> AccountChange | None:
+    """The change a notification announces; None for a payload this version cannot read."""
+    try:
+        data = json.loads(payload)
+        return AccountChange(
+            account_id=str(data["a"]),
+            version=int(data["v"]),
+            status=AccountStatus(data["s"]),
+            reconnect_token_at=_epoch(data["r"]),
+            failure_count=int(data["f"]),
+            last_failure_at=_epoch(data["l"]),
+            origin=None if data["o"] is None else str(data["o"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _epoch(value: object) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromtimestamp(float(str(value)), UTC)
 
 
 def attempt_values(attempt: Attempt) -> tuple[Any, ...]:

@@ -7,13 +7,13 @@ database take turns, the first migrates, the others find it done. A crash
 mid-migration leaves the previous version intact. Never edit a released
 migration: append a new one.
 
-The tables and columns are SQLite's (``store/schema.py``, at its version 4, less
-the status page's indexes),
-with times as ``timestamptz`` and the secrets as the same ciphertext text,
-plus what several daemons need: the claim columns on ``accounts``
-(``lease_owner``, ``lease_until``, ``lease_generation``, ``inflight_since``),
-the ``nodes`` heartbeat table, and a partial index on ``reconnect_token_at``
-over the accounts a scheduler times.
+The tables, columns and indexes are SQLite's (``store/schema.py``, at its
+version 4; the status page's indexes since migration 3), with times as
+``timestamptz`` and the secrets as the same ciphertext text, plus what several
+daemons need: the claim columns on ``accounts`` (``lease_owner``,
+``lease_until``, ``lease_generation``, ``inflight_since``), the ``nodes``
+heartbeat table, and a partial index on ``reconnect_token_at`` over the
+accounts a scheduler times.
 """
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ _VERSION_TABLE = """
         applied_at timestamptz NOT NULL DEFAULT now()
     )
 """
+
+# The status page's sort keys, indexed as written here (a query uses an expression index
+# only when it repeats the expression): an account the scheduler does not time sorts
+# after every time, one that never failed before every failure.
+NEXT_REFRESH_KEY = (
+    "CASE WHEN status IN ('active', 'expired') AND reconnect_token_at IS NOT NULL "
+    "THEN reconnect_token_at ELSE 'infinity'::timestamptz END"
+)
+LAST_FAILURE_KEY = "COALESCE(last_failure_at, '-infinity'::timestamptz)"
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: accounts (with the claim columns), pending OAuth states, refresh attempts, nodes.
@@ -139,6 +148,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER INDEX oauth_states_v2_pkey RENAME TO oauth_states_pkey",
         "CREATE INDEX oauth_states_account ON oauth_states (account_id, created_at)",
         "CREATE INDEX oauth_states_expires ON oauth_states (expires_at)",
+    ),
+    # 3: what the status page sorts, counts and searches by (store/postgres/status_queries.py),
+    # as SQLite's migration 3: each sort's key with the id that breaks its ties, so a page
+    # seeks to its cursor (a row comparison) and walks in order; counts by status and by
+    # whether the access token has died from the index alone; the attempts per minute;
+    # and account ids compared byte by byte, as SQLite does, whatever the database's
+    # collation (a prefix search).
+    (
+        f"CREATE INDEX accounts_next_refresh ON accounts (({NEXT_REFRESH_KEY}), id)",
+        f"CREATE INDEX accounts_last_failure ON accounts (({LAST_FAILURE_KEY}), id)",
+        "CREATE INDEX accounts_failure_count ON accounts (failure_count, id)",
+        "CREATE INDEX accounts_hard_expiry ON accounts (refresh_token_hard_expires_at)",
+        "CREATE INDEX accounts_status_expiry ON accounts (status, token_expires_at)",
+        "DROP INDEX accounts_status",
+        'CREATE INDEX accounts_account_id_bytes ON accounts ((account_id COLLATE "C"))',
+        "CREATE INDEX refresh_attempts_started ON refresh_attempts (started_at, outcome)",
     ),
 )
 

@@ -14,23 +14,32 @@ connect, import, refresh or disconnect notifies ``qbo_account`` with the
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from qbo_daemon.core.models import Account
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import (
+    AccountChange,
     AccountWrite,
     Attempt,
+    Claim,
     ClaimedState,
+    ClaimResult,
     Imported,
+    NodeInfo,
     RealmPolicy,
     ScheduleEntry,
     StateRecord,
 )
 from qbo_daemon.store.postgres.accounts import CHANNEL, AccountTable
+from qbo_daemon.store.postgres.claims import ClaimTable
 from qbo_daemon.store.postgres.database import PgDatabase, PgSettings
+from qbo_daemon.store.postgres.rows import account_change
 from qbo_daemon.store.postgres.states import OAuthStates
+from qbo_daemon.store.postgres.status_queries import PgStatusQueries
 
 __all__ = ["PgSettings", "PostgresStorage"]
 
@@ -38,11 +47,20 @@ __all__ = ["PgSettings", "PostgresStorage"]
 class PostgresStorage:
     """Accounts, OAuth states and refresh attempts in one PostgreSQL database."""
 
-    def __init__(self, database: PgDatabase, cipher: Cipher, *, attempts_keep: int) -> None:
+    def __init__(
+        self, database: PgDatabase, cipher: Cipher, *, attempts_keep: int, node_id: str
+    ) -> None:
         self.where = database.where  # the URL with its password masked
+        self.node_id = node_id
         self._db = database
-        self._accounts = AccountTable(database, cipher, attempts_keep=attempts_keep)
+        self._accounts = AccountTable(
+            database, cipher, attempts_keep=attempts_keep, node_id=node_id
+        )
+        self._claims = ClaimTable(database, cipher, node_id)
         self._states = OAuthStates(database)
+        self._on_change: Callable[[AccountChange | None], None] | None = None
+        # The status page's reads (no token column), with whichever keys are current.
+        self.status_page = PgStatusQueries(database, lambda: self._accounts.cipher)
 
     @classmethod
     async def open(
@@ -52,10 +70,16 @@ class PostgresStorage:
         *,
         attempts_keep: int = 100_000,
         settings: PgSettings | None = None,
+        node_id: str | None = None,
     ) -> PostgresStorage:
-        """Connect to the database at ``url``, creating or migrating its tables."""
+        """Connect to the database at ``url``, creating or migrating its tables.
+
+        ``node_id`` names this process among the daemons sharing the database
+        (``[cluster] node_id``); by default its host name and PID.
+        """
         database = await PgDatabase.open(url, settings)
-        storage = cls(database, cipher, attempts_keep=attempts_keep)
+        node = node_id or f"{socket.gethostname()}:{os.getpid()}"
+        storage = cls(database, cipher, attempts_keep=attempts_keep, node_id=node)
         try:
             await storage._accounts.fill_realm_digests()
         except BaseException:
@@ -71,15 +95,6 @@ class PostgresStorage:
     def cipher(self) -> Cipher:
         return self._accounts.cipher
 
-    @cipher.setter
-    def cipher(self, cipher: Cipher) -> None:
-        """A reload's keys: used for every read and write from now on."""
-        self._accounts.cipher = cipher
-
-    async def listen(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(account_id)`` after each committed change of an account, any node's."""
-        await self._db.listen(CHANNEL, callback)
-
     @property
     def primary_key_id(self) -> str:
         return self._accounts.cipher.primary_key_id
@@ -87,6 +102,44 @@ class PostgresStorage:
     def use_cipher(self, cipher: Cipher) -> None:
         """A reload's keys: used for every read and write from now on."""
         self._accounts.cipher = cipher
+        self._claims.cipher = cipher
+
+    # -- several daemons (store.port.ClaimStore) -------------------------------------
+
+    async def listen(self, callback: Callable[[AccountChange | None], None]) -> None:
+        """Call ``callback`` after each committed change of an account, any node's.
+
+        ``callback(None)`` says changes may have been missed (the LISTEN
+        connection was cut and is back): read again what depends on them.
+        """
+        self._on_change = callback
+
+        def changed(payload: str) -> None:
+            change = account_change(payload)
+            if change is not None:
+                callback(change)
+
+        await self._db.listen(CHANNEL, changed)
+
+    async def claim(
+        self, account_id: str, *, lease: float, due_by: datetime | None = None
+    ) -> ClaimResult | None:
+        """Claim ``account_id`` for one attempt, or say who holds it; None if it is gone."""
+        return await self._claims.claim(account_id, lease=lease, due_by=due_by)
+
+    async def release(self, claim: Claim) -> None:
+        """End ``claim`` without a write (no call was made), if it is still held."""
+        await self._claims.release(claim)
+
+    async def heartbeat(self) -> list[NodeInfo]:
+        """Say this node is alive (and listen again if the server cut it); every node's row."""
+        if await self._db.relisten() and self._on_change is not None:
+            self._on_change(None)
+        return await self._claims.heartbeat()
+
+    async def leave(self) -> None:
+        """Remove this node's heartbeat row (a clean shutdown)."""
+        await self._claims.leave()
 
     # -- reading ---------------------------------------------------------------------
 
@@ -101,9 +154,11 @@ class PostgresStorage:
         """Every account, ordered by ``account_id``; tokens are not decrypted (they are None)."""
         return await self._accounts.list_accounts()
 
-    async def schedule_entries(self) -> list[ScheduleEntry]:
-        """Every account the scheduler should time: active or expired, with times."""
-        return await self._accounts.schedule_entries()
+    async def schedule_entries(
+        self, until: datetime | None = None, *, after: datetime | None = None
+    ) -> list[ScheduleEntry]:
+        """Every account the scheduler should time (due after ``after`` and by ``until``)."""
+        return await self._accounts.schedule_entries(until, after=after)
 
     async def status_counts(self) -> dict[str, int]:
         return await self._accounts.status_counts()
@@ -132,7 +187,12 @@ class PostgresStorage:
         row changed or is gone.
         """
         return await self._accounts.commit(
-            write.account, write.read_version, tokens=write.tokens, attempt=write.attempt
+            write.account,
+            write.read_version,
+            tokens=write.tokens,
+            attempt=write.attempt,
+            claim=write.claim,
+            keep_abandoned=write.keep_abandoned,
         )
 
     async def record_attempt(self, attempt: Attempt) -> None:

@@ -1,0 +1,145 @@
+"""Claims and heartbeats: how several daemons on one database share the refreshes.
+
+A claim is a lease on one account's row (``lease_owner``, ``lease_until``)
+that a node takes right before it calls Intuit, with a new
+``lease_generation`` each time: the fencing token its commit names. Leases
+are timed by the database's clock (``clock_timestamp()``), so nodes whose
+clocks disagree still agree on who holds what.
+
+``inflight_since`` marks a call to Intuit that no commit has answered yet. A
+claim keeps the oldest mark; the claim's commit clears it (always when it
+stores new tokens). A node that claims a row still marked took over from a
+node that died or was paused mid-call (:attr:`Claim.abandoned_since`): that
+call may have rotated the refresh token, so a refusal is not final at once
+(``engine/refresher.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import UTC, datetime
+
+import asyncpg
+
+from qbo_daemon.store.crypto import Cipher
+from qbo_daemon.store.port import Busy, Claim, Claimed, ClaimResult, NodeInfo, NotDue
+from qbo_daemon.store.postgres.database import Conn, PgDatabase
+from qbo_daemon.store.postgres.rows import ACCOUNT_COLUMNS, account_from_record
+
+_COLUMNS = ", ".join(f"a.{column}" for column in ACCOUNT_COLUMNS)
+# $1 account, $2 node, $3 lease seconds, $4 due-by (NULL: any time).
+CLAIM = (
+    "WITH prior AS (SELECT account_id, inflight_since AS prior_inflight FROM accounts "
+    "WHERE account_id = $1 FOR UPDATE) "
+    "UPDATE accounts a SET lease_owner = $2, "
+    "lease_until = clock_timestamp() + $3 * interval '1 second', "
+    "lease_generation = a.lease_generation + 1, "
+    "inflight_since = coalesce(a.inflight_since, clock_timestamp()) "
+    "FROM prior p WHERE a.account_id = p.account_id "
+    "AND (a.lease_until IS NULL OR a.lease_until <= clock_timestamp() OR a.lease_owner = $2) "
+    "AND ($4::timestamptz IS NULL OR a.reconnect_token_at <= $4::timestamptz) "
+    f"RETURNING {_COLUMNS}, a.lease_generation, p.prior_inflight, "
+    "extract(epoch from clock_timestamp() - p.prior_inflight)::float8 AS abandoned_for"
+)
+# Why a claim was not granted: who holds the row, and for how much longer.
+HOLDER = (
+    f"SELECT {_COLUMNS}, a.lease_owner, "
+    "extract(epoch from a.lease_until - clock_timestamp())::float8 AS remaining "
+    "FROM accounts a WHERE a.account_id = $1"
+)
+# A claim that made no call: the mark of an abandoned call goes back to what it was.
+RELEASE = (
+    "UPDATE accounts SET lease_owner = NULL, lease_until = NULL, inflight_since = $4 "
+    "WHERE account_id = $1 AND lease_owner = $2 AND lease_generation = $3"
+)
+HEARTBEAT = (
+    "INSERT INTO nodes (node_id, host, pid, started_at, heartbeat_at) "
+    "VALUES ($1, $2, $3, $4, clock_timestamp()) ON CONFLICT (node_id) DO UPDATE SET "
+    "host = EXCLUDED.host, pid = EXCLUDED.pid, started_at = EXCLUDED.started_at, "
+    "heartbeat_at = clock_timestamp()"
+)
+NODES = (
+    "SELECT node_id, host, pid, started_at, heartbeat_at, "
+    "extract(epoch from clock_timestamp() - heartbeat_at)::float8 AS age FROM nodes "
+    "ORDER BY node_id"
+)
+# Rows of nodes silent this long are deleted: a crashed node's id does not linger.
+FORGET_NODES = "DELETE FROM nodes WHERE heartbeat_at < clock_timestamp() - interval '1 day'"
+
+
+class ClaimTable:
+    """The claims on ``accounts`` and the ``nodes`` heartbeat rows of one node."""
+
+    def __init__(self, database: PgDatabase, cipher: Cipher, node_id: str) -> None:
+        self._db = database
+        self.cipher = cipher
+        self.node_id = node_id
+        self._host = socket.gethostname()
+        self._started_at = datetime.now(UTC)
+
+    async def claim(
+        self, account_id: str, *, lease: float, due_by: datetime | None
+    ) -> ClaimResult | None:
+        async def work(conn: Conn) -> tuple[asyncpg.Record | None, asyncpg.Record | None]:
+            granted = await conn.fetchrow(CLAIM, account_id, self.node_id, lease, due_by)
+            if granted is not None:
+                return granted, None
+            return None, await conn.fetchrow(HOLDER, account_id)
+
+        granted, holder = await self._db.write(work)
+        if granted is not None:
+            account = account_from_record(self.cipher, granted, tokens=True)
+            claim = Claim(
+                account_id,
+                self.node_id,
+                granted["lease_generation"],
+                lease,
+                abandoned_since=granted["prior_inflight"],
+                abandoned_for=granted["abandoned_for"],
+            )
+            return Claimed(account, claim)
+        if holder is None:
+            return None
+        account = account_from_record(self.cipher, holder, tokens=True)
+        remaining = holder["remaining"]
+        owner = holder["lease_owner"]
+        if owner is not None and owner != self.node_id and remaining is not None and remaining > 0:
+            return Busy(account, owner, remaining)
+        if due_by is not None and (
+            account.reconnect_token_at is None or account.reconnect_token_at > due_by
+        ):
+            return NotDue(account)
+        # The lease ran out between the two statements: free again, at once.
+        return Busy(account, owner or "", 0.0)
+
+    async def release(self, claim: Claim) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                RELEASE, claim.account_id, claim.owner, claim.generation, claim.abandoned_since
+            )
+        )
+
+    async def heartbeat(self) -> list[NodeInfo]:
+        async def work(conn: Conn) -> list[asyncpg.Record]:
+            await conn.execute(HEARTBEAT, self.node_id, self._host, os.getpid(), self._started_at)
+            await conn.execute(FORGET_NODES)
+            return await conn.fetch(NODES)
+
+        records = await self._db.write(work)
+        return [
+            NodeInfo(
+                node_id=r["node_id"],
+                host=r["host"],
+                pid=r["pid"],
+                started_at=r["started_at"],
+                heartbeat_at=r["heartbeat_at"],
+                age=max(0.0, r["age"]),
+            )
+            for r in records
+        ]
+
+    async def leave(self) -> None:
+        await self._db.write(
+            lambda conn: conn.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
+        )

@@ -1,0 +1,163 @@
+"""Several daemons on one PostgreSQL database, in this process, against one simulator.
+
+Each daemon is a whole :class:`~qbo_daemon.runtime.daemon.Daemon` with its own
+listeners; they share the database, the simulator and a hand-moved clock. What
+is checked is what an operator would check: the simulator's log of refresh
+calls (one per due refresh, never two with one refresh token), the tokens the
+API hands out on either node, and each node's timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from qbo_daemon.cli.demo import free_port, simulator_config_text
+from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
+from qbo_daemon.store.crypto import generate_key
+from tests.harness import RunningDaemon, run_daemon, wait_for
+from tests.manual_clock import ManualClock
+
+START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+Nodes = Callable[[int], Awaitable[list[RunningDaemon]]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+async def sim(clock: ManualClock) -> AsyncIterator[IntuitSimulator]:
+    simulator = IntuitSimulator(SimulatorSettings(), clock=clock)
+    await simulator.start()
+    yield simulator
+    await simulator.close()
+
+
+@pytest.fixture
+async def nodes(
+    sim: IntuitSimulator, clock: ManualClock, pg_url: str, tmp_path: Path
+) -> AsyncIterator[Nodes]:
+    """Start ``n`` daemons sharing the database at ``pg_url``; all stopped at the end."""
+    started: list[RunningDaemon] = []
+    encryption_key = generate_key()
+    api_key = "test-api-key-" + generate_key()[:16]
+
+    async def start(n: int) -> list[RunningDaemon]:
+        for index in range(len(started), len(started) + n):
+            data_dir = tmp_path / f"node{index}"
+            data_dir.mkdir()
+            text = simulator_config_text(
+                sim,
+                data_dir=data_dir,
+                api_port=free_port(),
+                callback_port=free_port(),
+                api_key=api_key,
+                encryption_key=encryption_key,
+                pkce="false",
+                lead="55m",  # due 5 minutes after a connect: inside the timers' window
+                extra=f'\n[cluster]\nnode_id = "node{index}"\n',
+            ).replace("[storage]\n", f'[storage]\nurl = "{pg_url}"\n')
+            config_path = data_dir / "config.toml"
+            config_path.write_text(text, encoding="utf-8")
+            started.append(
+                await run_daemon(
+                    config_path, sim, api_key=api_key, encryption_key=encryption_key, clock=clock
+                )
+            )
+        # Each has heard of the others before the test goes on.
+        await wait_for(
+            lambda: all(len(d.services.cluster.live) == len(started) for d in started),  # type: ignore[union-attr]
+            timeout=10,
+        )
+        return started[-n:]
+
+    yield start
+    for running in reversed(started):
+        await running.shutdown()
+
+
+def refresh_calls(sim: IntuitSimulator) -> list[str | None]:
+    """The refresh tokens presented to the simulator, in order."""
+    return [
+        e.presented_refresh_token
+        for e in sim.request_log
+        if e.endpoint == "token" and e.grant_type == "refresh_token"
+    ]
+
+
+async def move_to(clock: ManualClock, when: datetime) -> None:
+    clock.advance((when - clock.now()).total_seconds())
+    await asyncio.sleep(0.05)
+
+
+async def test_connected_on_one_node_served_by_the_other_and_refreshed_once(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock
+) -> None:
+    first, second = await nodes(2)
+    assert await first.connect("acme") == 200
+    status, token = await second.api("GET", "/v1/accounts/acme/token")
+    assert status == 200, token
+    stored = await second.services.storage.load("acme")
+    assert stored.reconnect_token_at is not None
+    # The other node heard of the connection: it has a timer too, without polling.
+    await wait_for(lambda: second.services.scheduler.due_at("acme") is not None)
+
+    await move_to(clock, stored.reconnect_token_at + timedelta(seconds=2))
+    await wait_for(lambda: len(refresh_calls(sim)) == 1)
+    await asyncio.sleep(0.3)  # and no second call
+    assert refresh_calls(sim) == [stored.refresh_token]
+    refreshed = await first.services.storage.load("acme")
+    assert refreshed.version > stored.version
+    assert refreshed.reconnect_token_at is not None
+    assert refreshed.reconnect_token_at > stored.reconnect_token_at
+    for node in (first, second):
+        await wait_for(lambda node=node: node.services.scheduler.due_at("acme") is not None)
+        due = node.services.scheduler.due_at("acme")
+        assert due is not None and due >= refreshed.reconnect_token_at
+
+
+async def test_a_token_asked_of_every_node_at_once_is_refreshed_by_one_call(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock
+) -> None:
+    a, b, c = await nodes(3)
+    assert await a.connect("acme") == 200
+    stored = await a.services.storage.load("acme")
+    assert stored.token_expires_at is not None
+    # Slow answers: every node asks while one call is in flight.
+    sim.settings = replace(sim.settings, latency=0.5)
+    clock.advance((stored.token_expires_at - clock.now()).total_seconds() + 1)
+    answers = await asyncio.gather(
+        *(node.api("GET", "/v1/accounts/acme/token") for node in (a, b, c, a, b, c))
+    )
+    assert [status for status, _ in answers] == [200] * 6, answers
+    tokens = {body["access_token"] for _, body in answers}
+    assert len(tokens) == 1
+    assert tokens != {stored.access_token}
+    assert refresh_calls(sim) == [stored.refresh_token]
+
+
+async def test_a_node_that_stops_hands_its_accounts_to_the_others(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock
+) -> None:
+    a, b = await nodes(2)
+    for n in range(6):
+        assert await a.connect(f"acct-{n}") == 200
+    rows = [await a.services.storage.load(f"acct-{n}") for n in range(6)]
+    await a.shutdown()
+    await wait_for(lambda: b.services.cluster.live == ("node1",), timeout=10)  # type: ignore[union-attr]
+    latest = max(r.reconnect_token_at for r in rows if r.reconnect_token_at)
+    await move_to(clock, latest + timedelta(seconds=2))
+
+    async def all_refreshed() -> bool:
+        now = [await b.services.storage.load(row.account_id) for row in rows]
+        return all(n.version > r.version and n.failure_count == 0 for n, r in zip(now, rows))
+
+    await wait_for(all_refreshed)
+    assert sorted(refresh_calls(sim), key=str) == sorted((r.refresh_token for r in rows), key=str)
