@@ -241,12 +241,13 @@ class Ledger:
     """Each seeded account's refresh-token chain, followed through the simulator's log.
 
     ``refreshes[account]``: the arrival times of its refresh calls answered 200;
-    ``newest[account]``: the refresh token the simulator holds for it now;
+    ``chains[account]``: every refresh token value it was given, the simulator's
+    current one last;
     ``misuses``: the log entries flagged ``concurrent_use`` or ``stale_use``.
     """
 
     owner: dict[str, str] = field(default_factory=dict)  # refresh token -> account
-    newest: dict[str, str] = field(default_factory=dict)
+    chains: dict[str, list[str]] = field(default_factory=dict)  # account -> its values, in order
     refreshes: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     failures: Counter[str] = field(default_factory=Counter)
     misuses: list[dict[str, Any]] = field(default_factory=list)
@@ -256,7 +257,7 @@ class Ledger:
         ledger = cls()
         for account in seeded.values():
             ledger.owner[account.refresh_token] = account.account_id
-            ledger.newest[account.account_id] = account.refresh_token
+            ledger.chains[account.account_id] = [account.refresh_token]
         for entry in log:
             if entry["endpoint"] != "token" or entry["grant_type"] != "refresh_token":
                 continue
@@ -272,7 +273,7 @@ class Ledger:
             issued = entry["issued_refresh_token"]
             if issued and issued != entry["presented_refresh_token"]:
                 ledger.owner[issued] = account_id
-                ledger.newest[account_id] = issued
+                ledger.chains[account_id].append(issued)
         return ledger
 
     def first_refresh(self, account_id: str, after: float = 0.0) -> float | None:
@@ -654,15 +655,38 @@ class Cluster:
             and row.access_token != self.seeded[account_id].access_token
         )
 
-    def problems(self) -> list[str]:
-        """What the fault tests forbid, in words: empty when all is well.
+    def settle(self) -> dict[str, int]:
+        """Stop every running node (SIGTERM to all, then each drain); their exit statuses.
 
-        A refresh token used twice at once or after its rotation (the simulator's
-        counts), an account missing, marked ``needs_reconnect`` or not active, or
-        stored with another refresh token than the one the simulator holds for
-        it (its chain lost or forked).
+        Afterwards nothing refreshes: the simulator's log and the rows are final.
+        """
+        running = [node for node in self.nodes if node.proc is not None]
+        for node in running:
+            node.ask_to_stop()
+        return {node.node_id: node.terminate() for node in running}
+
+    def settle_and_check(self) -> list[str]:
+        """Stop the nodes, then say what the fault tests forbid; empty when all is well.
+
+        Before the stop, through the API: an account missing or not ``active``
+        (``needs_reconnect`` above all). Then :meth:`settle`, so that no refresh
+        is in flight between reading the simulator's log and the rows: a node
+        that does not exit 0; a refresh token used twice at once or after its
+        rotation (the simulator's counts); an account whose row is missing or
+        holds another refresh token than the one the simulator holds for it
+        (its chain lost, forked, or an older token written over a newer one).
         """
         found = []
+        shown = self.accounts()
+        for account_id in self.seeded:
+            api = shown.get(account_id)
+            if api is None:
+                found.append(f"{account_id}: missing from GET /v1/accounts")
+            elif api["status"] != "active":
+                found.append(f"{account_id}: {api['status']} ({api.get('last_error')})")
+        for node_id, code in self.settle().items():
+            if code != 0:
+                found.append(f"{node_id} exited {code} on SIGTERM")
         uses = self.sim.double_uses()
         if any(uses.values()):
             found.append(f"refresh tokens misused at the simulator: {uses}")
@@ -674,18 +698,23 @@ class Cluster:
                 f"{'+'.join(kinds)} of {account_id}'s refresh token at {entry['at']}: "
                 f"answered {entry['status']} {entry['error'] or ''} (tid {entry['intuit_tid']})"
             )
-        shown = self.accounts()
         rows = self.rows()
         for account_id in self.seeded:
             row = rows.get(account_id)
-            api = shown.get(account_id)
-            if row is None or api is None:
-                found.append(f"{account_id}: missing (row: {row is not None}, API: {api})")
+            if row is None:
+                found.append(f"{account_id}: no row")
                 continue
-            if api["status"] != "active":
-                found.append(f"{account_id}: {api['status']} ({api.get('last_error')})")
-            if row.refresh_token != ledger.newest[account_id]:
-                found.append(f"{account_id}: stored refresh token is not the simulator's current")
+            chain = ledger.chains[account_id]
+            if row.refresh_token != chain[-1]:
+                where = (
+                    f"value {chain.index(row.refresh_token) + 1}"
+                    if row.refresh_token in chain
+                    else "none"
+                )
+                found.append(
+                    f"{account_id}: stores {where} of its {len(chain)} refresh token values, "
+                    f"not the simulator's current (status {row.status}, version {row.version})"
+                )
         return found
 
 

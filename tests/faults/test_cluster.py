@@ -101,7 +101,7 @@ def _daemons_serve_on_postgresql(tmp_path_factory: pytest.TempPathFactory) -> No
 
 
 def assert_sound(cluster: Cluster) -> None:
-    problems = cluster.problems()
+    problems = cluster.settle_and_check()
     assert problems == [], "\n".join(problems[:20])
 
 

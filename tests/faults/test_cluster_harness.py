@@ -71,12 +71,13 @@ def test_one_node_on_sqlite_makes_every_move(tmp_path: Path) -> None:
         assert not result.transport_errors
         assert result.wrong_tokens == 0
 
-        assert cluster.problems() == []
-        assert cluster.sim.double_uses() == {"concurrent_use": 0, "stale_use": 0}
+        pids = [node.pid]
         assert {a["status"] for a in cluster.accounts().values()} == {"active"}
+        assert cluster.settle_and_check() == []
+        assert not node.alive
+        assert cluster.sim.double_uses() == {"concurrent_use": 0, "stale_use": 0}
         rows = cluster.rows()
         assert set(rows) == set(cluster.seeded)
-        pids = [node.pid]
     assert all(gone(pid) for pid in [*pids, sim_pid])
 
 
