@@ -204,14 +204,14 @@ def test_postgresql_connections_terminated_mid_storm(tmp_path: Path, report: Rep
         cut_at = time.time()
         ended = cluster.cut_database()
         unready: set[str] = set()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            states = {node.node_id: node.ready() for node in cluster.nodes}
-            unready.update(n for n, ok in states.items() if not ok)
-            if all(states.values()) and time.time() - cut_at > 1.0:
-                break
-            time.sleep(0.1)
-        all_ready_after = time.time() - cut_at
+        last_unready = cut_at
+        while time.time() < cut_at + 3.0:  # what a load balancer's health check would see
+            for node in cluster.nodes:
+                if not node.ready():
+                    unready.add(node.node_id)
+                    last_unready = time.time()
+            time.sleep(0.05)
+        all_ready_after = last_unready - cut_at
         cluster.wait_refreshed(list(seeded), after=seeded_at, timeout=60)
         cluster.wait_ready()
         assert_sound(cluster)
@@ -221,7 +221,7 @@ def test_postgresql_connections_terminated_mid_storm(tmp_path: Path, report: Rep
         "refreshed_before_the_cut": done_before,
         "connections_terminated": ended,
         "nodes_seen_unready": len(unready),
-        "all_ready_again_after_s": round(all_ready_after, 1),
+        "last_seen_unready_after_s": round(all_ready_after, 2),
     }
     report("cluster-pg-cut", figures)
     assert ended >= len(cluster.nodes), "every node holds at least one connection"
@@ -230,8 +230,8 @@ def test_postgresql_connections_terminated_mid_storm(tmp_path: Path, report: Rep
         "cluster-pg-cut",
         f"| {ended} PostgreSQL connections of 3 nodes terminated, {done_before} of "
         f"{len(seeded)} overdue accounts refreshed | |\n| --- | --- |\n"
-        f"| nodes seen unready; every node ready again after | {len(unready)}; "
-        f"{all_ready_after:.1f} s |\n"
+        f"| nodes seen unready (`/readyz` not 200) in the 3 s after; the last seen at | "
+        f"{len(unready)}; {all_ready_after:.2f} s |\n"
         f"| accounts refreshed and committed | all {len(seeded)} |\n"
         "| concurrent / stale uses of a refresh token; accounts lost; needs_reconnect "
         "| 0 / 0; 0; 0 |",
