@@ -14,6 +14,14 @@ injected per endpoint, in process or over the ``/_sim/`` control API. The
 tests, ``qbo-daemon demo``, the benchmark and ``qbo-daemon simulator --port N``
 all run it.
 
+It is also the witness of the one fault a token refresher must never commit:
+a refresh presenting a refresh token that another call still being answered
+presented too (``concurrent_use``), or presenting a value it has already
+rotated out (``stale_use``: answered ``invalid_grant`` as any unknown token,
+but counted apart from never-issued garbage). Both are counted with the token
+endpoint's outcomes in :meth:`IntuitSimulator.stats` (``GET /_sim/stats``) and
+flagged on the request log's entries (``GET /_sim/log``).
+
 It keeps and shows test secrets in plain text (the request log and the control
 API return them): never give it a real client secret.
 
@@ -27,8 +35,9 @@ aiohttp 3.14, no latency, no faults.
 Memory stays bounded on long runs: ``request_log`` keeps at most ``log_limit``
 entries (default 1,000,000, about 330 bytes each, so ~330 MB when full; the
 oldest tenth is dropped at once when the limit is passed), each connection
-remembers only its last 8 access tokens, and used authorization codes are
-forgotten once expired.
+remembers only its last 8 access tokens, used authorization codes are
+forgotten once expired, and each refresh token value rotated out is remembered
+as its hash (about 60 bytes a rotation) to tell a stale use.
 
 This module is the public surface; the parts live beside it:
 ``settings`` (how it answers), ``grants`` (connections, codes, rotation,
@@ -257,7 +266,8 @@ class IntuitSimulator:
 
     def stats(self) -> dict[str, Any]:
         """Calls per endpoint and outcome (``ok``, an error code, ``fault:<kind>``,
-        ``rotated``), plus connections and pending faults."""
+        ``rotated``, and the token endpoint's ``concurrent_use`` and ``stale_use``;
+        an outcome never seen is absent), plus connections and pending faults."""
         return {
             **{endpoint: dict(counts) for endpoint, counts in self._log.counts.items()},
             "connections": self._grants.connection_counts(),

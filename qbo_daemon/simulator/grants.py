@@ -67,6 +67,9 @@ class Grants:
         self._codes: dict[str, _Code] = {}
         self._realms: set[str] = set()
         self._connections: list[_Connection] = []
+        # Every refresh token value rotated out, as its hash(): a stale use is told
+        # apart from garbage at about 60 bytes a rotation.
+        self._rotated_out: set[int] = set()
         # Companies the next users pick on the consent screen, in order.
         self._chosen_realms: deque[str] = deque()
 
@@ -180,11 +183,16 @@ class Grants:
         if rotated:
             # The old value dies at once (the worse of Intuit's two stories).
             del self._refresh[presented]
+            self._rotated_out.add(hash(presented))
             conn.refresh_token = self._new_refresh_token()
             conn.refresh_issued_at = now
             conn.refresh_expires_at = self._refresh_expiry(conn, now)
             self._refresh[conn.refresh_token] = conn
         return 200, self._answer(conn, self._new_access(conn, now), now, include_hard), rotated
+
+    def was_rotated_out(self, token: str) -> bool:
+        """Whether ``token`` is a refresh token value issued once and rotated out since."""
+        return token not in self._refresh and hash(token) in self._rotated_out
 
     def is_refresh_token(self, token: str) -> bool:
         """Whether ``token`` is some connection's current refresh token (dead or alive)."""

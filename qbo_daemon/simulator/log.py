@@ -17,7 +17,12 @@ DEFAULT_LOG_LIMIT: Final = 1_000_000
 
 @dataclass(slots=True)
 class RequestLogEntry:
-    """One call the simulator received. ``status`` 0 means no answer was sent."""
+    """One call the simulator received. ``status`` 0 means no answer was sent.
+
+    ``concurrent_use``: a refresh presenting a refresh token that another call
+    still being answered presented too. ``stale_use``: a refresh presenting a
+    value the simulator issued once and has since rotated out.
+    """
 
     at: datetime
     endpoint: str
@@ -29,6 +34,8 @@ class RequestLogEntry:
     fault: str | None
     intuit_tid: str
     realm_id: str | None = None
+    concurrent_use: bool = False
+    stale_use: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -39,8 +46,11 @@ class RequestLogEntry:
 class RequestLog:
     """The last ``limit`` calls, and how many calls per endpoint ended in each outcome.
 
-    An outcome is ``ok``, an error code, ``fault:<kind>``, or one counted
-    apart with :meth:`count` (``rotated``). The counts outlive trimming.
+    An outcome is ``ok``, an error code, ``fault:<kind>``, one counted apart
+    with :meth:`count` (``rotated``), or a misuse of a refresh token flagged on
+    the entry (``concurrent_use``, ``stale_use``), counted beside the call's
+    own outcome. An outcome never seen is absent, not 0. The counts outlive
+    trimming.
     """
 
     def __init__(self, endpoints: Iterable[str], limit: int) -> None:
@@ -61,17 +71,35 @@ class RequestLog:
         error: str | None = None,
         fault: str | None = None,
         realm_id: str | None = None,
+        concurrent_use: bool = False,
+        stale_use: bool = False,
     ) -> None:
         log = self.entries
         log.append(
             RequestLogEntry(
-                at, endpoint, grant_type, presented, issued, status, error, fault, tid, realm_id
+                at,
+                endpoint,
+                grant_type,
+                presented,
+                issued,
+                status,
+                error,
+                fault,
+                tid,
+                realm_id,
+                concurrent_use,
+                stale_use,
             )
         )
         if len(log) > self.limit:
             # Drop a tenth at once so that trimming costs O(1) per call on average.
             del log[: max(len(log) - self.limit, self.limit // 10)]
-        self.counts[endpoint][f"fault:{fault}" if fault else error or "ok"] += 1
+        counts = self.counts[endpoint]
+        counts[f"fault:{fault}" if fault else error or "ok"] += 1
+        if concurrent_use:
+            counts["concurrent_use"] += 1
+        if stale_use:
+            counts["stale_use"] += 1
 
     def count(self, endpoint: str, outcome: str) -> None:
         self.counts[endpoint][outcome] += 1

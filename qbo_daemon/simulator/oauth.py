@@ -5,7 +5,9 @@
 authentication, form-encoded token requests, the opt-in hard expiry header,
 PKCE (S256: an authorization with a ``code_challenge`` makes its code need the
 ``code_verifier``), an ``intuit_tid`` header on every answer, and a pending
-fault answering in place of any of them.
+fault answering in place of any of them. A refresh that presents a token
+another call is still being answered for (``concurrent_use``), or a value
+already rotated out (``stale_use``), is answered as ever and flagged in the log.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import binascii
 import itertools
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Final
 
@@ -62,6 +66,7 @@ class OAuthEndpoints:
         self._closing = closing
         self._tid_prefix = f"1-{secrets.token_hex(4)}-"
         self._tid_seq = itertools.count(1)
+        self._answering = _Answering()
         self._basic_for: tuple[str, str] | None = None
         self._basic_header = ""
 
@@ -136,11 +141,39 @@ class OAuthEndpoints:
         raw_grant = form.get("grant_type")
         grant_type = _GRANT_TYPES.get(raw_grant, raw_grant) if isinstance(raw_grant, str) else None
         presented = _text(form.get("refresh_token"))
-        if self.settings.latency > 0:
-            await asyncio.sleep(self.settings.latency)
-        if fault is not None:
-            return await self.faulted(request, "token", fault, arrived, tid, grant_type, presented)
+        watched = presented if grant_type == "refresh_token" and presented else None
+        with self._answering.enter(watched) as concurrent:
+            if self.settings.latency > 0:
+                await asyncio.sleep(self.settings.latency)
+            # Judged when the simulator looks the value up, as Intuit would.
+            stale = watched is not None and self._grants.was_rotated_out(watched)
+            if fault is not None:
+                return await self.faulted(
+                    request,
+                    "token",
+                    fault,
+                    arrived,
+                    tid,
+                    grant_type,
+                    presented,
+                    concurrent_use=concurrent,
+                    stale_use=stale,
+                )
+            return self._token_answer(
+                request, form, arrived, tid, grant_type, presented, concurrent, stale
+            )
 
+    def _token_answer(
+        self,
+        request: web.Request,
+        form: Mapping[str, object],
+        arrived: datetime,
+        tid: str,
+        grant_type: str | None,
+        presented: str | None,
+        concurrent: bool,
+        stale: bool,
+    ) -> web.Response:
         now = self._clock.now().timestamp()
         include_hard = request.headers.get(_HARD_EXPIRY_HEADER, "").lower() == "true"
         realm_id: str | None = None
@@ -173,6 +206,8 @@ class OAuthEndpoints:
             issued=body.get("refresh_token") if status == 200 else None,
             error=body.get("error"),
             realm_id=realm_id,
+            concurrent_use=concurrent,
+            stale_use=stale,
         )
         return web.json_response(body, status=status, headers={"intuit_tid": tid, **_NO_STORE})
 
@@ -228,6 +263,9 @@ class OAuthEndpoints:
         tid: str,
         grant_type: str | None,
         presented: str | None,
+        *,
+        concurrent_use: bool = False,
+        stale_use: bool = False,
     ) -> web.StreamResponse:
         """Answer with ``fault`` and change no state: no code used, no token rotated."""
         unanswered = fault.kind in ("hang", "reset")
@@ -240,6 +278,8 @@ class OAuthEndpoints:
                 grant_type=grant_type,
                 presented=presented,
                 fault=fault.kind,
+                concurrent_use=concurrent_use,
+                stale_use=stale_use,
             )
         response = await fault_response(
             request,
@@ -259,6 +299,8 @@ class OAuthEndpoints:
                 presented=presented,
                 error=fault.kind if fault.kind in ("invalid_grant", "invalid_client") else None,
                 fault=fault.kind,
+                concurrent_use=concurrent_use,
+                stale_use=stale_use,
             )
         return response
 
@@ -286,6 +328,28 @@ class OAuthEndpoints:
     def new_tid(self) -> str:
         """A fresh ``intuit_tid``, unique within this simulator."""
         return f"{self._tid_prefix}{next(self._tid_seq):012x}"
+
+
+class _Answering:
+    """The refresh tokens presented by calls still being answered (held ones included)."""
+
+    def __init__(self) -> None:
+        self._calls: Counter[str] = Counter()
+
+    @contextmanager
+    def enter(self, token: str | None) -> Iterator[bool]:
+        """Count a call presenting ``token`` while it is answered; yield whether another is."""
+        if token is None:
+            yield False
+            return
+        concurrent = self._calls[token] > 0
+        self._calls[token] += 1
+        try:
+            yield concurrent
+        finally:
+            self._calls[token] -= 1
+            if not self._calls[token]:
+                del self._calls[token]
 
 
 def _text(value: object) -> str | None:

@@ -224,6 +224,21 @@ class SimulatorProcess(_Child):
         entries: list[dict[str, Any]] = self.control("GET", "log")["entries"]
         return entries
 
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.control("GET", "stats")
+        return result
+
+    def double_uses(self) -> dict[str, int]:
+        """How often a refresh token was presented while another call presenting it was
+        being answered, and after it was rotated out (both 0 for a correct daemon)."""
+        counts = self.stats()["token"]
+        return {kind: counts.get(kind, 0) for kind in ("concurrent_use", "stale_use")}
+
+    def update(self, **settings: Any) -> None:
+        """Change how the running simulator answers (``rotate_after``, ``latency``, ...)."""
+        self.settings.update(**settings)
+        self.control("POST", "settings", settings)
+
     def pause(self) -> None:
         """SIGSTOP: the kernel still accepts connections; nothing answers."""
         self.signal(signal.SIGSTOP)
@@ -247,6 +262,7 @@ class DaemonProcess(_Child):
     refresh_extra: str = ""  # more [refresh] keys, e.g. 'token_wait = "1s"'
     callback_extra: str = ""  # more [callback] keys, e.g. "max_connections = 20"
     api_extra: str = ""  # more [api] keys
+    storage_extra: str = ""  # more [storage] keys, e.g. 'url = "postgresql://..."'
     env: dict[str, str] | None = None  # the daemon's environment (None: this one)
     module: str = "qbo_daemon"  # run as `python -m MODULE run --config FILE`
     intuit_timeout: str = "10s"
@@ -281,7 +297,11 @@ class DaemonProcess(_Child):
             r'(?m)^shutdown_grace = ".*"\n', f'shutdown_grace = "5s"\n{self.refresh_extra}\n', text
         )
         assert found == 1, "simulator_config_text no longer writes shutdown_grace"
-        for section, keys in (("callback", self.callback_extra), ("api", self.api_extra)):
+        for section, keys in (
+            ("callback", self.callback_extra),
+            ("api", self.api_extra),
+            ("storage", self.storage_extra),
+        ):
             text, found = re.subn(rf"(?m)^\[{section}\]\n", f"[{section}]\n{keys}\n", text)
             assert found == 1, f"simulator_config_text no longer writes [{section}]"
         self.config_path.write_text(text, encoding="utf-8")

@@ -762,7 +762,8 @@ async def test_the_request_log_tells_what_was_presented_and_issued(
     assert rotation.issued_refresh_token == rotated["refresh_token"]
     assert (rotation.status, rotation.error, rotation.fault) == (200, None, None)
     assert (stale.status, stale.error, stale.issued_refresh_token) == (400, "invalid_grant", None)
-    assert sim.stats()["token"] == {"ok": 2, "rotated": 1, "invalid_grant": 1}
+    assert (stale.stale_use, stale.concurrent_use) == (True, False)
+    assert sim.stats()["token"] == {"ok": 2, "rotated": 1, "invalid_grant": 1, "stale_use": 1}
 
 
 async def test_the_request_log_is_bounded(clock: ManualClock) -> None:
