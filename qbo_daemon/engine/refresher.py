@@ -6,7 +6,11 @@ reads top to bottom:
 
 1. **Load** the row once, inside a slot of the Intuit limit (``[refresh]
    concurrency``): the newest persisted refresh token, never an older one,
-   even after a long wait for the slot.
+   even after a long wait for the slot. With several daemons on PostgreSQL
+   the load is a claim (``store.port.ClaimStore``): the row comes back only
+   to the one node that may call Intuit for it now; another node holding it
+   ends the attempt as :attr:`OutcomeKind.ELSEWHERE`, and an asker then
+   follows that node's commit (:meth:`Refresher.follow`).
 2. **Decide** from that row whether to call at all: not for an account that is
    gone, disconnected or needs a reconnect; not when it changed since the
    asker read it and is fresh already; not with a refresh token past its
@@ -14,10 +18,11 @@ reads top to bottom:
 3. **Call** Intuit once; the slot is given back as soon as it answered.
 4. **Commit** once what the policy makes of the answer, as a compare-and-swap
    on the version loaded in step 1, with the attempt's row. A conflict ends in
-   one explicit re-decision (:meth:`Refresher._commit`): if the connection was
-   replaced meanwhile (reconnect, import, disconnect) the newer credentials
-   win; if only bookkeeping moved (a key rotation) the same decision is made
-   again from the current row and committed.
+   one explicit re-decision (:meth:`Refresher._commit`): if the row holds other
+   tokens meanwhile (a reconnect, an import, a disconnect, another daemon's
+   refresh) they win; if only bookkeeping moved (a key rotation, a failure
+   note) the same decision is made again from the current row and committed.
+   The commit ends the claim.
 
 After a committed success, an account whose company Intuit has not confirmed
 yet is checked again (:meth:`RealmCheck.after_refresh
