@@ -48,7 +48,10 @@ REFRESH_LATENESS_BUCKETS = (
 
 
 class _NextDueCollector(Collector):
-    """``qbo_next_refresh_due_seconds``, absent while nothing is scheduled.
+    """``qbo_next_refresh_due_seconds``, absent while no timer is set.
+
+    Timers are set for the refreshes due within the scheduler's window (10
+    minutes): a daemon whose next refresh is further away has none.
 
     A plain Gauge cannot be absent; a made-up value (0, NaN, -1) would
     mislead an alert, so the series simply disappears instead.
@@ -63,7 +66,8 @@ class _NextDueCollector(Collector):
         return [
             GaugeMetricFamily(
                 "qbo_next_refresh_due_seconds",
-                "Seconds until the earliest scheduled refresh is due (negative: overdue).",
+                "Seconds until the earliest refresh due within the next 10 minutes (negative: "
+                "overdue); absent when none is due that soon.",
                 value=self.value,
             )
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from qbo_daemon.core.dburl import (
 )
 from qbo_daemon.core.errors import ConfigError
 from qbo_daemon.core.models import Secret
+from qbo_daemon.store.crypto import generate_key
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 PASSWORD = "hunter2-Zq9"  # must never show in an error or a rendering
@@ -163,20 +165,29 @@ def test_check_config_command_masks_the_password(
     assert f'url = "postgresql://qbo:{MASK}@db.internal:5432/qbo"' in out
 
 
-def test_run_refuses_postgres_until_it_can_serve_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_run_on_a_postgres_it_cannot_reach_exits_1_naming_it_without_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = write(tmp_path, f'[storage]\nurl = "{URL}"\npath = "{tmp_path / "db.sqlite3"}"\n')
-    assert main(["run", "--config", str(path)]) == 2
+    """Exit 1, not 2: the settings are right and the database may come back, so systemd
+    restarts the daemon; nothing is served from a SQLite file instead."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # a port nothing listens on
+    port = closed.getsockname()[1]
+    closed.close()
+    url = f"postgresql://qbo:{PASSWORD}@127.0.0.1:{port}/qbo"
+    path = write(
+        tmp_path,
+        '[intuit]\nclient_id = "id"\nclient_secret = "secret"\n'
+        f'[api]\nkeys = ["{"k" * 40}"]\n'
+        f'[storage]\nurl = "{url}"\npath = "{tmp_path / "db.sqlite3"}"\n'
+        f'encryption_keys = ["{generate_key()}"]\n',
+    )
+    path.chmod(0o600)
+    assert main(["run", "--config", str(path)]) == 1
     _, err = capsys.readouterr()
-    assert err.startswith(f"qbo-daemon: error: {path}: [storage] url: selects PostgreSQL")
-    assert "cannot serve on PostgreSQL yet" in err
+    assert f"cannot connect to PostgreSQL at postgresql://qbo:{MASK}@127.0.0.1:{port}/qbo" in err
     assert PASSWORD not in err
-    assert not (tmp_path / "db.sqlite3").exists()  # nothing started, no SQLite file made
-
-    monkeypatch.setenv("QBO_STORAGE_URL", URL)
-    assert main(["run", "--config", str(write(tmp_path, ""))]) == 2
-    assert "cannot serve on PostgreSQL yet" in capsys.readouterr().err
+    assert not (tmp_path / "db.sqlite3").exists()
 
 
 # -- [cluster] node_id ----------------------------------------------------------------------
