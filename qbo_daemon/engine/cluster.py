@@ -90,7 +90,11 @@ class Cluster:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        """Listen for changes and say this node is alive (before it serves or refreshes)."""
+        """Listen for changes and say this node is alive (before it serves or refreshes).
+
+        Raises :class:`ConfigError` when another live process uses this node id.
+        """
+        await self.claims.join(self._dead_after)
         await self.claims.listen(self._heard)
         await self._beat()
 

@@ -328,11 +328,11 @@ class Refresher:
     async def _failed(
         self, account: Account, error: IntuitError, call: Call, claim: Claim | None
     ) -> Outcome:
-        keep_abandoned = False
-        if isinstance(error, InvalidGrantError) and _abandoned_recently(claim):
-            # Another node's call with this refresh token never answered into the
-            # database: it may have rotated the token, and that node may yet store it.
-            keep_abandoned = True
+        # Another node's call with this refresh token never answered into the database:
+        # it may have rotated the token, and that node may yet store it. Until new
+        # tokens are stored, every failure note keeps that mark.
+        keep_abandoned = _abandoned_recently(claim)
+        if isinstance(error, InvalidGrantError) and keep_abandoned:
             error = TransientIntuitError(
                 f"{error} (after another node's unanswered call; not final for "
                 f"{TAKEOVER_GRACE:.0f} s)",
@@ -407,7 +407,9 @@ class Refresher:
 
     # -- committing ------------------------------------------------------------------
 
-    async def _commit(self, account: Account, decide: Decide) -> Account | Replaced:
+    async def _commit(
+        self, account: Account, decide: Decide, answer: TokenSet | None = None
+    ) -> Account | Replaced:
         """Commit the decision made from ``account``; on a conflict, re-decide once.
 
         The re-decision reads the row again: other tokens (a reconnect, an
@@ -421,6 +423,9 @@ class Refresher:
             return await self._storage.commit(decide(account))
         except StaleWriteError:
             current = await self._storage.find(account.account_id)
+            if answer is not None and current is not None and _holds(current, answer):
+                # An earlier try landed though its reply was lost (the connection dropped).
+                return current
             if (
                 current is None
                 or current.refresh_token != account.refresh_token
@@ -436,7 +441,7 @@ class Refresher:
         delay = _PERSIST_RETRY_INITIAL
         while True:
             try:
-                saved = await self._commit(account, decide)
+                saved = await self._commit(account, decide, result.tokens)
             except StorageError as exc:
                 self._held(account, result.tokens, exc, delay, result.intuit_tid)
                 try:
@@ -471,7 +476,7 @@ class Refresher:
     async def _last_write(self, account: Account, result: TokenResult, decide: Decide) -> None:
         self._states.release(account.account_id)
         try:
-            await self._commit(account, decide)
+            await self._commit(account, decide, result.tokens)
         except StorageError as exc:
             log.critical(
                 "refresh.tokens_lost",
@@ -491,6 +496,11 @@ class Refresher:
             reason="the account was reconnected, imported or disconnected meanwhile",
             intuit_tid=intuit_tid,
         )
+
+
+def _holds(row: Account, tokens: TokenSet) -> bool:
+    """Whether ``row`` already stores ``tokens``."""
+    return row.access_token == tokens.access_token and row.refresh_token == tokens.refresh_token
 
 
 def _abandoned_recently(claim: Claim | None) -> bool:

@@ -576,9 +576,11 @@ class Scheduler:
                 change.failure_count, expired=False, retry_after=None, rng=self._no_jitter
             )
             due = max(due, after(change.last_failure_at, delay))
-        if self._beyond_window(due):
-            self.unschedule(account_id)
+        if self._beyond_window(change.reconnect_token_at):
+            self.unschedule(account_id)  # a refill of the window brings it back
         else:
+            # A backoff past the window is kept: its time is not in the row, and no
+            # refill would bring it back.
             self.schedule(account_id, due)
 
     # -- the window ----------------------------------------------------------------------
@@ -614,19 +616,21 @@ class Scheduler:
         began = time.monotonic()
         if self._refill_failed_at is not None and began - self._refill_failed_at < 1.0:
             return
+        previous = self._window_end
         if self._window is not None:
             end = after(now, self._window)
+        # Moved before the read: a due time between the two ends set while it runs
+        # (a connect, a change heard, a refresh) is kept, and the read skips timers set.
+        self._window_end = end
         try:
-            entries = await self._storage.schedule_entries(
-                end, after=None if resync else self._window_end
-            )
+            entries = await self._storage.schedule_entries(end, after=None if resync else previous)
         except StorageError as exc:
+            self._window_end = previous
             self._refill_failed_at = began
             log.warning("scheduler.refill_failed", error=str(exc), detail="retrying")
             return
         self._refill_failed_at = None
         self._resync = False
-        self._window_end = end
         added = 0
         for entry in entries:
             account_id = entry.account_id

@@ -342,6 +342,10 @@ class ClaimStore(Protocol):
         """End ``claim`` without a write (no call was made), if it is still held."""
         ...
 
+    async def join(self, live_within: float) -> None:
+        """Refuse (:class:`ConfigError`) a node id another process beat with lately."""
+        ...
+
     async def heartbeat(self) -> list[NodeInfo]:
         """Say this node is alive; return every node's row."""
         ...

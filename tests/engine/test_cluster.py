@@ -199,3 +199,35 @@ async def test_a_refusal_after_taking_over_an_unanswered_call_is_not_final_at_on
     assert row.last_error is not None
     assert "not final" in row.last_error
     assert await next_refresh(a.services, "acme") is not None
+
+
+async def test_an_outage_after_taking_over_keeps_the_refusal_from_being_final(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock, pg_url: str
+) -> None:
+    (a,) = await nodes(1)
+    assert await a.connect("acme") == 200
+    stored = await a.services.storage.load("acme")
+    assert stored.refresh_token is not None
+    assert stored.reconnect_token_at is not None
+    cipher = Cipher([EncryptionKey.from_text(a.encryption_key)])
+    ghost = await PostgresStorage.open(pg_url, cipher, node_id="ghost")
+    try:
+        assert isinstance(await ghost.claim("acme", lease=0.2), Claimed)
+    finally:
+        await ghost.close()
+    await asyncio.sleep(0.3)
+    sim.invalidate(stored.refresh_token)  # the ghost's call rotated it
+    sim.inject("500", 1)  # and Intuit fails the first try of the node that takes over
+
+    await move_to(clock, stored.reconnect_token_at + timedelta(seconds=1))
+
+    async def failures(n: int) -> bool:
+        return (await a.services.storage.load("acme")).failure_count == n
+
+    await wait_for(lambda: failures(1))
+    await move_to(clock, clock.now() + timedelta(seconds=25))  # past the retry's backoff
+    await wait_for(lambda: failures(2))
+    row = await a.services.storage.load("acme")
+    assert row.status.value == "active"
+    assert row.last_error is not None
+    assert "not final" in row.last_error

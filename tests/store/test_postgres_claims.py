@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import structlog
 
-from qbo_daemon.core.errors import StaleWriteError
+from qbo_daemon.core.errors import ConfigError, StaleWriteError
 from qbo_daemon.core.models import Account
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import AccountChange, AccountWrite, Busy, Claimed, NotDue
@@ -83,14 +83,14 @@ async def test_one_node_claims_and_the_other_is_told_who_holds_it_and_for_how_lo
     granted = await a.claim("acct-1", lease=LEASE)
     assert isinstance(granted, Claimed)
     assert granted.account.refresh_token == tokens().refresh_token
-    assert granted.claim.owner == "node-a"
+    assert granted.claim.owner.startswith("node-a#")  # the node, and this process
     assert granted.claim.abandoned_since is None
     refused = await b.claim("acct-1", lease=LEASE)
     assert isinstance(refused, Busy)
-    assert refused.owner == "node-a"
+    assert refused.owner == granted.claim.owner
     assert LEASE - 5 < refused.remaining <= LEASE
     row = await lease_columns(pg_url)
-    assert row["lease_owner"] == "node-a"
+    assert row["lease_owner"] == granted.claim.owner
     assert row["lease_generation"] == granted.claim.generation
     assert row["inflight_since"] is not None
     assert await a.claim("nobody", lease=LEASE) is None
@@ -147,7 +147,7 @@ async def test_a_node_paused_past_its_lease_stores_its_answer_if_the_row_is_as_i
     assert [e["event"] for e in logs] == ["claim.lost"]
     row = await lease_columns(pg_url)
     # The later claim is left alone: its node is still mid-call...
-    assert row["lease_owner"] == "node-b"
+    assert row["lease_owner"] == taken.claim.owner
     assert row["lease_generation"] == taken.claim.generation
     # ...and its answer, from the same row, is superseded: nothing it writes lands.
     with pytest.raises(StaleWriteError):
@@ -270,3 +270,33 @@ async def test_every_change_is_heard_with_its_schedule_and_a_cut_listener_comes_
             break
         await asyncio.sleep(0.02)
     assert [c.account_id for c in heard[1:] if c is not None] == ["acct-2"]
+
+
+async def test_two_processes_given_one_node_id_never_hold_one_claim_and_the_second_is_refused(
+    pg_url: str, cipher: Cipher
+) -> None:
+    first = await PostgresStorage.open(pg_url, cipher, node_id="web-1")
+    copy = await PostgresStorage.open(pg_url, cipher, node_id="web-1")  # a copied config
+    try:
+        await connected(first)
+        held = await first.claim("acct-1", lease=LEASE)
+        assert isinstance(held, Claimed)
+        assert isinstance(await copy.claim("acct-1", lease=LEASE), Busy)
+        await first.heartbeat()
+        await first.join(live_within=5.0)  # itself: fine
+        conn = await asyncpg.connect(pg_url)
+        try:
+            # This host's previous daemon, killed and restarted at once: its PID is gone.
+            await conn.execute("UPDATE nodes SET pid = 2147483646 WHERE node_id = 'web-1'")
+            await copy.join(live_within=5.0)
+            # Another host beating with this id a moment ago: refused.
+            await conn.execute("UPDATE nodes SET host = 'web-7' WHERE node_id = 'web-1'")
+        finally:
+            await conn.close()
+        with pytest.raises(ConfigError) as refused:
+            await copy.join(live_within=5.0)
+        assert "node id 'web-1' is in use by web-7" in str(refused.value)
+        assert "[cluster] node_id" in str(refused.value)
+    finally:
+        await first.close()
+        await copy.close()

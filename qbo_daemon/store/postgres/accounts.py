@@ -80,7 +80,7 @@ def _commit_statement(columns: tuple[str, ...], *, tokens: bool) -> str:
     its claim but finds the row exactly as it read it holds the newest token
     there is. The claim ends only if it is still this one (``fenced``, which the
     statement returns), so a later node's claim is never cut short. New tokens
-    end the mark of an abandoned call: the chain is whole again.
+    from a refresh end the mark of an abandoned call: the chain is whole again.
     """
     params = {column: f"${n}" for n, column in enumerate(columns, 3)}
     sets = ", ".join(f"{column} = {param}" for column, param in params.items())
@@ -92,7 +92,8 @@ def _commit_statement(columns: tuple[str, ...], *, tokens: bool) -> str:
         f"AND p.prior_generation = {generation}::bigint)"
     )
     # (The IS NULL test only gives the parameter a type where nothing else uses it.)
-    cleared = "true" if tokens else f"({fenced} AND NOT {keep}::boolean)"
+    # New tokens under a claim end it (a refresh); a key rotation's rewrite does not.
+    cleared = f"{owner}::text IS NOT NULL" if tokens else f"({fenced} AND NOT {keep}::boolean)"
     inflight = f"CASE WHEN {cleared} OR {keep}::boolean IS NULL THEN NULL ELSE a.inflight_since END"
     payload = CHANGE_PAYLOAD.replace("$origin", origin)
     return (

@@ -17,11 +17,13 @@ call may have rotated the refresh token, so a refusal is not final at once
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from datetime import UTC, datetime
 
 import asyncpg
 
+from qbo_daemon.core.errors import ConfigError
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import Busy, Claim, Claimed, ClaimResult, NodeInfo, NotDue
 from qbo_daemon.store.postgres.database import Conn, PgDatabase
@@ -75,6 +77,9 @@ class ClaimTable:
         self._db = database
         self.cipher = cipher
         self.node_id = node_id
+        # Who holds a lease: the node and this process. Two processes given one node id
+        # (a copied config) still never hold one account's claim at once.
+        self.owner = f"{node_id}#{secrets.token_hex(4)}"
         self._host = socket.gethostname()
         self._started_at = datetime.now(UTC)
 
@@ -82,7 +87,7 @@ class ClaimTable:
         self, account_id: str, *, lease: float, due_by: datetime | None
     ) -> ClaimResult | None:
         async def work(conn: Conn) -> tuple[asyncpg.Record | None, asyncpg.Record | None]:
-            granted = await conn.fetchrow(CLAIM, account_id, self.node_id, lease, due_by)
+            granted = await conn.fetchrow(CLAIM, account_id, self.owner, lease, due_by)
             if granted is not None:
                 return granted, None
             return None, await conn.fetchrow(HOLDER, account_id)
@@ -92,7 +97,7 @@ class ClaimTable:
             account = account_from_record(self.cipher, granted, tokens=True)
             claim = Claim(
                 account_id,
-                self.node_id,
+                self.owner,
                 granted["lease_generation"],
                 lease,
                 abandoned_since=granted["prior_inflight"],
@@ -104,7 +109,7 @@ class ClaimTable:
         account = account_from_record(self.cipher, holder, tokens=True)
         remaining = holder["remaining"]
         owner = holder["lease_owner"]
-        if owner is not None and owner != self.node_id and remaining is not None and remaining > 0:
+        if owner is not None and owner != self.owner and remaining is not None and remaining > 0:
             return Busy(account, owner, remaining)
         if due_by is not None and (
             account.reconnect_token_at is None or account.reconnect_token_at > due_by
@@ -118,6 +123,30 @@ class ClaimTable:
             lambda conn: conn.execute(
                 RELEASE, claim.account_id, claim.owner, claim.generation, claim.abandoned_since
             )
+        )
+
+    async def join(self, live_within: float) -> None:
+        """Refuse to start as a node id another live process is using.
+
+        Raises :class:`ConfigError` when this id's heartbeat row is younger than
+        ``live_within`` seconds and names another host or process.
+        """
+        record = await self._db.fetchrow(
+            "SELECT host, pid, extract(epoch from clock_timestamp() - heartbeat_at)::float8 AS age "
+            "FROM nodes WHERE node_id = $1",
+            self.node_id,
+        )
+        if record is None or record["age"] > live_within:
+            return
+        if record["host"] == self._host and not _running(record["pid"]):
+            return  # this host's previous daemon, killed and restarted at once
+        if (record["host"], record["pid"]) == (self._host, os.getpid()):
+            return
+        raise ConfigError(
+            f"node id {self.node_id!r} is in use by {record['host']} (PID {record['pid']}, "
+            f"heartbeat {max(record['age'], 0.0):.1f} s ago): give each daemon its own "
+            "[cluster] node_id, or leave it unset (HOST:PID)",
+            key="cluster",
         )
 
     async def heartbeat(self) -> list[NodeInfo]:
@@ -143,3 +172,14 @@ class ClaimTable:
         await self._db.write(
             lambda conn: conn.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
         )
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -131,6 +131,10 @@ class PostgresStorage:
         """End ``claim`` without a write (no call was made), if it is still held."""
         await self._claims.release(claim)
 
+    async def join(self, live_within: float) -> None:
+        """Refuse to start as a node id another live process is using (:class:`ConfigError`)."""
+        await self._claims.join(live_within)
+
     async def heartbeat(self) -> list[NodeInfo]:
         """Say this node is alive (and listen again if the server cut it); every node's row."""
         if await self._db.relisten() and self._on_change is not None:
