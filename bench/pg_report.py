@@ -133,7 +133,8 @@ def table(results: dict[str, Any]) -> str:
             )
     storms = results.get("pg_storms", [])
     if storms:
-        out.append("")
+        if out:
+            out.append("")
         out.append(
             "catch-up storm on PostgreSQL (rate: refreshes/s from the last node's readiness; "
             "cpu: all nodes' CPU s per 1000; sim: simulator's share of one core)"
