@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import cluster
 from bench.dataset import build_database, mint_grants
 from bench.lab import BenchSettings, Lab, available_loops
 from bench.phases import ceiling, cron, startup_and_lateness, storm
@@ -94,12 +95,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only", choices=PHASES, nargs="+", default=list(PHASES), help="run only these phases"
     )
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="a PostgreSQL server (postgresql://…): run the several-daemon phases there "
+        "(bench/cluster.py), each on a database of its own",
+    )
+    p.add_argument("--nodes", type=int, default=1, help="daemons sharing the database")
+    p.add_argument(
+        "--write-docs", action="store_true", help="with --storage: update docs/performance.md"
+    )
     p.add_argument("--out", type=Path, default=None, help="the JSON file to write")
     p.add_argument("--workdir", type=Path, default=None, help="keep databases and logs here")
     args = p.parse_args(argv)
     for name in ("overdue", "due_soon"):
         if not 1 <= getattr(args, name) <= args.accounts:
             p.error(f"--{name.replace('_', '-')} must be between 1 and --accounts")
+    if args.nodes < 1:
+        p.error("--nodes must be at least 1")
+    if args.storage is not None and not args.storage.startswith(("postgresql://", "postgres://")):
+        p.error("--storage must be a postgresql:// URL")
     if args.slow_overdue is not None and not 1 <= args.slow_overdue <= args.accounts:
         p.error("--slow-overdue must be between 1 and --accounts")
     return args
@@ -182,6 +198,8 @@ def _progress(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from(args)
+    if args.storage is not None:
+        return cluster.main(args, settings, sys.argv[1:] if argv is None else argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qbo-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

@@ -24,7 +24,7 @@ from contextlib import closing
 from pathlib import Path
 
 from bench.procs import memory_kib
-from qbo_daemon.config.load import load_config
+from qbo_daemon.config.load import Config, load_config
 from qbo_daemon.runtime.daemon import Daemon
 from qbo_daemon.runtime.logs import configure_logging
 from qbo_daemon.runtime.loop import loop_factory
@@ -35,6 +35,14 @@ def committed_attempts(database: Path) -> int:
     with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         row = db.execute("SELECT COALESCE(MAX(id), 0) FROM refresh_attempts").fetchone()
     return int(row[0])
+
+
+async def _committed(config: Config) -> int:
+    if config.storage.url is None:
+        return committed_attempts(config.storage.path)
+    from bench import pg  # only on PostgreSQL (bench/cluster.py): SQLite runs import as before
+
+    return await pg.committed(config.storage.url.reveal())
 
 
 async def run(config_path: Path, log_path: Path, marks_path: Path, t0: float) -> None:
@@ -57,7 +65,7 @@ async def run(config_path: Path, log_path: Path, marks_path: Path, t0: float) ->
                 "ready_wall": time.time(),
                 "ready_cpu": time.process_time(),
                 "memory_kib": memory_kib(os.getpid()),
-                "committed_at_ready": committed_attempts(config.storage.path),
+                "committed_at_ready": await _committed(config),
             }
             partial = marks_path.with_name(marks_path.name + ".tmp")
             partial.write_text(json.dumps(marks), encoding="utf-8")

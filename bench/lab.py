@@ -14,6 +14,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -143,13 +144,26 @@ class Lab:
     # -- daemons -----------------------------------------------------------------
 
     async def launch_daemon(
-        self, name: str, database: Path, concurrency: int, loop: str = "asyncio"
+        self,
+        name: str,
+        database: Path,
+        concurrency: int,
+        loop: str = "asyncio",
+        *,
+        edit_config: Callable[[str], str] | None = None,
     ) -> DaemonRun:
-        """Start the real daemon on ``database``; return once it is ready (bounded)."""
+        """Start the real daemon on ``database``; return once it is ready (bounded).
+
+        ``edit_config`` rewrites the configuration file's text (bench/cluster.py puts
+        a PostgreSQL ``url`` and a ``[cluster]`` table in it).
+        """
         home = self.workdir / name
         home.mkdir(parents=True, exist_ok=True)
         config = home / "config.toml"
-        config.write_text(self._config_text(database, concurrency), encoding="utf-8")
+        text = self._config_text(database, concurrency)
+        if edit_config is not None:
+            text = edit_config(text)
+        config.write_text(text, encoding="utf-8")
         config.chmod(0o600)
         marks_path, log = home / "marks.json", home / "daemon.log"
         marks_path.unlink(missing_ok=True)

@@ -9,10 +9,15 @@ machine (docs/performance.md), not for a test.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import asyncpg
+
+from tests import pg
 
 ACCOUNTS, OVERDUE, DUE_SOON = 300, 150, 60
 
@@ -114,3 +119,84 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert compared.returncode == 0, compared.stderr
     assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
+
+
+PG_ACCOUNTS, PG_OVERDUE, PG_DUE_SOON, PG_NODES = 600, 120, 20, 2
+
+
+def test_bench_smoke_postgresql(tmp_path: Path) -> None:
+    """``--storage postgresql://… --nodes N``: every phase on its own database, then dropped."""
+    asyncio.run(pg.require_server())
+    out = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        f"--storage={pg.ADMIN_URL}",
+        f"--nodes={PG_NODES}",
+        f"--accounts={PG_ACCOUNTS}",
+        f"--overdue={PG_OVERDUE}",
+        f"--due-soon={PG_DUE_SOON}",
+        "--lateness-delay=8",
+        "--lateness-window=1",
+        "--latency",
+        "0.01",
+        "--concurrency",
+        "8",
+        f"--out={out}",
+        f"--workdir={tmp_path / 'work'}",
+    ]
+    done = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "goals" in done.stdout
+    results = json.loads(out.read_text())
+
+    million = results["million"]
+    assert million["accounts"] == PG_ACCOUNTS
+    assert [run["nodes"] for run in million["runs"]] == [1, PG_NODES]
+    for run in million["runs"]:
+        assert len(run["startup"]) == run["nodes"]
+        # Each node times the accounts of its window, not the table.
+        assert all(0 < node["scheduled"] < PG_ACCOUNTS for node in run["startup"])
+        assert run["refreshed"] == run["due"] == PG_DUE_SOON
+        assert run["calls_per_token_max"] == 1
+        assert run["idle_attempts"] == 0
+        assert run["departure_ms"].get("early", 0) == 0
+
+    storms = results["pg_storms"]
+    assert [(s["nodes"], s["concurrency"]) for s in storms] == [(1, 8), (PG_NODES, 8)]
+    for storm in storms:
+        assert storm["durable"] == {
+            "accounts": PG_OVERDUE,
+            "rows_refreshed": PG_OVERDUE,
+            "attempts_success": PG_OVERDUE,
+        }
+        assert storm["calls_per_token_max"] == 1
+        assert storm["rate_per_s"] > 0
+    goals = {g["goal"] for g in results["goals"]}
+    assert f"storm 10 ms, c8: {PG_NODES} nodes / 1 node" in goals
+    assert f"{PG_ACCOUNTS} accounts, 1 node: peak RSS (MiB)" in goals
+    used = {million["database"], *(s["database"] for s in storms)}
+    assert len(used) == 3
+    assert not _existing(used), "the bench left its databases behind"
+
+
+def _existing(names: set[str]) -> list[str]:
+    async def query() -> list[str]:
+        conn = await asyncpg.connect(pg.ADMIN_URL, timeout=5)
+        try:
+            rows = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", list(names)
+            )
+        finally:
+            await conn.close()
+        return [r["datname"] for r in rows]
+
+    return asyncio.run(query())
