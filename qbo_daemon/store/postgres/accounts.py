@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
-import asyncpg
 import structlog
 
 from qbo_daemon.core.errors import (
@@ -266,19 +265,17 @@ class AccountTable:
 
         fence = (None, None) if claim is None else (claim.owner, claim.generation)
 
-        async def work(conn: Conn) -> asyncpg.Record | None:
-            return await conn.fetchrow(
-                statement,
-                account.account_id,
-                read_version,
-                *values,
-                *noted,
-                *fence,
-                keep_abandoned,
-                self.node_id,
-            )
-
-        done = await self._db.write(work)
+        # One statement: the compare-and-swap, the attempt and the notice commit together.
+        done = await self._db.write_one(
+            statement,
+            account.account_id,
+            read_version,
+            *values,
+            *noted,
+            *fence,
+            keep_abandoned,
+            self.node_id,
+        )
         if done is None:
             raise StaleWriteError(account.account_id, read_version)
         if claim is not None and not done["fenced"]:

@@ -86,13 +86,8 @@ class ClaimTable:
     async def claim(
         self, account_id: str, *, lease: float, due_by: datetime | None
     ) -> ClaimResult | None:
-        async def work(conn: Conn) -> tuple[asyncpg.Record | None, asyncpg.Record | None]:
-            granted = await conn.fetchrow(CLAIM, account_id, self.owner, lease, due_by)
-            if granted is not None:
-                return granted, None
-            return None, await conn.fetchrow(HOLDER, account_id)
-
-        granted, holder = await self._db.write(work)
+        # One statement, a transaction of its own; only a refusal reads who holds it.
+        granted = await self._db.write_one(CLAIM, account_id, self.owner, lease, due_by)
         if granted is not None:
             account = account_from_record(self.cipher, granted, tokens=True)
             claim = Claim(
@@ -104,6 +99,7 @@ class ClaimTable:
                 abandoned_for=granted["abandoned_for"],
             )
             return Claimed(account, claim)
+        holder = await self._db.fetchrow(HOLDER, account_id)
         if holder is None:
             return None
         account = account_from_record(self.cipher, holder, tokens=True)

@@ -61,6 +61,18 @@ class PgSettings:
     application_name: str = DAEMON_APPLICATION
 
 
+class _PoolConnection(asyncpg.Connection):
+    """A pool connection given back without asyncpg's reset query (four statements).
+
+    The daemon leaves no session state on a pool connection: its advisory
+    locks are per transaction, LISTEN has its own connection, nothing is SET,
+    and a connection whose transaction failed is rolled back by asyncpg.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 def _server_settings(settings: PgSettings) -> dict[str, str]:
     return {"application_name": settings.application_name}
 
@@ -96,6 +108,7 @@ class PgDatabase:
                 command_timeout=settings.command_timeout,
                 statement_cache_size=settings.statement_cache_size,
                 server_settings=_server_settings(settings),
+                connection_class=_PoolConnection,
             )
         except _CONNECT_ERRORS as exc:
             raise StorageError(
@@ -145,11 +158,12 @@ class PgDatabase:
             self._idle.set()
 
     @contextlib.asynccontextmanager
-    async def _connection(self, *, writing: bool) -> AsyncIterator[Conn]:
-        """A pool connection for one operation (in a transaction when ``writing``)."""
+    async def _connection(self, *, writing: bool, transaction: bool = True) -> AsyncIterator[Conn]:
+        """A pool connection for one operation (in a transaction when ``writing``, unless
+        it is one statement, which is a transaction of its own)."""
         try:
             async with self._pool.acquire(timeout=self._settings.acquire_timeout) as conn:
-                if writing:
+                if writing and transaction:
                     async with conn.transaction():
                         yield conn
                 else:
@@ -185,6 +199,24 @@ class PgDatabase:
         task = asyncio.ensure_future(run())
         # A caller cancelled meanwhile never reads the outcome; read it here so asyncio
         # does not report an exception "never retrieved".
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def write_one(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        """One statement that writes, committed on its own (no BEGIN/COMMIT round trips).
+
+        Shielded like :meth:`write`; its first row, or None.
+        """
+        self._begin()
+
+        async def run() -> asyncpg.Record | None:
+            try:
+                async with self._connection(writing=True, transaction=False) as conn:
+                    return await conn.fetchrow(sql, *args)
+            finally:
+                self._end()
+
+        task = asyncio.ensure_future(run())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
 
