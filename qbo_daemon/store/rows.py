@@ -108,40 +108,32 @@ def account_values(
 def changed_values(
     cipher: Cipher, account: Account, columns: tuple[str, ...], row: sqlite3.Row, read: Account
 ) -> tuple[tuple[str, ...], tuple[Any, ...]] | None:
-    """The columns of ``columns`` whose stored value ``account`` changes, and their values.
+    """The columns of ``columns`` whose value ``account`` changes, and their stored values.
 
     ``row`` is the stored row a compare-and-swap write replaces (as read, at the
-    version the write names) and ``read`` the account decrypted from it. A secret
-    is set (and encrypted) only when its plaintext changed, the realm digest with
-    the realm; everything else when its stored text differs. None when the row's
-    secrets are not under the primary key: then every column is written, so that
-    they all end up under it.
+    version the write names) and ``read`` the account made of it. A column is set
+    when its value in ``account`` differs from ``read``'s (a secret's plaintext,
+    an instant, ...): only then is a secret encrypted, and the realm's digest
+    follows the realm. None when the row's secrets are not under the primary key:
+    then every column is written, so that they all end up under it.
     """
     stored_key = row["key_id"]
     if "key_id" in columns and stored_key is not None and stored_key != cipher.primary_key_id:
         return None
     changed: list[str] = []
-    values: list[Any] = []
-    realm_changed = account.realm_id != read.realm_id
     for column in columns:
-        if column in SECRET_COLUMNS:
-            if getattr(account, column) == getattr(read, column):
+        if column in _DERIVED_FROM:
+            if stored_key is not None and (column == "key_id" or account.realm_id == read.realm_id):
                 continue
-        elif column == "realm_digest":
-            if not realm_changed:
-                continue
-        elif column == "key_id":
-            if stored_key is not None:
-                continue
-        else:
-            value = _value(cipher, account, column)
-            if value != row[column]:
-                changed.append(column)
-                values.append(value)
+        elif getattr(account, column) == getattr(read, column):
             continue
         changed.append(column)
-        values.append(_value(cipher, account, column))
-    return tuple(changed), tuple(values)
+    return tuple(changed), tuple(_value(cipher, account, column) for column in changed)
+
+
+# Columns that are not an Account's field: the key the secrets are under, and the digest
+# of the realm (rewritten with it).
+_DERIVED_FROM = frozenset({"key_id", "realm_digest"})
 
 
 def _value(cipher: Cipher | None, account: Account, column: str) -> Any:
