@@ -197,6 +197,8 @@ def text(value: str, limit: int = 200) -> str:
 
 
 def _json_int(digits: str) -> int | float:
+    if len(digits) <= _MAX_INT_DIGITS:  # every number Intuit sends
+        return int(digits)
     if len(digits.lstrip("-").lstrip("0")) > _MAX_INT_DIGITS:
         return -math.inf if digits.startswith("-") else math.inf
     return int(digits)
