@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -225,7 +226,7 @@ class IntuitClient:
             ) from None
 
     async def _send(self, url: str, headers: dict[str, str], data: bytes, seconds: float) -> _Reply:
-        timeout = aiohttp.ClientTimeout(total=seconds)
+        timeout = _timeout(seconds)
         try:
             # Redirects are never followed: they would carry the Basic credentials
             # and the refresh token or code to wherever the Location points.
@@ -254,6 +255,12 @@ class IntuitClient:
                 if 300 <= response.status < 400
                 else None,
             )
+
+
+@functools.lru_cache(maxsize=8)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """A request's timeout: ``seconds`` in all (immutable, so made once per value)."""
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 class _Dropped(Exception):
