@@ -143,9 +143,18 @@ class Lab:
     # -- daemons -----------------------------------------------------------------
 
     async def launch_daemon(
-        self, name: str, database: Path, concurrency: int, loop: str = "asyncio"
+        self,
+        name: str,
+        database: Path,
+        concurrency: int,
+        loop: str = "asyncio",
+        profile: Path | None = None,
     ) -> DaemonRun:
-        """Start the real daemon on ``database``; return once it is ready (bounded)."""
+        """Start the real daemon on ``database``; return once it is ready (bounded).
+
+        With ``profile``, its event loop is profiled from readiness on (cProfile
+        statistics written there when it stops).
+        """
         home = self.workdir / name
         home.mkdir(parents=True, exist_ok=True)
         config = home / "config.toml"
@@ -156,6 +165,8 @@ class Lab:
         log.unlink(missing_ok=True)
         args = ["--config", str(config), "--log", str(log), "--marks", str(marks_path)]
         args += ["--loop", loop]
+        if profile is not None:
+            args += ["--profile", str(profile)]
         child = Child("bench.daemon_proc", [*args, "--t0", repr(time.time())], log=home / "out")
         await child.start()
         deadline = time.monotonic() + 120
