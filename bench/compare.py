@@ -5,8 +5,10 @@ same machine in one sitting) and prints a Markdown table of the figures that
 matter for a change to the refresh path: lateness, memory, start-up, the
 catch-up storms beside the bare client, and the cron batches. With
 ``--write-docs`` it also puts that table into docs/performance.md between
-``<!-- bench-compare:begin -->`` and ``<!-- bench-compare:end -->``, so the
-document shows what the runs measured and nothing typed by hand.
+``<!-- bench-compare:begin -->`` and ``<!-- bench-compare:end -->`` (with
+``--block NAME``, between ``<!-- bench-compare:NAME:begin -->`` and its ``end``,
+so that a second pair of runs can stand beside the first), so the document
+shows what the runs measured and nothing typed by hand.
 """
 
 from __future__ import annotations
@@ -85,14 +87,23 @@ def markdown(before: dict[str, Any], after: dict[str, Any], names: tuple[str, st
     return "\n".join(lines) + "\n"
 
 
-def write_docs(text: str, doc: Path = DOC) -> None:
+def markers(block: str | None) -> tuple[str, str]:
+    """The comment lines a table is written between."""
+    if block is None:
+        return BEGIN, END
+    return f"<!-- bench-compare:{block}:begin -->", f"<!-- bench-compare:{block}:end -->"
+
+
+def write_docs(text: str, doc: Path = DOC, block_name: str | None = None) -> None:
     content = doc.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in content and END in content:
-        start, end = content.index(BEGIN), content.index(END) + len(END)
+    begin, end_marker = markers(block_name)
+    block = f"{begin}\n{text}{end_marker}"
+    if begin in content and end_marker in content:
+        start, end = content.index(begin), content.index(end_marker) + len(end_marker)
         content = content[:start] + block + content[end:]
     else:
-        content = content.rstrip("\n") + f"\n\n## Before and after\n\n{block}\n"
+        heading = "## Before and after\n\n" if block_name is None else ""
+        content = content.rstrip("\n") + f"\n\n{heading}{block}\n"
     doc.write_text(content, encoding="utf-8")
 
 
@@ -154,13 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("after", type=Path)
     p.add_argument("--names", nargs=2, default=("before", "after"), metavar=("BEFORE", "AFTER"))
     p.add_argument("--write-docs", action="store_true", help="put the table in performance.md")
+    p.add_argument(
+        "--block", default=None, metavar="NAME", help="write between this block's markers"
+    )
     args = p.parse_args(argv)
     before = json.loads(args.before.read_text(encoding="utf-8"))
     after = json.loads(args.after.read_text(encoding="utf-8"))
     text = markdown(before, after, tuple(args.names))
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, block_name=args.block)
     return 0
 
 

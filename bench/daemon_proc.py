@@ -8,13 +8,15 @@ ready, writes one JSON file of marks: the wall time and this process's CPU
 seconds at readiness, peak and current RSS, and how many
 refreshes were already committed. ``--t0`` is the launcher's wall clock just
 before it started this process, so start-up times count interpreter start and
-imports too.
+imports too. With ``--profile PATH`` the event loop's thread is profiled
+(cProfile) from readiness to the stop, and the statistics are written to PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
 import signal
@@ -45,7 +47,13 @@ async def _committed(config: Config) -> int:
     return await pg.committed(config.storage.url.reveal())
 
 
-async def run(config_path: Path, log_path: Path, marks_path: Path, t0: float) -> None:
+async def run(
+    config_path: Path,
+    log_path: Path,
+    marks_path: Path,
+    t0: float,
+    profiler: cProfile.Profile | None = None,
+) -> None:
     imported = time.time()
     config = load_config(config_path, {})
     with log_path.open("a", encoding="utf-8") as log_file:
@@ -69,6 +77,8 @@ async def run(config_path: Path, log_path: Path, marks_path: Path, t0: float) ->
             }
             partial = marks_path.with_name(marks_path.name + ".tmp")
             partial.write_text(json.dumps(marks), encoding="utf-8")
+            if profiler is not None:
+                profiler.enable()
             partial.replace(marks_path)
         else:
             ready.cancel()
@@ -82,10 +92,17 @@ def main() -> None:
     parser.add_argument("--marks", type=Path, required=True)
     parser.add_argument("--t0", type=float, required=True)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
     _, factory = loop_factory(args.loop)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(run(args.config, args.log, args.marks, args.t0))
+    profiler = cProfile.Profile() if args.profile else None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run(args.config, args.log, args.marks, args.t0, profiler))
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
 
 
 if __name__ == "__main__":

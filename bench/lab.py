@@ -151,11 +151,14 @@ class Lab:
         loop: str = "asyncio",
         *,
         edit_config: Callable[[str], str] | None = None,
+        profile: Path | None = None,
     ) -> DaemonRun:
         """Start the real daemon on ``database``; return once it is ready (bounded).
 
         ``edit_config`` rewrites the configuration file's text (bench/cluster.py puts
-        a PostgreSQL ``url`` and a ``[cluster]`` table in it).
+        a PostgreSQL ``url`` and a ``[cluster]`` table in it). With ``profile``, its
+        event loop is profiled from readiness on (cProfile statistics written there
+        when it stops).
         """
         home = self.workdir / name
         home.mkdir(parents=True, exist_ok=True)
@@ -170,6 +173,8 @@ class Lab:
         log.unlink(missing_ok=True)
         args = ["--config", str(config), "--log", str(log), "--marks", str(marks_path)]
         args += ["--loop", loop]
+        if profile is not None:
+            args += ["--profile", str(profile)]
         child = Child("bench.daemon_proc", [*args, "--t0", repr(time.time())], log=home / "out")
         await child.start()
         deadline = time.monotonic() + 120

@@ -200,3 +200,26 @@ def _existing(names: set[str]) -> list[str]:
         return [r["datname"] for r in rows]
 
     return asyncio.run(query())
+
+
+def test_profile_smoke(tmp_path: Path) -> None:
+    """``python -m bench.profile`` at a few hundred accounts: the daemon profiled, its time
+    split into parts that add up to the whole."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.profile", "--accounts=300", "--overdue=150"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    parts = [
+        float(line.rsplit(None, 2)[-2])
+        for line in done.stdout.split("part of the program", 1)[1].split("\n\n", 1)[0].splitlines()
+        if line.endswith("%")
+    ]
+    assert len(parts) >= 5
+    assert abs(sum(parts) - 100) < 1
+    assert "engine: scheduler, refresher, state (engine/)" in done.stdout
+    assert "Python and C calls per refresh:" in done.stdout

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -79,6 +80,8 @@ class IntuitClient:
         self._session = session
         self.config = config
         self._clock = clock
+        self._basic_of: IntuitConfig | None = None  # the configuration _basic_value is of
+        self._basic_value = ""
 
     def authorization_url(self, state: str, *, code_challenge: str | None = None) -> str:
         """Intuit's consent page for ``state``; with a PKCE S256 ``code_challenge`` if given."""
@@ -157,11 +160,12 @@ class IntuitClient:
             urlencode(form).encode(),
             again_if_dropped=again_if_dropped,
         )
-        if reply.status != 200 or _is_error_body(reply.body):
+        data = parse.json_object(reply.body) if reply.status == 200 else None
+        if reply.status != 200 or _is_error(data):
             conceal = self._concealed(form.get("refresh_token") or form.get("code"))
             raise _classify(reply, what="token", conceal=conceal)
         return TokenResult(
-            tokens=_parse_tokens(reply.body, reply.tid, obtained_at, previous_refresh_token),
+            tokens=_parse_tokens(data, reply.tid, obtained_at, previous_refresh_token),
             intuit_tid=reply.tid,
         )
 
@@ -173,11 +177,15 @@ class IntuitClient:
 
         Intuit's ids and secrets are letters and digits, which the encoding leaves
         as they are; a secret with ``:``, ``%`` or ``+`` reaches a standard server
-        intact only this way.
+        intact only this way. Made once per configuration (a reload replaces it).
         """
-        client_id = quote_plus(self.config.client_id, safe="")
-        secret = quote_plus(self.config.client_secret.reveal(), safe="")
-        return base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
+        config = self.config
+        if self._basic_of is not config:
+            client_id = quote_plus(config.client_id, safe="")
+            secret = quote_plus(config.client_secret.reveal(), safe="")
+            self._basic_value = base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
+            self._basic_of = config
+        return self._basic_value
 
     def _concealed(self, presented: str | None) -> tuple[str, ...]:
         """What a server echoing our request must not get into an error message."""
@@ -193,12 +201,13 @@ class IntuitClient:
     ) -> _Reply:
         seconds = self.config.timeout.total_seconds()
         try:
+            if not again_if_dropped:
+                # One try: the request's own timeout (aiohttp's total) bounds it.
+                return await self._send(url, headers, data, seconds)
             async with asyncio.timeout(seconds):  # both tries together
                 try:
                     return await self._send(url, headers, data, seconds)
                 except _Dropped:
-                    if not again_if_dropped:
-                        raise
                     # RFC 9112 §9.3.1: a server may close an idle keep-alive connection
                     # just as we reuse it; the request got no answer. Sending a code
                     # again is no risk: had it been taken, the second try is refused
@@ -217,7 +226,7 @@ class IntuitClient:
             ) from None
 
     async def _send(self, url: str, headers: dict[str, str], data: bytes, seconds: float) -> _Reply:
-        timeout = aiohttp.ClientTimeout(total=seconds)
+        timeout = _timeout(seconds)
         try:
             # Redirects are never followed: they would carry the Basic credentials
             # and the refresh token or code to wherever the Location points.
@@ -246,6 +255,12 @@ class IntuitClient:
                 if 300 <= response.status < 400
                 else None,
             )
+
+
+@functools.lru_cache(maxsize=8)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """A request's timeout: ``seconds`` in all (immutable, so made once per value)."""
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 class _Dropped(Exception):
@@ -282,6 +297,15 @@ def _origin(url: str, location: str | None) -> str | None:
 
 async def _read_body(response: aiohttp.ClientResponse, tid: str | None) -> bytes:
     """The answer's body, refused past :data:`parse.MAX_BODY_BYTES` (no one reads a gigabyte)."""
+    length = response.content_length
+    if (
+        length is not None
+        and length <= parse.MAX_BODY_BYTES
+        and "Transfer-Encoding" not in response.headers
+        and response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+    ):
+        # Framed by its Content-Length and not compressed: it cannot grow past it.
+        return await response.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(64 * 1024):
@@ -299,9 +323,12 @@ async def _read_body(response: aiohttp.ClientResponse, tid: str | None) -> bytes
 
 
 def _parse_tokens(
-    body: bytes, tid: str | None, obtained_at: datetime, previous_refresh_token: str | None
+    data: dict[str, Any] | None,
+    tid: str | None,
+    obtained_at: datetime,
+    previous_refresh_token: str | None,
 ) -> TokenSet:
-    data = parse.json_object(body)
+    """The token set of a 200 answer's body (``data``: as :func:`parse.json_object` read it)."""
     if data is None:
         raise TransientIntuitError(
             "Intuit answered 200 with a body that is not a JSON object",
@@ -393,12 +420,11 @@ def _body_refused(status: int, body: bytes) -> bool:
     return code in (None, "invalid_request")
 
 
-def _is_error_body(body: bytes) -> bool:
-    """A 200 whose body is an OAuth error (``error``) and carries no access token.
+def _is_error(data: dict[str, Any] | None) -> bool:
+    """A 200 whose body (``data``) is an OAuth error (``error``) and carries no access token.
 
     Some servers answer an error with 200; its ``error`` decides as on a 400.
     """
-    data = parse.json_object(body)
     return data is not None and "error" in data and parse.token(data.get("access_token")) is None
 
 

@@ -56,6 +56,11 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 # early enough that .timestamp() and back stays in datetime's range.
 LATEST: Final = datetime(9000, 1, 1, tzinfo=UTC)
 
+# A span no lifetime reaches, and the last instant from which it cannot pass LATEST.
+_SHORT: Final = 100 * 365 * 86400.0
+_SHORT_BEFORE_LATEST: Final = LATEST - timedelta(seconds=_SHORT)
+_ZERO: Final = timedelta(0)
+
 _DIGITS: Final = re.compile(r"[0-9]+")
 _DECIMAL: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 # An HTTP date (IMF-fixdate, RFC 850, asctime) uses only these, in at most ~40 characters.
@@ -77,6 +82,10 @@ def lifetime(value: object, maximum: timedelta) -> timedelta | None:
     string or type is ``None``.
     """
     seconds: float
+    if type(value) is int:  # what Intuit sends; bool is not int here
+        if value <= 0:
+            return None
+        return timedelta(seconds=value) if value < maximum.total_seconds() else maximum
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -100,7 +109,7 @@ def lifetime(value: object, maximum: timedelta) -> timedelta | None:
         return None
     life = timedelta(seconds=min(seconds, maximum.total_seconds()))
     # Under half a microsecond (1e-7, 6e-266) rounds to zero: not a lifetime either.
-    return life if life > timedelta(0) else None
+    return life if life > _ZERO else None
 
 
 def retry_after(value: str | None, now: datetime) -> float | None:
@@ -134,6 +143,8 @@ def after(instant: datetime, seconds: float) -> datetime:
     ``timedelta(seconds=...)`` past ~2.7 million years or on ``NaN``; this
     does neither.
     """
+    if 0 < seconds <= _SHORT and instant.tzinfo is not None and instant <= _SHORT_BEFORE_LATEST:
+        return instant + timedelta(seconds=seconds)  # every real lifetime: nothing to clamp
     latest = LATEST if instant.tzinfo is not None else LATEST.replace(tzinfo=None)
     if instant >= latest:
         return instant
@@ -197,6 +208,8 @@ def text(value: str, limit: int = 200) -> str:
 
 
 def _json_int(digits: str) -> int | float:
+    if len(digits) <= _MAX_INT_DIGITS:  # every number Intuit sends
+        return int(digits)
     if len(digits.lstrip("-").lstrip("0")) > _MAX_INT_DIGITS:
         return -math.inf if digits.startswith("-") else math.inf
     return int(digits)

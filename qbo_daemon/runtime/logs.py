@@ -34,6 +34,7 @@ at the level ``[log] access`` names.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -104,6 +105,8 @@ _SECRET_QUERY: Final = re.compile(
     r"|api_key|password)=)[^&;#\s\"']*"
 )
 _CREDENTIAL: Final = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
+# The shortest text _CREDENTIAL can match: "basic", one blank, 16 characters.
+_SHORTEST_CREDENTIAL: Final = len("basic") + 1 + 16
 _MAX_DEPTH: Final = 12
 _LEADING_KEYS: Final = ("timestamp", "level", "logger", "event")
 
@@ -114,18 +117,29 @@ _RECORD_ATTRIBUTES: Final = frozenset(
 ) | {"message", "asctime", "taskName"}
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret_name(name: str) -> bool:
     """Whether a value stored under ``name`` must never be logged.
 
     ``key_id``, ``token_type``, ``token_expires_at`` and the like are not secret.
+    (Remembered per name: a line's few keys come back on every line.)
     """
     normalized = name.strip().lower().replace("-", "_")
     return normalized in _SECRET_NAMES or normalized.endswith(_SECRET_SUFFIXES)
 
 
 def _scrub_text(text: str) -> str:
+    # Most strings (times, ids, event names) hold neither a "=" nor a credential's
+    # scheme word; the tests below are far cheaper than running the patterns. Only
+    # for ASCII: the pattern's case-insensitive match also takes "ſ" for "s", "ı" for "i".
     if "=" in text:
         text = _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+    if len(text) < _SHORTEST_CREDENTIAL:
+        return text
+    if text.isascii():
+        lowered = text.lower()
+        if "bearer" not in lowered and "basic" not in lowered:
+            return text
     return _CREDENTIAL.sub(rf"\1\2{REDACTED}", text)
 
 

@@ -53,6 +53,7 @@ from qbo_daemon.store.rows import (
     account_values,
     attempt_from_row,
     attempt_values,
+    changed_values,
     realm_digest,
     schedule_entries_from,
 )
@@ -78,6 +79,9 @@ __all__ = [
 _SCHEDULE_CHUNK = 5000
 # Account ids per "IN (...)" query.
 _ID_CHUNK = 500
+# Rows read with their tokens and not yet written back, kept so that a write sets only
+# the columns it changes (Storage.commit); the oldest are forgotten past this many.
+_READ_ROWS_KEPT = 1024
 
 
 class Storage:
@@ -89,6 +93,9 @@ class Storage:
         self._cipher = cipher
         self._states = OAuthStates(database)
         self._account_reads = ReadBatcher(self._account_rows, key="account_id")
+        # account_id -> (row, account) as last read with tokens: what a commit at that
+        # row's version replaces (see rows.changed_values).
+        self._read_rows: dict[str, tuple[sqlite3.Row, Account]] = {}
         # The status page's reads (no token column), with whichever keys are current.
         self.status_page = StatusQueries(database, lambda: self._cipher)
 
@@ -157,14 +164,21 @@ class Storage:
 
     async def load(self, account_id: str) -> Account:
         """The account with its secrets decrypted."""
-        row = await self._account_reads.get(account_id)
-        if row is None:
+        account = await self.find(account_id)
+        if account is None:
             raise AccountNotFoundError(account_id)
-        return account_from_row(self._cipher, row, tokens=True)
+        return account
 
     async def find(self, account_id: str) -> Account | None:
         row = await self._account_reads.get(account_id)
-        return None if row is None else account_from_row(self._cipher, row, tokens=True)
+        if row is None:
+            return None
+        account = account_from_row(self._cipher, row, tokens=True)
+        kept = self._read_rows
+        if account_id not in kept and len(kept) >= _READ_ROWS_KEPT:
+            del kept[next(iter(kept))]
+        kept[account_id] = (row, account)
+        return account
 
     async def _account_rows(self, account_ids: list[str]) -> list[sqlite3.Row]:
         return await self._db.fetchall(
@@ -253,11 +267,15 @@ class Storage:
     async def commit(self, write: AccountWrite) -> Account:
         """Store ``write`` if the row is still at its ``read_version``; durable when it returns."""
         stored = replace(write.account, version=write.read_version + 1)
-        if write.tokens:
-            values = account_values(self._cipher, stored, TOKEN_COLUMNS)
-        else:
-            values = account_values(None, stored, NOTE_COLUMNS)
-        update = RowUpdate(stored.account_id, write.read_version, write.tokens, values)
+        columns = TOKEN_COLUMNS if write.tokens else NOTE_COLUMNS
+        read = self._read_rows.pop(stored.account_id, None)
+        changed = None
+        if read is not None and read[1].version == write.read_version:
+            # The compare-and-swap makes sure the row is still the one read.
+            changed = changed_values(self._cipher, stored, columns, *read)
+        if changed is None:
+            changed = columns, account_values(self._cipher, stored, columns)
+        update = RowUpdate(stored.account_id, write.read_version, *changed)
         attempt = attempt_values(write.attempt) if write.attempt is not None else None
         await self._db.write(WriteJob(update, attempt))
         return stored

@@ -10,10 +10,18 @@ data naming the table, column and ``account_id``, so a ciphertext copied to
 another row does not decrypt. Beside the realm, a keyed digest of it
 (``realm_digest``, under the same key) finds the accounts of one company
 without decrypting them (``store.realms``). No I/O here.
+
+A compare-and-swap write need not set every column: the row at the version it
+names is the row that was read, so :func:`changed_values` sets only the columns
+whose stored value moves (a refresh: the access token and the times, not the
+realm or the failure history). That spares the encryptions and digests of
+unchanged secrets, and SQLite leaves alone every index on a column the statement
+does not set.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterable
 from datetime import datetime
@@ -60,16 +68,21 @@ CONNECTION_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c != "last_failure_at")
 INSERT_COLUMNS = ACCOUNT_COLUMNS[1:]
 
 
-def _update(columns: tuple[str, ...]) -> str:
+@functools.cache
+def update_statement(columns: tuple[str, ...]) -> str:
+    """The compare-and-swap ``UPDATE`` that sets ``columns`` (a tuple of ACCOUNT_COLUMNS).
+
+    Its parameters are ``account_values(...)`` of those columns, then ``account_id``
+    and the version read.
+    """
     assignments = ", ".join(f"{column} = ?" for column in columns)
     return f"UPDATE accounts SET {assignments} WHERE account_id = ? AND version = ?"
 
 
 SELECT_ACCOUNTS = f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts"
-# Compare-and-swap updates: their parameters are account_values(...) + (account_id, version).
-UPDATE_TOKENS = _update(TOKEN_COLUMNS)
-UPDATE_NOTE = _update(NOTE_COLUMNS)
-UPDATE_CONNECTION = _update(CONNECTION_COLUMNS)
+UPDATE_TOKENS = update_statement(TOKEN_COLUMNS)
+UPDATE_NOTE = update_statement(NOTE_COLUMNS)
+UPDATE_CONNECTION = update_statement(CONNECTION_COLUMNS)
 INSERT_ACCOUNT = (
     f"INSERT INTO accounts ({', '.join(INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
@@ -89,33 +102,60 @@ def account_values(
 
     ``cipher`` may be None only when ``columns`` holds no secret.
     """
-    values: list[Any] = []
+    return tuple(_value(cipher, account, column) for column in columns)
+
+
+def changed_values(
+    cipher: Cipher, account: Account, columns: tuple[str, ...], row: sqlite3.Row, read: Account
+) -> tuple[tuple[str, ...], tuple[Any, ...]] | None:
+    """The columns of ``columns`` whose value ``account`` changes, and their stored values.
+
+    ``row`` is the stored row a compare-and-swap write replaces (as read, at the
+    version the write names) and ``read`` the account made of it. A column is set
+    when its value in ``account`` differs from ``read``'s (a secret's plaintext,
+    an instant, ...): only then is a secret encrypted, and the realm's digest
+    follows the realm. None when the row's secrets are not under the primary key:
+    then every column is written, so that they all end up under it.
+    """
+    stored_key = row["key_id"]
+    if "key_id" in columns and stored_key is not None and stored_key != cipher.primary_key_id:
+        return None
+    changed: list[str] = []
     for column in columns:
-        if column in SECRET_COLUMNS:
-            assert cipher is not None, column
-            plain = getattr(account, column)
-            values.append(
-                None
-                if plain is None
-                else cipher.encrypt(
-                    plain, table="accounts", column=column, row_key=account.account_id
-                )
-            )
-        elif column == "key_id":
-            assert cipher is not None
-            values.append(cipher.primary_key_id)
-        elif column == "realm_digest":
-            assert cipher is not None
-            values.append(realm_digest(cipher, account.realm_id))
-        elif column == "status":
-            values.append(account.status.value)
-        elif column == "realm_verified":
-            values.append(int(account.realm_verified))
-        elif column in _TIMES:
-            values.append(iso(getattr(account, column)))
-        else:
-            values.append(getattr(account, column))
-    return tuple(values)
+        if column in _DERIVED_FROM:
+            if stored_key is not None and (column == "key_id" or account.realm_id == read.realm_id):
+                continue
+        elif getattr(account, column) == getattr(read, column):
+            continue
+        changed.append(column)
+    return tuple(changed), tuple(_value(cipher, account, column) for column in changed)
+
+
+# Columns that are not an Account's field: the key the secrets are under, and the digest
+# of the realm (rewritten with it).
+_DERIVED_FROM = frozenset({"key_id", "realm_digest"})
+
+
+def _value(cipher: Cipher | None, account: Account, column: str) -> Any:
+    if column in SECRET_COLUMNS:
+        assert cipher is not None, column
+        plain = getattr(account, column)
+        if plain is None:
+            return None
+        return cipher.encrypt(plain, table="accounts", column=column, row_key=account.account_id)
+    if column == "key_id":
+        assert cipher is not None
+        return cipher.primary_key_id
+    if column == "realm_digest":
+        assert cipher is not None
+        return realm_digest(cipher, account.realm_id)
+    if column == "status":
+        return account.status.value
+    if column == "realm_verified":
+        return int(account.realm_verified)
+    if column in _TIMES:
+        return iso(getattr(account, column))
+    return getattr(account, column)
 
 
 _TIMES = frozenset(

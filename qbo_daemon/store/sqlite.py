@@ -26,7 +26,7 @@ import aiosqlite
 import structlog
 
 from qbo_daemon.core.errors import StaleWriteError, StorageError
-from qbo_daemon.store.rows import INSERT_ATTEMPT, UPDATE_NOTE, UPDATE_TOKENS
+from qbo_daemon.store.rows import INSERT_ATTEMPT, update_statement
 from qbo_daemon.store.schema import migrate
 
 log = structlog.get_logger("qbo_daemon.store.sqlite")
@@ -39,16 +39,15 @@ _READ_BATCH = 500
 
 @dataclass(frozen=True, slots=True)
 class RowUpdate:
-    """A compare-and-swap update of one ``accounts`` row.
+    """A compare-and-swap update of one ``accounts`` row: ``values`` into ``columns``.
 
-    ``tokens`` picks the statement (:data:`~qbo_daemon.store.rows.UPDATE_TOKENS`,
-    or :data:`~qbo_daemon.store.rows.UPDATE_NOTE` that leaves the secrets);
-    ``values`` are its ``SET`` values, in that statement's column order.
+    ``columns`` are names from :data:`~qbo_daemon.store.rows.ACCOUNT_COLUMNS`,
+    and they pick the statement (:func:`~qbo_daemon.store.rows.update_statement`).
     """
 
     account_id: str
     read_version: int
-    tokens: bool
+    columns: tuple[str, ...]
     values: tuple[Any, ...]
 
     @property
@@ -57,7 +56,7 @@ class RowUpdate:
 
     @property
     def sql(self) -> str:
-        return UPDATE_TOKENS if self.tokens else UPDATE_NOTE
+        return update_statement(self.columns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +398,7 @@ def _write_batch(
 
 
 def _run_grouped(db: sqlite3.Connection, jobs: list[WriteJob]) -> int | None:
-    """Run the batch as one ``executemany`` per kind of write; the attempts written.
+    """Run the batch as one ``executemany`` per statement; the attempts written.
 
     Taken only when it cannot change the outcome: every update is on a different
     account, and attempts only append (in job order), so the grouped statements
@@ -410,9 +409,11 @@ def _run_grouped(db: sqlite3.Connection, jobs: list[WriteJob]) -> int | None:
     updates = [job.update for job in jobs if job.update is not None]
     if len({update.account_id for update in updates}) != len(updates):
         return None
-    for sql in (UPDATE_TOKENS, UPDATE_NOTE):
-        rows = [update.parameters for update in updates if update.sql is sql]
-        if rows and db.executemany(sql, rows).rowcount != len(rows):
+    statements: dict[str, list[tuple[Any, ...]]] = {}
+    for update in updates:
+        statements.setdefault(update.sql, []).append(update.parameters)
+    for sql, rows in statements.items():
+        if db.executemany(sql, rows).rowcount != len(rows):
             return None
     attempts = [job.attempt for job in jobs if job.attempt is not None]
     if attempts:

@@ -10,6 +10,7 @@ Intuit documents; nothing else ever escapes as anything but an
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -216,6 +217,18 @@ async def test_a_body_nested_too_deep_to_parse_is_transient(
 
 async def test_an_oversized_body_is_transient(sim: IntuitSimulator, client: IntuitClient) -> None:
     answer(sim, 200, token_body(padding="x" * (2 * 1024 * 1024)))
+    with pytest.raises(TransientIntuitError) as caught:
+        await refreshed(client)
+    assert caught.value.code == "body_too_large"
+
+
+async def test_a_small_compressed_body_that_inflates_past_the_limit_is_transient(
+    sim: IntuitSimulator, client: IntuitClient
+) -> None:
+    """A few kilobytes on the wire (its Content-Length) that decompress to megabytes."""
+    bomb = gzip.compress(token_body(padding="x" * (4 * 1024 * 1024)).encode())
+    assert len(bomb) < 64 * 1024
+    answer(sim, 200, bomb, {"Content-Encoding": "gzip", "Content-Type": "application/json"})
     with pytest.raises(TransientIntuitError) as caught:
         await refreshed(client)
     assert caught.value.code == "body_too_large"

@@ -268,6 +268,22 @@ def test_redaction_scrubs_query_strings_and_bearer_credentials() -> None:
     assert out["note"] == "token_type bearer"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("BEARER abcdefghijklmnop", f"BEARER {REDACTED}"),  # the shortest that is one
+        ("bearer abcdefghijklmno", "bearer abcdefghijklmno"),  # one character short
+        ("proxy said: bAsIc\tQWxhZGRpbjpvcGVuIHNlc2FtZQ==", f"proxy said: bAsIc\t{REDACTED}"),
+        # Case-insensitive matching also takes the long s and the dotless i.
+        ("Baſic QWxhZGRpbjpvcGVuIHNlc2FtZQ==", f"Baſic {REDACTED}"),
+        ("bearer\u00a0abcdefghijklmnopq", f"bearer\u00a0{REDACTED}"),
+        ("Basıc QWxhZGRpbjpvcGVuIHNlc2FtZQ==", f"Basıc {REDACTED}"),
+    ],
+)
+def test_redaction_finds_credentials_in_any_case_and_length(text: str, expected: str) -> None:
+    assert redact_secrets(None, "info", {"event": "x", "detail": text})["detail"] == expected
+
+
 def test_exception_locals_never_reach_json(stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=stream)
     try:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,13 @@ from qbo_daemon.core.errors import (
 from qbo_daemon.core.models import Account, AccountStatus, TokenSet
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.repository import (
+    AccountWrite,
     Attempt,
     DatabaseLock,
     StateRecord,
     Storage,
 )
+from qbo_daemon.store.rows import REALM_DIGEST_PURPOSE
 from qbo_daemon.store.schema import MIGRATIONS, SCHEMA_VERSION, sha256_hex
 from qbo_daemon.store.states import answer_hash
 from tests.harness import attempts
@@ -313,6 +316,83 @@ async def test_no_secret_in_the_database_files(storage: Storage, db_path: Path) 
     assert b"acct-plaintext-marker" in data
     for secret in (REALM, ACCESS, REFRESH):
         assert secret.encode() not in data, secret
+
+
+# -- what a refresh rewrites -----------------------------------------------------
+
+
+SECRETS_AND_DIGEST = "realm_id, access_token, refresh_token, realm_digest, key_id"
+
+
+async def test_a_refresh_rewrites_the_tokens_and_times_not_the_realm(
+    storage: Storage, db_path: Path, cipher: Cipher
+) -> None:
+    """A refresh of a row as it was read sets only what moved: the realm's ciphertext and
+    digest stay byte for byte (no new encryption, no index to update), and so does the
+    refresh token's while Intuit has not rotated it."""
+    await connect(storage)
+    before = row(db_path, "acct-1", SECRETS_AND_DIGEST)
+    account = await storage.load("acct-1")
+    await save_refresh(storage, account, tokens("ACCESS-2", REFRESH, at=NOW + HOUR), now=NOW + HOUR)
+    after = row(db_path, "acct-1", SECRETS_AND_DIGEST)
+    assert after[0] == before[0]  # realm
+    assert after[1] != before[1]  # the new access token
+    assert after[2] == before[2]  # the same refresh token: not re-encrypted
+    assert after[3:] == before[3:]  # digest and key
+    reread = await storage.load("acct-1")
+    assert (reread.realm_id, reread.access_token, reread.refresh_token) == (
+        REALM,
+        "ACCESS-2",
+        REFRESH,
+    )
+    assert reread.token_expires_at == NOW + 2 * HOUR
+    assert reread.version == account.version + 1
+
+    # A rotated refresh token is encrypted anew.
+    await save_refresh(storage, reread, tokens("ACCESS-3", "REFRESH-3", at=NOW), now=NOW)
+    rotated = row(db_path, "acct-1", SECRETS_AND_DIGEST)
+    assert rotated[2] != before[2]
+    assert rotated[0] == before[0]
+    assert (await storage.load("acct-1")).refresh_token == "REFRESH-3"
+
+
+async def test_a_refresh_after_a_key_change_puts_every_secret_under_the_new_key(
+    db_path: Path, key_a: EncryptionKey, key_b: EncryptionKey
+) -> None:
+    """Keys rotated between the read and the write: the write still leaves no secret of
+    the row under the old key, so the old key can be dropped once rows are rewritten."""
+    async with contextlib.AsyncExitStack() as stack:
+        storage = await Storage.open(db_path, Cipher([key_a]))
+        stack.push_async_callback(storage.close)
+        await connect(storage)
+        account = await storage.load("acct-1")
+        storage.use_cipher(Cipher([key_b, key_a]))
+        await save_refresh(storage, account, tokens("ACCESS-2", REFRESH), now=NOW)
+    assert row(db_path, "acct-1", "key_id") == (key_b.key_id,)
+    only_new = await Storage.open(db_path, Cipher([key_b]))
+    try:
+        reread = await only_new.load("acct-1")
+    finally:
+        await only_new.close()
+    assert (reread.realm_id, reread.access_token, reread.refresh_token) == (
+        REALM,
+        "ACCESS-2",
+        REFRESH,
+    )
+
+
+async def test_a_write_that_changes_the_realm_rewrites_its_digest(
+    storage: Storage, db_path: Path, cipher: Cipher
+) -> None:
+    await connect(storage)
+    account = await storage.load("acct-1")
+    moved = replace(account, realm_id="REALM-other")
+    await storage.commit(AccountWrite(moved, account.version, tokens=True))
+    realm, digest = row(db_path, "acct-1", "realm_id, realm_digest")
+    assert digest == cipher.digest("REALM-other", purpose=REALM_DIGEST_PURPOSE)
+    assert cipher.decrypt(realm, table="accounts", column="realm_id", row_key="acct-1") == (
+        "REALM-other"
+    )
 
 
 # -- group commit --------------------------------------------------------------
