@@ -170,8 +170,9 @@ class RefreshPolicy:
             token_expires_at=tokens.token_expires_at,
             reconnect_token_at=self.reconnect_at(tokens),
             refresh_token_expires_at=tokens.refresh_token_expires_at,
-            refresh_token_hard_expires_at=tokens.refresh_token_hard_expires_at
-            or account.refresh_token_hard_expires_at,
+            refresh_token_hard_expires_at=_same_instant(
+                account.refresh_token_hard_expires_at, tokens.refresh_token_hard_expires_at
+            ),
             failure_count=0,
             last_error=None,
             last_refreshed_at=now,
@@ -265,3 +266,18 @@ def valid_for(account: Account, now: datetime) -> timedelta:
     if not account.access_token or account.token_expires_at is None:
         return timedelta(0)
     return account.token_expires_at - now
+
+
+# Intuit counts the 5-year limit down in whole seconds: the instant it names moves by a
+# fraction of a second from one answer to the next. Kept as stored, the row (and its
+# index) is not rewritten for a limit that did not move.
+_HARD_EXPIRY_JITTER = timedelta(seconds=2)
+
+
+def _same_instant(stored: datetime | None, answered: datetime | None) -> datetime | None:
+    """The hard expiry to keep: the stored one unless Intuit's answer moved it."""
+    if answered is None:
+        return stored
+    if stored is not None and abs(answered - stored) <= _HARD_EXPIRY_JITTER:
+        return stored
+    return answered

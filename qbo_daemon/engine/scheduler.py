@@ -54,6 +54,9 @@ from qbo_daemon.store.port import AccountChange, AccountStore, ScheduleEntry
 
 log = structlog.get_logger("qbo_daemon.engine.scheduler")
 
+# Start-up times the accounts due within this many seconds before it says ready.
+FIRST_STRETCH = 60.0
+
 
 class Events(Protocol):
     """Where account events go (the log, and webhooks when configured)."""
@@ -84,6 +87,7 @@ class Scheduler:
         self._window = window
         self._window_end: datetime | None = None
         self._refill_failed_at: float | None = None
+        self._refilling: asyncio.Task[None] | None = None
         # Several daemons: who goes first, and the changes the others commit.
         self._cluster = cluster
         if cluster is not None:
@@ -138,6 +142,11 @@ class Scheduler:
         return len(self._current)
 
     @property
+    def idle(self) -> bool:
+        """Nothing of the scheduler's own under way: the dispatcher sleeps, no read runs."""
+        return self.waiting and self._refilling is None
+
+    @property
     def in_flight(self) -> int:
         """Refresh attempts in flight (reading, calling Intuit or committing)."""
         return self._states.attempts
@@ -184,7 +193,9 @@ class Scheduler:
         """Schedule every active or expired account; overdue ones are due at once."""
         now = self._clock.now()
         if self._window is not None:
-            self._window_end = after(now, self._window)
+            # Ready once the first minute is timed; the dispatcher reads the rest of the
+            # window at once, beside its work (a million accounts: a fifth of them).
+            self._window_end = after(now, min(self._window, FIRST_STRETCH))
         entries = await self._storage.schedule_entries(self._window_end)
         self._load(entries)
         for entry in entries:
@@ -199,6 +210,9 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Stop dispatching; let in-flight refreshes finish within ``grace`` seconds."""
         self._stopping = True
+        if self._refilling is not None:
+            self._refilling.cancel()
+            await asyncio.wait({self._refilling})
         if self._dispatcher is not None:
             # It may be waiting for a dispatch slot, i.e. for the refreshes drained below.
             # asyncio.wait: one that died (the supervisor reported it) must not skip the drain.
@@ -599,26 +613,39 @@ class Scheduler:
             at = max(at, self._clock.now().timestamp()) + delay
         return at
 
-    async def _refill(self) -> None:
-        """Move the window on: time the accounts that fall due in the next stretch.
-
-        Called by the dispatcher when the window's end is less than half a
-        window away (or changes were missed: then the whole window is read again).
-        """
-        now = self._clock.now()
-        resync = self._resync
+    def _refill_wanted(self) -> bool:
+        """Whether to read the next stretch: half the window is used, or changes were missed."""
+        if self._refill_failed_at is not None and time.monotonic() - self._refill_failed_at < 1:
+            return False
+        if self._resync:
+            return True
         end = self._window_end
         if self._window is None or end is None:
-            if not resync:
-                return
-        elif not resync and (end - now).total_seconds() > self._window / 2:
-            return
-        began = time.monotonic()
-        if self._refill_failed_at is not None and began - self._refill_failed_at < 1.0:
-            return
-        previous = self._window_end
+            return False
+        return (end - self._clock.now()).total_seconds() <= self._window / 2
+
+    def _start_refill(self) -> None:
+        """Read the next stretch beside the dispatcher, which goes on dispatching meanwhile."""
+        if self._refilling is None and self._refill_wanted():
+            self._refilling = asyncio.create_task(self._refill(), name="scheduler-refill")
+
+    async def _refill(self) -> None:
+        """Move the window on: time the accounts that fall due in the next stretch
+        (or, after missed changes, every account of the window again)."""
+        try:
+            await self._read_window()
+        except Exception:  # a boundary: the next turn tries again
+            log.exception("scheduler.refill_crashed", detail="retrying")
+            self._refill_failed_at = time.monotonic()
+        finally:
+            self._refilling = None
+            self._wakeup.set()
+
+    async def _read_window(self) -> None:
+        resync, self._resync = self._resync, False
+        previous = end = self._window_end
         if self._window is not None:
-            end = after(now, self._window)
+            end = after(self._clock.now(), self._window)
         # Moved before the read: a due time between the two ends set while it runs
         # (a connect, a change heard, a refresh) is kept, and the read skips timers set.
         self._window_end = end
@@ -626,11 +653,11 @@ class Scheduler:
             entries = await self._storage.schedule_entries(end, after=None if resync else previous)
         except StorageError as exc:
             self._window_end = previous
-            self._refill_failed_at = began
+            self._resync = self._resync or resync
+            self._refill_failed_at = time.monotonic()
             log.warning("scheduler.refill_failed", error=str(exc), detail="retrying")
             return
         self._refill_failed_at = None
-        self._resync = False
         added = 0
         for entry in entries:
             account_id = entry.account_id
@@ -662,7 +689,7 @@ class Scheduler:
         while not self._stopping:
             self.last_turn = time.monotonic()
             self._wakeup.clear()
-            await self._refill()
+            self._start_refill()
             self._drop_stale()
             now = self._clock.now().timestamp()
             if self._heap and self._heap[0][0] <= now and self._pause.allows_call(now):

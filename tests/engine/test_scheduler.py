@@ -208,7 +208,7 @@ async def settle(running: RunningDaemon, clock: ManualClock, *, timeout: float =
     deadline = loop.time() + timeout
     quiet = 0
     while quiet < 4:
-        if scheduler.in_flight == 0 and scheduler.waiting and clock.sleepers >= 1:
+        if scheduler.in_flight == 0 and scheduler.idle and clock.sleepers >= 1:
             quiet += 1
         else:
             quiet = 0
