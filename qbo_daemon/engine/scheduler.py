@@ -113,6 +113,8 @@ class Scheduler:
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._resync = False  # changes were missed: read the whole window again
+        # Changes other nodes committed while this node had an attempt in flight.
+        self._heard_in_flight: dict[str, AccountChange] = {}
         # time.monotonic() of the dispatcher's latest turn. It turns at least every
         # max_wait seconds whatever it waits for, so an old value means it is wedged:
         # the systemd watchdog is fed only while it is recent (runtime/daemon.py).
@@ -412,6 +414,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a boundary: a database fault must not kill the timer
+            self._heard_in_flight.pop(account_id, None)
             log.exception("refresh.crashed", error=str(exc))
             # A probe that failed this way proved nothing; the next due account probes.
             self._pause.inconclusive(account_id, self._clock.now().timestamp(), retry=None)
@@ -420,6 +423,9 @@ class Scheduler:
             return Outcome(OutcomeKind.TRANSIENT, None, message=str(exc))
         try:
             self._after(account_id, outcome)
+            heard = self._heard_in_flight.pop(account_id, None)
+            if heard is not None and outcome.kind is OutcomeKind.ELSEWHERE:
+                self._retime(heard)
         except Exception as exc:  # a boundary: the timer must outlive a bug in its aftermath
             log.error(
                 "refresh.reschedule_failed",
@@ -574,7 +580,15 @@ class Scheduler:
             return
         account_id = change.account_id
         if self._in_flight(account_id):
-            return  # this node's attempt decides when it ends
+            # This node's attempt decides when it ends, unless it found the account
+            # claimed elsewhere: then this change is that claim's outcome (:meth:`_after`).
+            self._heard_in_flight[account_id] = change
+            return
+        self._retime(change)
+
+    def _retime(self, change: AccountChange) -> None:
+        """Time ``change``'s account as its row now asks (no attempt of ours in flight)."""
+        account_id = change.account_id
         due = change.reconnect_token_at
         if not change.status.scheduled or due is None:
             self.unschedule(account_id)
