@@ -82,6 +82,8 @@ RELOAD_SHUTDOWN_WAIT = 10.0
 # the next ones from the database's index as time moves on: memory follows the
 # accounts due soon, not all of them.
 SCHEDULER_WINDOW = 600.0
+# Pool connections for work, at most (plus 4), whatever [refresh] concurrency is.
+PG_POOL_CAP = 16
 # File descriptors kept for the database, the log, sd_notify and the like,
 # beside the listeners' caps and the HTTP client's pool.
 FD_RESERVE = 64
@@ -170,8 +172,9 @@ class Daemon:
                 config.storage.url.reveal(),
                 cipher,
                 attempts_keep=config.storage.attempts_keep,
-                # Attempts hold a connection to claim and to commit, never across a call.
-                settings=PgSettings(max_size=config.refresh.concurrency + 4),
+                # Attempts hold a connection for one statement (a claim, a commit), never
+                # across a call: a few serve many, and nodes fit a server's 100 clients.
+                settings=PgSettings(max_size=min(config.refresh.concurrency, PG_POOL_CAP) + 4),
                 node_id=config.cluster.resolved_node_id(host=socket.gethostname(), pid=os.getpid()),
             )
             stack.push_async_callback(storage.close)
