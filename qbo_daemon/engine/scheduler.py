@@ -56,6 +56,8 @@ log = structlog.get_logger("qbo_daemon.engine.scheduler")
 
 # Start-up times the accounts due within this many seconds before it says ready.
 FIRST_STRETCH = 60.0
+# Timers a read of the window sets before it lets the dispatcher run.
+_TIMERS_PER_TURN = 2000
 
 
 class Events(Protocol):
@@ -673,12 +675,14 @@ class Scheduler:
             return
         self._refill_failed_at = None
         added = 0
-        for entry in entries:
+        for n, entry in enumerate(entries, 1):
             account_id = entry.account_id
             # A timer already set knows better (a retry's backoff, another node's change).
             if account_id not in self._current and not self._in_flight(account_id):
                 self.schedule(account_id, entry.reconnect_token_at)
                 added += 1
+            if n % _TIMERS_PER_TURN == 0:
+                await asyncio.sleep(0)  # the dispatcher's turn: timers due meanwhile fire
         log.debug("scheduler.window_moved", until=iso(end), added=added, resync=resync)
 
     # -- the dispatcher ----------------------------------------------------------------

@@ -36,6 +36,7 @@ from qbo_daemon.store.port import (
     Attempt,
     ClaimedState,
     RealmPolicy,
+    ScheduleEntry,
     StateRecord,
 )
 from qbo_daemon.store.schema import sha256_hex
@@ -880,3 +881,28 @@ async def test_failing_write_is_a_storage_error_and_writes_nothing(
     assert await backend.row("acct-1", "version") == (2,)
     assert (await storage.load("acct-1")).refresh_token == "REFRESH-2"
     assert await attempts_of(backend) == [("success", None, "tid-1")]
+
+
+async def test_the_schedulers_window_reads_the_accounts_due_in_it(storage: AnyStorage) -> None:
+    """``schedule_entries(until, after=…)``: due after ``after`` and by ``until``, from any
+    stretch of the table, nothing disconnected."""
+    for n in range(12):  # due every 5 minutes from NOW + 5 m (an hour's token, lead 10 m)
+        at = NOW - timedelta(minutes=45) + timedelta(minutes=5 * n)
+        await save_connection(storage, f"acct-{n:02d}", REALM, tokens(at=at), now=at)
+    gone = await save_connection(storage, "gone", REALM, tokens(), now=NOW)
+    await forget_tokens(storage, gone, now=NOW)
+
+    def ids(entries: Sequence[ScheduleEntry]) -> list[str]:
+        return sorted(e.account_id for e in entries)
+
+    first = await storage.schedule_entries(NOW + timedelta(minutes=10))
+    assert ids(first) == ["acct-00", "acct-01"]  # due at +5 m and +10 m (inclusive)
+    following = await storage.schedule_entries(
+        NOW + timedelta(minutes=25), after=NOW + timedelta(minutes=10)
+    )
+    assert ids(following) == ["acct-02", "acct-03", "acct-04"]  # +15, +20, +25 m
+    assert [e.reconnect_token_at for e in sorted(following, key=lambda e: e.account_id)] == [
+        NOW + timedelta(minutes=m) for m in (15, 20, 25)
+    ]
+    everything = await storage.schedule_entries(NOW + timedelta(days=1))
+    assert ids(everything) == [f"acct-{n:02d}" for n in range(12)]

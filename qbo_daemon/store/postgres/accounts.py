@@ -64,6 +64,7 @@ CHANNEL = "qbo_account"
 TRIM_EVERY = 1000
 # Rows per query when the scheduler reads every account it times.
 SCHEDULE_CHUNK = 5000
+_MAX_ID = 2**63 - 1  # bigint's largest: a keyset step past every id
 _ATTEMPT_TYPES = ("text", "timestamptz", "text", "float8", "text", "text")
 
 
@@ -181,15 +182,7 @@ class AccountTable:
         the table.
         """
         if until is not None:
-            records = await self._db.fetch(
-                f"SELECT {SCHEDULE_COLUMNS} FROM accounts "
-                "WHERE status IN ('active', 'expired') AND reconnect_token_at <= $1 "
-                "AND reconnect_token_at > coalesce($2, '-infinity'::timestamptz) "
-                "AND refresh_token IS NOT NULL",
-                until,
-                after,
-            )
-            return [e for r in records if (e := schedule_entry(r)) is not None]
+            return await self._window(until, after)
         entries: list[ScheduleEntry] = []
         last_id = 0
         while True:
@@ -204,6 +197,32 @@ class AccountTable:
             if len(records) < SCHEDULE_CHUNK:
                 return entries
             last_id = records[-1]["id"]
+
+    async def _window(self, until: datetime, after: datetime | None) -> list[ScheduleEntry]:
+        """The accounts due in (``after``, ``until``], a chunk at a time in due order.
+
+        asyncpg decodes a result on the event loop: a million accounts' window in
+        one query held the loop (and every timer) for a second or more.
+        """
+        entries: list[ScheduleEntry] = []
+        # Strictly after ``after``: past every id at that instant.
+        last_due, last_id = after, (_MAX_ID if after is not None else 0)
+        while True:
+            records = await self._db.fetch(
+                f"SELECT {SCHEDULE_COLUMNS} FROM accounts "
+                "WHERE status IN ('active', 'expired') AND reconnect_token_at <= $1 "
+                "AND reconnect_token_at >= coalesce($2, '-infinity'::timestamptz) "
+                "AND (reconnect_token_at, id) > (coalesce($2, '-infinity'::timestamptz), $3) "
+                "AND refresh_token IS NOT NULL ORDER BY reconnect_token_at, id LIMIT $4",
+                until,
+                last_due,
+                last_id,
+                SCHEDULE_CHUNK,
+            )
+            entries.extend(e for r in records if (e := schedule_entry(r)) is not None)
+            if len(records) < SCHEDULE_CHUNK:
+                return entries
+            last_due, last_id = records[-1]["reconnect_token_at"], records[-1]["id"]
 
     async def status_counts(self) -> dict[str, int]:
         records = await self._db.fetch("SELECT status, count(*) AS n FROM accounts GROUP BY status")
