@@ -27,7 +27,8 @@ from qbo_daemon.core.errors import ConfigError
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import Busy, Claim, Claimed, ClaimResult, NodeInfo, NotDue
 from qbo_daemon.store.postgres.database import Conn, PgDatabase
-from qbo_daemon.store.postgres.rows import ACCOUNT_COLUMNS, account_from_record
+from qbo_daemon.store.postgres.rows import account_from_record
+from qbo_daemon.store.rows import ACCOUNT_COLUMNS
 
 _COLUMNS = ", ".join(f"a.{column}" for column in ACCOUNT_COLUMNS)
 # $1 account, $2 node, $3 lease seconds, $4 due-by (NULL: any time).

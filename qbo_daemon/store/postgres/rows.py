@@ -1,5 +1,6 @@
 """Rows of the PostgreSQL tables as values, and back. No I/O.
 
+The columns are SQLite's, from its one list (``store.rows.ACCOUNT_COLUMNS``).
 The secrets are encrypted exactly as on SQLite (``store/rows.py``): the same
 :class:`Cipher`, the same associated data (table ``accounts``, the column,
 the ``account_id``, the key id), so a ciphertext copies between the two
@@ -19,32 +20,8 @@ import asyncpg
 from qbo_daemon.core.models import Account, AccountStatus, utc
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import AccountChange, Attempt, ScheduleEntry
-from qbo_daemon.store.rows import realm_digest
+from qbo_daemon.store.rows import ACCOUNT_COLUMNS, SECRET_COLUMNS, realm_digest
 
-# Every column of ``accounts`` an Account holds: identity first, then what writes set.
-ACCOUNT_COLUMNS = (
-    "id",
-    "account_id",
-    "created_at",
-    "status",
-    "realm_id",
-    "realm_digest",
-    "access_token",
-    "refresh_token",
-    "key_id",
-    "token_expires_at",
-    "reconnect_token_at",
-    "refresh_token_expires_at",
-    "refresh_token_hard_expires_at",
-    "failure_count",
-    "last_error",
-    "last_refreshed_at",
-    "version",
-    "updated_at",
-    "realm_verified",
-    "last_failure_at",
-)
-SECRET_COLUMNS = ("realm_id", "access_token", "refresh_token")
 # Written with realm_id, under the same key (store.rows.realm_digest); no Account field.
 DERIVED_COLUMNS = ("realm_digest",)
 # What a write of the credentials sets: all but the row's identity and its version.
