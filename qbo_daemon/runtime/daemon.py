@@ -224,6 +224,8 @@ class Daemon:
             assert listener.task is not None
             supervisor.watch(f"listener:{listener.name}", listener.task)
 
+        # Counted once for the log line and for systemd (a full scan at a million rows).
+        counts = await services.count_accounts()
         if lock is not None:
             # Where the CLI finds us, even after a reload changed [api] listen in the file.
             lock.advertise(config.api.url)
@@ -236,12 +238,12 @@ class Daemon:
                 else str(config.storage.path.resolve())
             ),
             node_id=cluster.node_id if cluster is not None else None,
-            accounts=await services.storage.status_counts(),
+            accounts={status: n for status, n in counts.items() if n},
             accounts_scheduled=scheduled,
             api=config.api.url,
             callback=f"http://{config.callback.host}:{config.callback.port}{config.callback.path}",
         )
-        self._systemd.ready(await self._status_text(services))
+        self._systemd.ready(self._status_text(services, counts))
         # After READY=1: systemd arms the watchdog only once start-up is complete.
         if self._systemd.enabled and self._stale_after is not None:
             supervisor.start(
@@ -434,12 +436,12 @@ class Daemon:
             if stop.is_set():
                 return  # no STATUS= after STOPPING=1
             try:
-                self._systemd.status(await self._status_text(services))
+                counts = await services.count_accounts()
+                self._systemd.status(self._status_text(services, counts))
             except Exception as exc:  # a boundary: status reporting must never stop the daemon
                 log.warning("daemon.status_failed", error=str(exc))
 
-    async def _status_text(self, services: Services) -> str:
-        counts = await services.count_accounts()
+    def _status_text(self, services: Services, counts: Mapping[str, int]) -> str:
         return (
             f"{counts.get('active', 0)} active, {counts.get('expired', 0)} expired, "
             f"{counts.get('needs_reconnect', 0)} need reconnect, "
