@@ -168,17 +168,17 @@ async def test_a_node_that_stops_hands_its_accounts_to_the_others(
     assert sorted(refresh_calls(sim), key=str) == sorted((r.refresh_token for r in rows), key=str)
 
 
-async def test_a_refusal_after_taking_over_an_unanswered_call_is_not_final_at_once(
-    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock, pg_url: str, tmp_path: Path
-) -> None:
-    (a,) = await nodes(1)
-    assert await a.connect("acme") == 200
-    stored = await a.services.storage.load("acme")
+async def abandoned_call(node: RunningDaemon, sim: IntuitSimulator, pg_url: str) -> datetime:
+    """``acme`` connected through ``node``; then a node that is gone claimed it and called
+    Intuit, which rotated the token, and never stored the answer (it was paused, or died).
+
+    Returns when the account is due: its row's ``reconnect_token_at``, still as before.
+    """
+    assert await node.connect("acme") == 200
+    stored = await node.services.storage.load("acme")
     assert stored.refresh_token is not None
     assert stored.reconnect_token_at is not None
-    # A node that is gone claimed the account and called Intuit, which rotated the
-    # token; the node never stored the answer (it was paused, or died).
-    cipher = Cipher([EncryptionKey.from_text(a.encryption_key)])
+    cipher = Cipher([EncryptionKey.from_text(node.encryption_key)])
     ghost = await PostgresStorage.open(pg_url, cipher, node_id="ghost")
     try:
         assert isinstance(await ghost.claim("acme", lease=0.2), Claimed)
@@ -186,8 +186,16 @@ async def test_a_refusal_after_taking_over_an_unanswered_call_is_not_final_at_on
         await ghost.close()
     await asyncio.sleep(0.3)  # its lease runs out
     sim.invalidate(stored.refresh_token)
+    return stored.reconnect_token_at
 
-    await move_to(clock, stored.reconnect_token_at + timedelta(seconds=1))
+
+async def test_a_refusal_after_taking_over_an_unanswered_call_is_not_final_at_once(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock, pg_url: str, tmp_path: Path
+) -> None:
+    (a,) = await nodes(1)
+    due = await abandoned_call(a, sim, pg_url)
+
+    await move_to(clock, due + timedelta(seconds=1))
     await wait_for(lambda: len(refresh_calls(sim)) == 1)
 
     async def noted() -> bool:
@@ -205,21 +213,10 @@ async def test_an_outage_after_taking_over_keeps_the_refusal_from_being_final(
     nodes: Nodes, sim: IntuitSimulator, clock: ManualClock, pg_url: str
 ) -> None:
     (a,) = await nodes(1)
-    assert await a.connect("acme") == 200
-    stored = await a.services.storage.load("acme")
-    assert stored.refresh_token is not None
-    assert stored.reconnect_token_at is not None
-    cipher = Cipher([EncryptionKey.from_text(a.encryption_key)])
-    ghost = await PostgresStorage.open(pg_url, cipher, node_id="ghost")
-    try:
-        assert isinstance(await ghost.claim("acme", lease=0.2), Claimed)
-    finally:
-        await ghost.close()
-    await asyncio.sleep(0.3)
-    sim.invalidate(stored.refresh_token)  # the ghost's call rotated it
+    due = await abandoned_call(a, sim, pg_url)
     sim.inject("500", 1)  # and Intuit fails the first try of the node that takes over
 
-    await move_to(clock, stored.reconnect_token_at + timedelta(seconds=1))
+    await move_to(clock, due + timedelta(seconds=1))
 
     async def failures(n: int) -> bool:
         return (await a.services.storage.load("acme")).failure_count == n
