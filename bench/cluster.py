@@ -42,7 +42,7 @@ import aiohttp
 from bench import pg, pg_report
 from bench.dataset import mint_grants
 from bench.lab import BenchSettings, DaemonRun, Lab
-from bench.procs import load_average, memory_kib
+from bench.procs import load_average, machine_cpu, memory_kib, named_cpu
 from bench.report import distribution, machine
 from qbo_daemon.core.dburl import redact_url
 
@@ -246,6 +246,7 @@ async def storm(
             at_ready = await pg.committed(url)
             sim_start = lab.simulator.mark()
             cpu_start = [run.mark() for run in runs]
+            pg_start, machine_start = named_cpu("postgres"), machine_cpu()
             done_at = await pg.wait_committed(
                 url,
                 count,
@@ -255,6 +256,7 @@ async def storm(
             )
             sim_end = lab.simulator.mark()
             cpu_end = [run.mark() for run in runs]
+            pg_end, machine_end = named_cpu("postgres"), machine_cpu()
             calls = await _calls_per_token(lab, {g.refresh_token for g in grants})
         finally:
             await stop_nodes(runs)
@@ -277,6 +279,11 @@ async def storm(
         "rate_first_to_last_per_s": count / (done_at - min(starts)),
         "cpu_per_1000_s": cpu / max(measured, 1) * 1000,
         "simulator_cpu_share": (sim_end.cpu - sim_start.cpu) / (sim_end.wall - sim_start.wall),
+        # Cores' worth PostgreSQL used, and how busy the whole machine was, over the drain:
+        # whether more nodes could have gone faster on this machine at all.
+        "postgres_cpu_share": (pg_end - pg_start) / (sim_end.wall - sim_start.wall),
+        "machine_busy_share": (machine_end[0] - machine_start[0])
+        / max(machine_end[1] - machine_start[1], 1e-9),
         "calls_per_token_max": max(calls.values(), default=0),
         "durable": durable,
         "load_average_before": load_before,

@@ -92,7 +92,29 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             round(bound, 2),
             factor >= bound,
         )
+        cores = _cores_needed(one, bound)
+        if cores is not None:
+            verdicts[-1]["note"] = (
+                f"machine {s['machine_busy_share']:.0%} busy; {bound:g}× one node's rate at "
+                f"one node's CPU per refresh (node, PostgreSQL, simulator) needs "
+                f"{cores:.1f} cores, this machine has {results['machine']['cores']}"
+            )
     return verdicts
+
+
+def _cores_needed(one: dict[str, Any], factor: float) -> float | None:
+    """Cores that ``factor`` times the single node's rate would keep busy, at its costs.
+
+    Runs saved before PostgreSQL's CPU was measured give None.
+    """
+    if "postgres_cpu_share" not in one:
+        return None
+    rate = one["rate_per_s"]
+    per_refresh = (
+        one["cpu_per_1000_s"] / 1000
+        + (one["postgres_cpu_share"] + one["simulator_cpu_share"]) / rate
+    )
+    return float(factor * rate * per_refresh)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -137,17 +159,20 @@ def table(results: dict[str, Any]) -> str:
             out.append("")
         out.append(
             "catch-up storm on PostgreSQL (rate: refreshes/s from the last node's readiness; "
-            "cpu: all nodes' CPU s per 1000; sim: simulator's share of one core)"
+            "cpu: all nodes' CPU s per 1000; sim, pg: the simulator's and PostgreSQL's "
+            "CPU in cores; busy: the whole machine's share of its cores)"
         )
         out.append(
             f"  {'latency':>7} {'conc':>4} {'nodes':>5} {'n':>6} {'rate/s':>8} {'cpu/1000':>8} "
-            f"{'sim':>5}  calls/token  load before"
+            f"{'sim':>5} {'pg':>5} {'busy':>5}  calls/token  load before"
         )
         for s in sorted(storms, key=lambda s: (s["latency_ms"], s["concurrency"], s["nodes"])):
             out.append(
                 f"  {s['latency_ms']:>5.0f}ms {s['concurrency']:>4} {s['nodes']:>5} "
                 f"{s['refreshes_measured']:>6} {s['rate_per_s']:>8.1f} "
-                f"{s['cpu_per_1000_s']:>8.3f} {s['simulator_cpu_share']:>5.0%}  "
+                f"{s['cpu_per_1000_s']:>8.3f} {s['simulator_cpu_share']:>5.2f} "
+                f"{_share(s.get('postgres_cpu_share'), '.2f')} "
+                f"{_share(s.get('machine_busy_share'), '.0%')}  "
                 f"{s['calls_per_token_max']:>11}  {_load(s['load_average_before'])}"
             )
     verdicts = results.get("goals", [])
@@ -156,7 +181,8 @@ def table(results: dict[str, Any]) -> str:
         out.append("goals")
         for v in verdicts:
             mark = "met   " if v["met"] else "MISSED"
-            out.append(f"  {mark} {v['goal']}: {_num(v['value'])} (bound {v['bound']})")
+            note = f"; {v['note']}" if v.get("note") else ""
+            out.append(f"  {mark} {v['goal']}: {_num(v['value'])} (bound {v['bound']}{note})")
     return "\n".join(out)
 
 
@@ -236,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _share(value: float | None, spec: str) -> str:
+    return f"{'-' if value is None else format(value, spec):>5}"
 
 
 def _load(values: Sequence[float]) -> str:

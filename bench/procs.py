@@ -40,6 +40,34 @@ def memory_kib(pid: int) -> dict[str, int]:
     return found
 
 
+def machine_cpu() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine (all cores) since boot, from /proc/stat."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    ticks = [int(v) for v in first[1:9]]  # user … steal; guest time is inside user already
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks) - idle) / _TICKS, sum(ticks) / _TICKS
+
+
+def named_cpu(name: str) -> float:
+    """CPU seconds of every process alive now whose command name is ``name``.
+
+    For a server that forks a process per connection (PostgreSQL's backends):
+    read before and after a run that keeps its connections open, the
+    difference is the server's CPU over the run.
+    """
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")] != name:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
