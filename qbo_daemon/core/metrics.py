@@ -142,6 +142,13 @@ class Metrics:
             ["node_id"],
             registry=registry,
         )
+        self._claims = Counter(
+            "qbo_cluster_claims",
+            "Claims this daemon asked of the shared database before a call to Intuit, by "
+            "result: claimed, busy (another node holds it), not_due (another node refreshed it).",
+            ["result"],
+            registry=registry,
+        )
         self._error_classes: set[str] = set()
         self._next_due = _NextDueCollector()
         registry.register(self._next_due)
@@ -156,6 +163,10 @@ class Metrics:
         """One refresh attempt finished (``outcome`` e.g. success, transient, invalid_grant)."""
         self._attempts.labels(outcome).inc()
         self._duration.observe(max(duration_seconds, 0.0))
+
+    def claim(self, result: str) -> None:
+        """Several daemons: one claim asked of the database (claimed, busy or not_due)."""
+        self._claims.labels(result).inc()
 
     def refresh_lateness(self, seconds: float) -> None:
         """A timer-driven refresh started ``seconds`` after it was due; early counts as 0."""

@@ -66,6 +66,7 @@ class Cluster:
         self._waiters: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}  # askers per waiter, to drop it with the last
         self._listeners: list[Callable[[AccountChange | None], None]] = []
+        self._live_listeners: list[Callable[[], None]] = []
         self.connected = False  # whether the latest heartbeat reached the database
 
     @property
@@ -88,6 +89,10 @@ class Cluster:
     def subscribe(self, listener: Callable[[AccountChange | None], None]) -> None:
         """Call ``listener`` for each change another node committed (None: some were missed)."""
         self._listeners.append(listener)
+
+    def on_live_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a node joins or is found dead: preferences move."""
+        self._live_listeners.append(listener)
 
     async def start(self) -> None:
         """Listen for changes and say this node is alive (before it serves or refreshes).
@@ -155,9 +160,12 @@ class Cluster:
         live = tuple(n.node_id for n in nodes if n.age <= self._dead_after)
         if self.node_id not in live:
             live = (*live, self.node_id)
-        if set(live) != set(self._live):
-            log.info("cluster.changed", live=sorted(live))
+        changed = set(live) != set(self._live)
         self._live = live
+        if changed:
+            log.info("cluster.changed", live=sorted(live))
+            for listener in self._live_listeners:
+                listener()
 
     async def leave(self) -> None:
         """Remove this node's heartbeat row, so the others stop waiting for it at once."""

@@ -210,9 +210,12 @@ class Refresher:
         if result is None:
             return Outcome(OutcomeKind.SKIPPED, None, message="no such account")
         if isinstance(result, NotDue):
+            self._metrics.claim("not_due")
             return Outcome(OutcomeKind.CURRENT, result.account, message="refreshed by another node")
         if isinstance(result, Busy):
+            self._metrics.claim("busy")
             return result
+        self._metrics.claim("claimed")
         return result.account, result.claim, began
 
     def _lease_left(self, claim: Claim, claimed_at: float) -> bool:

@@ -1,6 +1,6 @@
 """When to refresh: exact per-account timers, backoff, single flight, catch-up, the pause.
 
-One heap holds ``(due, seq, account_id)`` for every scheduled account and one
+One heap holds ``(due, seq, account_id, head_start)`` for every scheduled account and one
 dispatcher task sleeps until the earliest entry is due. A heap with one
 sleeper costs one small tuple per account and O(log n) per change, where a
 ``call_at`` handle per account would keep 100,000 timer handles in the event
@@ -56,6 +56,9 @@ log = structlog.get_logger("qbo_daemon.engine.scheduler")
 
 # Start-up times the accounts due within this many seconds before it says ready.
 FIRST_STRETCH = 60.0
+# A timer: when this node dispatches it, a tie-breaker, the account, and the head
+# start another node has (included in the first; 0.0 where this node goes first).
+_Entry = tuple[float, int, str, float]
 # Timers a read of the window sets before it lets the dispatcher run.
 _TIMERS_PER_TURN = 2000
 
@@ -94,6 +97,8 @@ class Scheduler:
         self._cluster = cluster
         if cluster is not None:
             cluster.subscribe(self.heard)
+            cluster.on_live_change(self._live_changed)
+        self._rekeying: asyncio.Task[None] | None = None
         self._storage = storage
         self._clock = clock
         self._metrics = metrics
@@ -103,9 +108,9 @@ class Scheduler:
         self._max_wait = max_wait
         self._rng = rng or random.Random()
         self._no_jitter = _NoJitter()
-        self._heap: list[tuple[float, int, str]] = []
+        self._heap: list[_Entry] = []
         # The live heap entry of each scheduled account; any other entry is stale.
-        self._current: dict[str, tuple[float, int, str]] = {}
+        self._current: dict[str, _Entry] = {}
         self._seq = itertools.count()
         # Why a timer was set, where that is not simply "scheduled" (catch-up, import).
         self._triggers: dict[str, Trigger] = {}
@@ -161,10 +166,11 @@ class Scheduler:
         return self._states.holding
 
     def due_at(self, account_id: str) -> datetime | None:
+        """When ``account_id``'s timer is due (without the head start another node has)."""
         entry = self._current.get(account_id)
         if entry is None:
             return None
-        return datetime.fromtimestamp(entry[0], self._clock.now().tzinfo)
+        return datetime.fromtimestamp(entry[0] - entry[3], self._clock.now().tzinfo)
 
     def next_refresh(self, account: Account) -> datetime | None:
         """When ``account`` is refreshed next: its timer, or its due time beyond the window."""
@@ -206,7 +212,7 @@ class Scheduler:
             self._check_hard_expiry(entry.account_id, entry.refresh_token_hard_expires_at, now)
             if entry.reconnect_token_at <= now:
                 self._triggers[entry.account_id] = "catch_up"
-        overdue = sum(1 for due, _, _ in self._heap if due <= now.timestamp())
+        overdue = sum(1 for entry in self._heap if entry[0] - entry[3] <= now.timestamp())
         self._dispatcher = asyncio.create_task(self._dispatch(), name="scheduler")
         log.info("scheduler.started", scheduled=len(self._current), overdue=overdue)
         return len(self._current)
@@ -214,9 +220,10 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Stop dispatching; let in-flight refreshes finish within ``grace`` seconds."""
         self._stopping = True
-        if self._refilling is not None:
-            self._refilling.cancel()
-            await asyncio.wait({self._refilling})
+        for reader in (self._refilling, self._rekeying):
+            if reader is not None:
+                reader.cancel()
+                await asyncio.wait({reader})
         if self._dispatcher is not None:
             # It may be waiting for a dispatch slot, i.e. for the refreshes drained below.
             # asyncio.wait: one that died (the supervisor reported it) must not skip the drain.
@@ -241,7 +248,7 @@ class Scheduler:
         With several daemons, a node that is not the account's preferred one
         gives that node a head start (:meth:`Cluster.delay`).
         """
-        entry = (self._key(account_id, due), next(self._seq), account_id)
+        entry = self._entry(account_id, due.timestamp())
         self._current[account_id] = entry
         heapq.heappush(self._heap, entry)
         if trigger == "scheduled":
@@ -618,16 +625,53 @@ class Scheduler:
     def _beyond_window(self, due: datetime | None) -> bool:
         return due is not None and self._window_end is not None and due > self._window_end
 
-    def _key(self, account_id: str, due: datetime) -> float:
-        """Where ``due`` goes in the heap: later by the head start another node has."""
-        at = due.timestamp()
+    def _entry(self, account_id: str, due: float, *, now: float | None = None) -> _Entry:
+        """``account_id``'s heap entry for ``due``: later by the head start another node has."""
         if self._cluster is None:
-            return at
+            return (due, next(self._seq), account_id, 0.0)
         delay = self._cluster.delay(account_id)
         if delay:
             # An overdue account goes after every one this node is preferred for.
-            at = max(at, self._clock.now().timestamp()) + delay
-        return at
+            now = self._clock.now().timestamp() if now is None else now
+            return (max(due, now) + delay, next(self._seq), account_id, delay)
+        return (due, next(self._seq), account_id, 0.0)
+
+    # -- the live nodes ------------------------------------------------------------------
+
+    def _live_changed(self) -> None:
+        """A node joined or died: each timer's head start is that of the new preference."""
+        if self._stopping:
+            return
+        if self._rekeying is not None:
+            self._rekeying.cancel()  # the new one looks at every timer again
+        self._rekeying = asyncio.create_task(self._rekey(), name="scheduler-rekey")
+
+    async def _rekey(self) -> None:
+        # Without it, a node that started alone (or before the others' heartbeats) would
+        # go on taking every account of its window first and race the others for each.
+        cluster = self._cluster
+        assert cluster is not None  # only a cluster's live nodes change
+        try:
+            now = self._clock.now().timestamp()
+            moved = 0
+            for n, account_id in enumerate(list(self._current), 1):
+                entry = self._current.get(account_id)
+                if entry is not None and cluster.delay(account_id) != entry[3]:
+                    # Its own due time (an overdue one: when it was timed).
+                    fresh = self._entry(account_id, entry[0] - entry[3], now=now)
+                    self._current[account_id] = fresh
+                    heapq.heappush(self._heap, fresh)
+                    moved += 1
+                if n % _TIMERS_PER_TURN == 0:
+                    await asyncio.sleep(0)  # the dispatcher's turn
+            if len(self._heap) > 2 * len(self._current) + _TIMERS_PER_TURN:
+                # Lazy deletion left the replaced entries behind: drop them at once.
+                self._heap = list(self._current.values())
+                heapq.heapify(self._heap)
+            log.debug("scheduler.rekeyed", moved=moved)
+        finally:
+            self._rekeying = None
+            self._wakeup.set()
 
     def _refill_wanted(self) -> bool:
         """Whether to read the next stretch: half the window is used, or changes were missed."""
@@ -688,8 +732,9 @@ class Scheduler:
     # -- the dispatcher ----------------------------------------------------------------
 
     def _load(self, entries: Iterable[ScheduleEntry]) -> None:
+        now = self._clock.now().timestamp()
         for entry in entries:
-            item = (entry.reconnect_token_at.timestamp(), next(self._seq), entry.account_id)
+            item = self._entry(entry.account_id, entry.reconnect_token_at.timestamp(), now=now)
             self._current[entry.account_id] = item
             self._heap.append(item)
         heapq.heapify(self._heap)
@@ -729,14 +774,15 @@ class Scheduler:
                 ):
                     slot.release()
                     continue
-                due, _, account_id = heapq.heappop(self._heap)
+                key, _, account_id, head_start = heapq.heappop(self._heap)
                 del self._current[account_id]
                 trigger = self._triggers.pop(account_id, "scheduled")
                 if self._in_flight(account_id):
                     # An API refresh is already under way; its result reschedules.
                     slot.release()
                     continue
-                self._start(account_id, trigger=trigger, due=due, slot=slot)
+                # Lateness counts from the account's own due time, a head start included.
+                self._start(account_id, trigger=trigger, due=key - head_start, slot=slot)
                 continue
             wait = self._max_wait
             if self._window_end is not None and self._window is not None:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from qbo_daemon.cli.demo import free_port, simulator_config_text
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
@@ -166,6 +167,55 @@ async def test_a_node_that_stops_hands_its_accounts_to_the_others(
 
     await wait_for(all_refreshed)
     assert sorted(refresh_calls(sim), key=str) == sorted((r.refresh_token for r in rows), key=str)
+
+
+async def counted(node: RunningDaemon, name: str, label: str) -> dict[str, float]:
+    """The node's ``/metrics`` samples of ``name``, by the value of ``label``."""
+    async with node.session.get(node.api_url + "/metrics") as response:
+        text = await response.text()
+    return {
+        s.labels[label]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+async def test_a_node_that_joins_later_shares_the_work_without_racing(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock
+) -> None:
+    """The first node timed every account as its own while it was alone; once it
+    hears of the second, the second's accounts wait for the second. Each node
+    refreshes the accounts it is preferred for, and no claim is refused."""
+    (a,) = await nodes(1)
+    ids = [f"acct-{n}" for n in range(12)]
+    for account_id in ids:
+        assert await a.connect(account_id) == 200
+    rows = [await a.services.storage.load(account_id) for account_id in ids]
+    (b,) = await nodes(1)  # both have heard of each other
+    cluster = b.services.cluster
+    assert cluster is not None
+    mine = {node: sum(cluster.preferred(i) == node for i in ids) for node in ("node0", "node1")}
+    assert mine["node0"] > 0
+    assert mine["node1"] > 0
+    due = max(r.reconnect_token_at for r in rows if r.reconnect_token_at)
+
+    await move_to(clock, due + timedelta(seconds=0.2))  # within the preferred node's head start
+
+    async def all_refreshed() -> bool:
+        now = [await a.services.storage.load(i) for i in ids]
+        return all(n.version > r.version for n, r in zip(now, rows, strict=True))
+
+    await wait_for(all_refreshed)
+    await move_to(clock, due + timedelta(seconds=3))  # past it: nothing is left to take over
+    await asyncio.sleep(0.3)
+    assert sorted(refresh_calls(sim), key=str) == sorted((r.refresh_token for r in rows), key=str)
+    for node, node_id in ((a, "node0"), (b, "node1")):
+        claims = await counted(node, "qbo_cluster_claims_total", "result")
+        assert claims.get("busy", 0) + claims.get("not_due", 0) == 0, (node_id, claims)
+        assert claims.get("claimed") == mine[node_id], (node_id, claims)
+        attempts = await counted(node, "qbo_refresh_attempts_total", "outcome")
+        assert attempts.get("success") == mine[node_id], (node_id, attempts)
 
 
 async def abandoned_call(node: RunningDaemon, sim: IntuitSimulator, pg_url: str) -> datetime:
