@@ -1,6 +1,6 @@
 """When to refresh: exact per-account timers, backoff, single flight, catch-up, the pause.
 
-One heap holds ``(due, seq, account_id, head_start)`` for every scheduled account and one
+One heap holds ``(key, seq, account_id, due)`` for every scheduled account and one
 dispatcher task sleeps until the earliest entry is due. A heap with one
 sleeper costs one small tuple per account and O(log n) per change, where a
 ``call_at`` handle per account would keep 100,000 timer handles in the event
@@ -56,8 +56,9 @@ log = structlog.get_logger("qbo_daemon.engine.scheduler")
 
 # Start-up times the accounts due within this many seconds before it says ready.
 FIRST_STRETCH = 60.0
-# A timer: when this node dispatches it, a tie-breaker, the account, and the head
-# start another node has (included in the first; 0.0 where this node goes first).
+# A timer: when this node dispatches it, a tie-breaker, the account, and when the
+# account is due. The key is the due time itself where this node goes first, and
+# later by the head start another node has where it does not.
 _Entry = tuple[float, int, str, float]
 # Timers a read of the window sets before it lets the dispatcher run.
 _TIMERS_PER_TURN = 2000
@@ -99,6 +100,7 @@ class Scheduler:
             cluster.subscribe(self.heard)
             cluster.on_live_change(self._live_changed)
         self._rekeying: asyncio.Task[None] | None = None
+        self._rekey_again = False  # the live nodes changed again during a re-key
         self._storage = storage
         self._clock = clock
         self._metrics = metrics
@@ -153,7 +155,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing of the scheduler's own under way: the dispatcher sleeps, no read runs."""
-        return self.waiting and self._refilling is None
+        return self.waiting and self._refilling is None and self._rekeying is None
 
     @property
     def in_flight(self) -> int:
@@ -170,7 +172,7 @@ class Scheduler:
         entry = self._current.get(account_id)
         if entry is None:
             return None
-        return datetime.fromtimestamp(entry[0] - entry[3], self._clock.now().tzinfo)
+        return datetime.fromtimestamp(entry[3], self._clock.now().tzinfo)
 
     def next_refresh(self, account: Account) -> datetime | None:
         """When ``account`` is refreshed next: its timer, or its due time beyond the window."""
@@ -212,7 +214,7 @@ class Scheduler:
             self._check_hard_expiry(entry.account_id, entry.refresh_token_hard_expires_at, now)
             if entry.reconnect_token_at <= now:
                 self._triggers[entry.account_id] = "catch_up"
-        overdue = sum(1 for entry in self._heap if entry[0] - entry[3] <= now.timestamp())
+        overdue = sum(1 for entry in self._heap if entry[3] <= now.timestamp())
         self._dispatcher = asyncio.create_task(self._dispatch(), name="scheduler")
         log.info("scheduler.started", scheduled=len(self._current), overdue=overdue)
         return len(self._current)
@@ -625,16 +627,19 @@ class Scheduler:
     def _beyond_window(self, due: datetime | None) -> bool:
         return due is not None and self._window_end is not None and due > self._window_end
 
-    def _entry(self, account_id: str, due: float, *, now: float | None = None) -> _Entry:
+    def _entry(
+        self, account_id: str, due: float, *, now: float | None = None, delay: float | None = None
+    ) -> _Entry:
         """``account_id``'s heap entry for ``due``: later by the head start another node has."""
         if self._cluster is None:
-            return (due, next(self._seq), account_id, 0.0)
-        delay = self._cluster.delay(account_id)
+            return (due, next(self._seq), account_id, due)
+        if delay is None:
+            delay = self._cluster.delay(account_id)
         if delay:
             # An overdue account goes after every one this node is preferred for.
             now = self._clock.now().timestamp() if now is None else now
-            return (max(due, now) + delay, next(self._seq), account_id, delay)
-        return (due, next(self._seq), account_id, 0.0)
+            return (max(due, now) + delay, next(self._seq), account_id, due)
+        return (due, next(self._seq), account_id, due)
 
     # -- the live nodes ------------------------------------------------------------------
 
@@ -642,9 +647,9 @@ class Scheduler:
         """A node joined or died: each timer's head start is that of the new preference."""
         if self._stopping:
             return
-        if self._rekeying is not None:
-            self._rekeying.cancel()  # the new one looks at every timer again
-        self._rekeying = asyncio.create_task(self._rekey(), name="scheduler-rekey")
+        self._rekey_again = True  # a pass under way goes round again
+        if self._rekeying is None:
+            self._rekeying = asyncio.create_task(self._rekey(), name="scheduler-rekey")
 
     async def _rekey(self) -> None:
         # Without it, a node that started alone (or before the others' heartbeats) would
@@ -652,23 +657,30 @@ class Scheduler:
         cluster = self._cluster
         assert cluster is not None  # only a cluster's live nodes change
         try:
-            now = self._clock.now().timestamp()
-            moved = 0
-            for n, account_id in enumerate(list(self._current), 1):
-                entry = self._current.get(account_id)
-                if entry is not None and cluster.delay(account_id) != entry[3]:
-                    # Its own due time (an overdue one: when it was timed).
-                    fresh = self._entry(account_id, entry[0] - entry[3], now=now)
-                    self._current[account_id] = fresh
-                    heapq.heappush(self._heap, fresh)
-                    moved += 1
-                if n % _TIMERS_PER_TURN == 0:
-                    await asyncio.sleep(0)  # the dispatcher's turn
-            if len(self._heap) > 2 * len(self._current) + _TIMERS_PER_TURN:
-                # Lazy deletion left the replaced entries behind: drop them at once.
-                self._heap = list(self._current.values())
-                heapq.heapify(self._heap)
-            log.debug("scheduler.rekeyed", moved=moved)
+            while self._rekey_again:
+                self._rekey_again = False
+                now = self._clock.now().timestamp()
+                moved = 0
+                for n, account_id in enumerate(list(self._current), 1):
+                    entry = self._current.get(account_id)
+                    if entry is not None:
+                        delay = cluster.delay(account_id)
+                        if bool(delay) != (entry[0] != entry[3]):
+                            fresh = self._entry(account_id, entry[3], now=now, delay=delay)
+                            self._current[account_id] = fresh
+                            heapq.heappush(self._heap, fresh)
+                            moved += 1
+                    if n % _TIMERS_PER_TURN == 0:
+                        await asyncio.sleep(0)  # the dispatcher's turn
+                        now = self._clock.now().timestamp()
+                if len(self._heap) > 2 * len(self._current) + _TIMERS_PER_TURN:
+                    # Replaced entries wait in the heap until their time (lazy deletion):
+                    # once they outnumber the live ones, the heap is built again.
+                    self._heap = list(self._current.values())
+                    heapq.heapify(self._heap)
+                log.debug("scheduler.rekeyed", moved=moved)
+        except Exception:  # a boundary: the timers keep their head starts until the next change
+            log.exception("scheduler.rekey_crashed")
         finally:
             self._rekeying = None
             self._wakeup.set()
@@ -774,7 +786,7 @@ class Scheduler:
                 ):
                     slot.release()
                     continue
-                key, _, account_id, head_start = heapq.heappop(self._heap)
+                _, _, account_id, due = heapq.heappop(self._heap)
                 del self._current[account_id]
                 trigger = self._triggers.pop(account_id, "scheduled")
                 if self._in_flight(account_id):
@@ -782,7 +794,7 @@ class Scheduler:
                     slot.release()
                     continue
                 # Lateness counts from the account's own due time, a head start included.
-                self._start(account_id, trigger=trigger, due=key - head_start, slot=slot)
+                self._start(account_id, trigger=trigger, due=due, slot=slot)
                 continue
             wait = self._max_wait
             if self._window_end is not None and self._window is not None:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -216,6 +217,32 @@ async def test_a_node_that_joins_later_shares_the_work_without_racing(
         assert claims.get("claimed") == mine[node_id], (node_id, claims)
         attempts = await counted(node, "qbo_refresh_attempts_total", "outcome")
         assert attempts.get("success") == mine[node_id], (node_id, attempts)
+
+
+async def test_an_overdue_account_keeps_its_due_time_on_a_node_that_is_not_first(
+    nodes: Nodes, sim: IntuitSimulator, clock: ManualClock, pg_url: str
+) -> None:
+    """A node that starts with accounts long overdue gives their preferred node a head
+    start, but keeps their due time: shown as due then, and the most overdue go first
+    if it takes them over."""
+    (a,) = await nodes(1)
+    ids = [f"acct-{n}" for n in range(8)]
+    for account_id in ids:
+        assert await a.connect(account_id) == 200
+    overdue = START - timedelta(hours=1)
+    conn = await asyncpg.connect(pg_url)
+    try:  # as if every node had been down for an hour and more
+        await conn.execute("UPDATE accounts SET reconnect_token_at = $1", overdue)
+    finally:
+        await conn.close()
+
+    (b,) = await nodes(1)  # reads them overdue at its start
+    cluster = b.services.cluster
+    assert cluster is not None
+    others = [i for i in ids if cluster.preferred(i) == "node0"]
+    assert others
+    for account_id in others:
+        assert b.services.scheduler.due_at(account_id) == overdue, account_id
 
 
 async def abandoned_call(node: RunningDaemon, sim: IntuitSimulator, pg_url: str) -> datetime:
