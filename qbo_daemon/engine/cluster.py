@@ -11,7 +11,10 @@ node's accounts are therefore taken over about a second late, and once its
 heartbeat is older than ``dead_after`` it is no longer anyone's preference.
 
 Node identity and liveness live in the database (the ``nodes`` heartbeat
-rows), so every node sees the same list. The heartbeat also brings back a
+rows), so every node sees the same list. A node's first heartbeat and its
+leaving are announced (``listen_nodes``), and the others read the list at
+once: a node that starts or stops is not raced for up to a heartbeat. A node
+that dies announces nothing; its heartbeat ages out. The heartbeat also brings back a
 LISTEN connection the server cut; the change notifications it carries wake
 the askers waiting for another node's refresh (:meth:`Cluster.wait_change`)
 and reschedule this node's timers (``Scheduler.heard``).
@@ -68,6 +71,7 @@ class Cluster:
         self._listeners: list[Callable[[AccountChange | None], None]] = []
         self._live_listeners: list[Callable[[], None]] = []
         self.connected = False  # whether the latest heartbeat reached the database
+        self._early_beat: asyncio.Task[None] | None = None  # one another node's notice asked for
 
     @property
     def live(self) -> tuple[str, ...]:
@@ -101,6 +105,7 @@ class Cluster:
         """
         await self.claims.join(self._dead_after)
         await self.claims.listen(self._heard)
+        await self.claims.listen_nodes(self._node_announced)
         await self._beat()
 
     def _heard(self, change: AccountChange | None) -> None:
@@ -112,6 +117,18 @@ class Cluster:
                 return  # this node acted on its own write already
         for listener in self._listeners:
             listener(change)
+
+    def _node_announced(self, node_id: str) -> None:
+        # Another node came up or left: read the nodes now, not at the next heartbeat, so
+        # neither races the other for the accounts whose preference moved.
+        if node_id != self.node_id and self._early_beat is None:
+            self._early_beat = asyncio.create_task(self._beat_now(), name="cluster-beat")
+
+    async def _beat_now(self) -> None:
+        try:
+            await self._beat()
+        finally:
+            self._early_beat = None
 
     @contextlib.contextmanager
     def watching(self, account_id: str) -> Iterator[asyncio.Event]:
@@ -169,6 +186,9 @@ class Cluster:
 
     async def leave(self) -> None:
         """Remove this node's heartbeat row, so the others stop waiting for it at once."""
+        if self._early_beat is not None:
+            self._early_beat.cancel()
+            await asyncio.wait({self._early_beat})
         try:
             await self.claims.leave()
         except StorageError as exc:

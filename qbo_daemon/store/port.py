@@ -362,6 +362,14 @@ class ClaimStore(Protocol):
         """
         ...
 
+    async def listen_nodes(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(node_id)`` when a node comes up or leaves (any node, this one too).
+
+        A hint to read the nodes now rather than at the next heartbeat; the
+        heartbeat rows stay the truth (a node that dies announces nothing).
+        """
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AccountChange:

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qbo_daemon.cli.demo import free_port, simulator_config_text
+from qbo_daemon.engine.cluster import Cluster
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.port import Claimed
@@ -243,6 +244,28 @@ async def test_an_overdue_account_keeps_its_due_time_on_a_node_that_is_not_first
     assert others
     for account_id in others:
         assert b.services.scheduler.due_at(account_id) == overdue, account_id
+
+
+async def test_a_node_that_comes_up_or_leaves_is_seen_at_once_not_at_the_next_heartbeat(
+    pg_url: str,
+) -> None:
+    """Heartbeats a minute apart: only the announcement can tell the first node."""
+    cipher = Cipher([EncryptionKey.from_text(generate_key())])
+    stores = [await PostgresStorage.open(pg_url, cipher, node_id=n) for n in ("a", "b")]
+    first, second = (Cluster(store, heartbeat_every=60.0) for store in stores)
+    beating = asyncio.create_task(first.run())
+    try:
+        await first.start()
+        assert first.live == ("a",)
+        await second.start()
+        await wait_for(lambda: set(first.live) == {"a", "b"}, timeout=5)
+        await second.leave()
+        await wait_for(lambda: first.live == ("a",), timeout=5)
+    finally:
+        beating.cancel()
+        await first.leave()
+        for store in stores:
+            await store.close()
 
 
 async def abandoned_call(node: RunningDaemon, sim: IntuitSimulator, pg_url: str) -> datetime:

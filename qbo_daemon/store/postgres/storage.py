@@ -35,7 +35,7 @@ from qbo_daemon.store.port import (
     StateRecord,
 )
 from qbo_daemon.store.postgres.accounts import CHANNEL, AccountTable
-from qbo_daemon.store.postgres.claims import ClaimTable
+from qbo_daemon.store.postgres.claims import NODES_CHANNEL, ClaimTable
 from qbo_daemon.store.postgres.database import PgDatabase, PgSettings
 from qbo_daemon.store.postgres.rows import account_change
 from qbo_daemon.store.postgres.states import OAuthStates
@@ -120,6 +120,10 @@ class PostgresStorage:
                 callback(change)
 
         await self._db.listen(CHANNEL, changed)
+
+    async def listen_nodes(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(node_id)`` when a node comes up or leaves (any node, this one too)."""
+        await self._db.listen(NODES_CHANNEL, callback)
 
     async def claim(
         self, account_id: str, *, lease: float, due_by: datetime | None = None
