@@ -118,6 +118,7 @@ class Refresher:
         self._states = states
         self._slots = asyncio.Semaphore(concurrency)
         self.calling = 0  # calls to Intuit in flight
+        metrics.count_refreshing(lambda: self.calling)
 
     def set_concurrency(self, concurrency: int) -> None:
         """Takes effect for attempts that start from now on."""
@@ -271,14 +272,12 @@ class Refresher:
             self._metrics.refresh_lateness((started - due).total_seconds())
         began = self._clock.monotonic()
         self.calling += 1
-        self._metrics.set_refreshing(self.calling)
         try:
             result: TokenResult | IntuitError = await self._intuit.refresh(refresh_token)
         except IntuitError as error:
             result = error
         finally:
             self.calling -= 1
-            self._metrics.set_refreshing(self.calling)
         return Call(result, started, self._clock.monotonic() - began)
 
     async def _succeeded(
