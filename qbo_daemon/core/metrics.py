@@ -8,7 +8,7 @@ vocabularies (outcomes, error classes, statuses): never an account id.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -218,8 +218,13 @@ class Metrics:
         for node, age in heartbeat_ages.items():
             self._heartbeats.labels(node).set(age)
 
-    def set_refreshing(self, n: int) -> None:
-        self._refreshing.set(n)
+    def count_refreshing(self, in_flight: Callable[[], int]) -> None:
+        """``qbo_refreshes_in_flight`` reads ``in_flight()`` when scraped.
+
+        Read at scrape time, not set around every call: a storm makes
+        thousands of calls a second, and a scrape comes every few seconds.
+        """
+        self._refreshing.set_function(in_flight)
 
     def set_healthy(self, ok: bool) -> None:
         self._up.set(1 if ok else 0)

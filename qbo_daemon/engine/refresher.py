@@ -118,6 +118,7 @@ class Refresher:
         self._states = states
         self._slots = asyncio.Semaphore(concurrency)
         self.calling = 0  # calls to Intuit in flight
+        metrics.count_refreshing(lambda: self.calling)
 
     def set_concurrency(self, concurrency: int) -> None:
         """Takes effect for attempts that start from now on."""
@@ -271,14 +272,12 @@ class Refresher:
             self._metrics.refresh_lateness((started - due).total_seconds())
         began = self._clock.monotonic()
         self.calling += 1
-        self._metrics.set_refreshing(self.calling)
         try:
             result: TokenResult | IntuitError = await self._intuit.refresh(refresh_token)
         except IntuitError as error:
             result = error
         finally:
             self.calling -= 1
-            self._metrics.set_refreshing(self.calling)
         return Call(result, started, self._clock.monotonic() - began)
 
     async def _succeeded(
@@ -296,7 +295,12 @@ class Refresher:
             refreshed = self._policy.refreshed(row, result.tokens, now=self._clock.now())
             return AccountWrite(refreshed, row.version, tokens=True, attempt=attempt, claim=claim)
 
-        saved = await self._persist(account, result, decide)
+        try:
+            saved = await self._commit(account, decide, result.tokens)
+        except StorageError as exc:
+            saved = await self._persist(account, result, decide, exc)
+        else:
+            self._landed(account, result)
         self._metrics.refresh_attempt("success", call.duration)
         if isinstance(saved, Replaced):
             if claim is not None:
@@ -438,26 +442,31 @@ class Refresher:
             return await self._storage.commit(decide(current))
 
     async def _persist(
-        self, account: Account, result: TokenResult, decide: Decide
+        self, account: Account, result: TokenResult, decide: Decide, error: StorageError
     ) -> Account | Replaced:
-        """Commit new tokens durably; while the database refuses, hold them and retry."""
+        """The database refused new tokens (``error``): hold them and retry until they land."""
         delay = _PERSIST_RETRY_INITIAL
         while True:
+            self._held(account, result.tokens, error, delay, result.intuit_tid)
+            try:
+                await self._clock.sleep(delay)
+            except asyncio.CancelledError:
+                # The shutdown drain ran out: one last write, or the tokens are gone.
+                await self._last_write(account, result, decide)
+                raise
+            delay = min(delay * 2, _PERSIST_RETRY_MAX)
             try:
                 saved = await self._commit(account, decide, result.tokens)
             except StorageError as exc:
-                self._held(account, result.tokens, exc, delay, result.intuit_tid)
-                try:
-                    await self._clock.sleep(delay)
-                except asyncio.CancelledError:
-                    # The shutdown drain ran out: one last write, or the tokens are gone.
-                    await self._last_write(account, result, decide)
-                    raise
-                delay = min(delay * 2, _PERSIST_RETRY_MAX)
+                error = exc
                 continue
-            if self._states.release(account.account_id):
-                log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid)
+            self._landed(account, result)
             return saved
+
+    def _landed(self, account: Account, result: TokenResult) -> None:
+        """New tokens are on disk: any held in memory for the account are let go."""
+        if self._states.release(account.account_id):
+            log.warning("refresh.persist_recovered", intuit_tid=result.intuit_tid)
 
     def _held(
         self,

@@ -128,7 +128,8 @@ def test_unknown_status_is_refused() -> None:
 def test_gauges() -> None:
     metrics = Metrics()
     metrics.set_next_due(42.5)
-    metrics.set_refreshing(3)
+    in_flight = [3]  # read when scraped
+    metrics.count_refreshing(lambda: in_flight[0])
     metrics.set_healthy(False)
     found = samples(metrics)
     assert value(found, "qbo_next_refresh_due_seconds") == 42.5
@@ -136,8 +137,10 @@ def test_gauges() -> None:
     assert value(found, "qbo_up") == 0.0
     metrics.set_next_due(-1.5)
     metrics.set_healthy(True)
+    in_flight[0] = 0
     found = samples(metrics)
     assert value(found, "qbo_next_refresh_due_seconds") == -1.5
+    assert value(found, "qbo_refreshes_in_flight") == 0.0
     assert value(found, "qbo_up") == 1.0
     metrics.set_next_due(None)
     assert value(samples(metrics), "qbo_next_refresh_due_seconds") is None

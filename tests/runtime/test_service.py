@@ -252,10 +252,20 @@ async def test_metrics_move_with_real_refreshes(daemon_factory: StartDaemon) -> 
         timeout=15,
     )
     simulator.settings.update(expires_in=3600)
-    status, _ = await running.api("POST", "/v1/accounts/acme/refresh")
+    # A call to Intuit shows on the in-flight gauge while it lasts, and only then.
+    simulator.settings.update(latency=0.5)
+    refresh = asyncio.ensure_future(running.api("POST", "/v1/accounts/acme/refresh"))
+
+    async def calling() -> bool:
+        return sample(await scrape(running), "qbo_refreshes_in_flight") == 1
+
+    await wait_for(calling)
+    status, _ = await refresh
+    simulator.settings.update(latency=0)
     assert status == 200
 
     found = await scrape(running)
+    assert found[("qbo_refreshes_in_flight", ())] == 0
     successes = sample(found, "qbo_refresh_attempts_total", outcome="success")
     assert successes >= 2
     assert sample(found, "qbo_refresh_duration_seconds_count") == successes
