@@ -82,7 +82,10 @@ class Cluster:
 
     def preferred(self, account_id: str) -> str:
         """The live node that claims ``account_id`` first (rendezvous hashing)."""
-        return max(self._live, key=lambda node: _score(node, account_id))
+        live = self._live
+        if len(live) == 1:
+            return live[0]  # alone: no hash to compute for each timer
+        return max(live, key=lambda node: _score(node, account_id))
 
     def delay(self, account_id: str) -> float:
         """How long after an account's due time this node claims it."""
