@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from qbo_daemon.core.errors import QboDaemonError
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, ImportItem, iso, parse_iso, valid_account_id
+from qbo_daemon.core.threads import yielding
 
 TOKEN_FIELDS = (
     "realm_id",
@@ -206,7 +207,7 @@ def check_batch(
     """
     good: list[Checked] = []
     bad: list[Rejected] = []
-    for position, data in entries:
+    for position, data in yielding(entries):  # often on a worker thread
         if not isinstance(data, Mapping):
             bad.append(Rejected(position, None, None, "expected a JSON object"))
             continue

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from qbo_daemon.core.errors import AccountNotFoundError, CryptoError, StorageError
 from qbo_daemon.core.models import ACCOUNT_ID_RULE, iso, parse_iso, valid_account_id
+from qbo_daemon.core.threads import yielding
 from qbo_daemon.engine.accounts import Imported, ImportInterruptedError
 from qbo_daemon.engine.errors import KeyMismatchError, UnavailableError
 from qbo_daemon.engine.imports import Checked, FieldError, Rejected, check_batch, parse_item
@@ -263,7 +264,7 @@ def _import_answer(batch: _ImportBatch, results: list[Imported], now: datetime) 
     """The JSON answer of ``POST /v1/import`` (on a worker thread: it can be 10 MB)."""
     bad = list(batch.bad)
     imported = []
-    for checked, result in zip(batch.good, results, strict=True):
+    for checked, result in yielding(zip(batch.good, results, strict=True)):
         if result.existed and not batch.replace:
             reason = "already exists; not replaced"
             bad.append(Rejected(checked.position, result.account_id, "account_id", reason))

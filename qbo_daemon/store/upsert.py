@@ -21,6 +21,7 @@ from typing import Any
 import aiosqlite
 
 from qbo_daemon.core.models import Account, parse_iso
+from qbo_daemon.core.threads import yielding
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import Imported
 from qbo_daemon.store.rows import (
@@ -77,7 +78,7 @@ _VERSION = CONNECTION_COLUMNS.index("version")
 def prepare_import(cipher: Cipher, accounts: Sequence[Account]) -> list[PreparedImport]:
     """Each account's encrypted values; pure CPU work, safe on a worker thread."""
     prepared = []
-    for account in accounts:
+    for account in yielding(accounts):  # a worker thread: the event loop keeps its turns
         new = replace(account, version=1)
         prepared.append(
             PreparedImport(
@@ -98,7 +99,7 @@ def write_import(
     identity and ``last_failure_at``, like :func:`upsert_account`), else left as it is.
     """
     done = []
-    for item in prepared:
+    for item in yielding(prepared):  # the writer's thread: the event loop keeps its turns
         account = item.account
         found = db.execute(
             "SELECT id, version, created_at, last_failure_at FROM accounts WHERE account_id = ?",
