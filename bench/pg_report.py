@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import LATENESS_P99_MS
+from bench.report import LATENESS_P99_MS, goal_lines
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 BEGIN, END = "<!-- bench-pg:begin -->", "<!-- bench-pg:end -->"
@@ -175,14 +175,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{_share(s.get('machine_busy_share'), '.0%')}  "
                 f"{s['calls_per_token_max']:>11}  {_load(s['load_average_before'])}"
             )
-    verdicts = results.get("goals", [])
-    if verdicts:
-        out.append("")
-        out.append("goals")
-        for v in verdicts:
-            mark = "met   " if v["met"] else "MISSED"
-            note = f"; {v['note']}" if v.get("note") else ""
-            out.append(f"  {mark} {v['goal']}: {_num(v['value'])} (bound {v['bound']}{note})")
+    out.extend(goal_lines(results.get("goals", [])))
     return "\n".join(out)
 
 

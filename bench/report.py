@@ -190,14 +190,7 @@ def table(results: dict[str, Any]) -> str:
             f"{'sim':>5}  load before"
         )
         out.extend(rows)
-    verdicts = results.get("goals", [])
-    if verdicts:
-        out.append("")
-        out.append("goals")
-        for v in verdicts:
-            mark = "met   " if v["met"] else "MISSED"
-            note = f"  ({v['note']})" if v["note"] else ""
-            out.append(f"  {mark} {v['goal']}: {_num(v['value'])} (bound {v['bound']}){note}")
+    out.extend(goal_lines(results.get("goals", [])))
     return "\n".join(out)
 
 
@@ -260,6 +253,18 @@ def _crons(results: dict[str, Any]) -> dict[tuple[float, int], dict[str, Any]]:
 def _loop(run: dict[str, Any]) -> str:
     loop: str = run.get("loop", "asyncio")
     return loop
+
+
+def goal_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    """The verdicts under a table: each goal, met or MISSED, with its figure and bound."""
+    if not verdicts:
+        return []
+    out = ["", "goals"]
+    for v in verdicts:
+        mark = "met   " if v["met"] else "MISSED"
+        note = f"  ({v['note']})" if v.get("note") else ""
+        out.append(f"  {mark} {v['goal']}: {_num(v['value'])} (bound {v['bound']}){note}")
+    return out
 
 
 def _num(value: float | None) -> str:
