@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from qbo_daemon.cli.demo import free_port, simulator_config_text
@@ -27,6 +28,7 @@ from qbo_daemon.store.port import Claimed
 from qbo_daemon.store.postgres.storage import PostgresStorage
 from tests.harness import RunningDaemon, next_refresh, run_daemon, wait_for
 from tests.manual_clock import ManualClock
+from tests.pg_cut import ReplyCutter
 
 START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 Nodes = Callable[[int], Awaitable[list[RunningDaemon]]]
@@ -45,6 +47,36 @@ async def sim(clock: ManualClock) -> AsyncIterator[IntuitSimulator]:
     await simulator.close()
 
 
+async def start_node(
+    sim: IntuitSimulator,
+    clock: ManualClock,
+    data_dir: Path,
+    *,
+    url: str,
+    node_id: str,
+    api_key: str,
+    encryption_key: str,
+) -> RunningDaemon:
+    """One daemon in this process on the PostgreSQL database at ``url``."""
+    data_dir.mkdir()
+    text = simulator_config_text(
+        sim,
+        data_dir=data_dir,
+        api_port=free_port(),
+        callback_port=free_port(),
+        api_key=api_key,
+        encryption_key=encryption_key,
+        pkce="false",
+        lead="55m",  # due 5 minutes after a connect: inside the timers' window
+        extra=f'\n[cluster]\nnode_id = "{node_id}"\n',
+    ).replace("[storage]\n", f'[storage]\nurl = "{url}"\n')
+    config_path = data_dir / "config.toml"
+    config_path.write_text(text, encoding="utf-8")
+    return await run_daemon(
+        config_path, sim, api_key=api_key, encryption_key=encryption_key, clock=clock
+    )
+
+
 @pytest.fixture
 async def nodes(
     sim: IntuitSimulator, clock: ManualClock, pg_url: str, tmp_path: Path
@@ -56,24 +88,15 @@ async def nodes(
 
     async def start(n: int) -> list[RunningDaemon]:
         for index in range(len(started), len(started) + n):
-            data_dir = tmp_path / f"node{index}"
-            data_dir.mkdir()
-            text = simulator_config_text(
-                sim,
-                data_dir=data_dir,
-                api_port=free_port(),
-                callback_port=free_port(),
-                api_key=api_key,
-                encryption_key=encryption_key,
-                pkce="false",
-                lead="55m",  # due 5 minutes after a connect: inside the timers' window
-                extra=f'\n[cluster]\nnode_id = "node{index}"\n',
-            ).replace("[storage]\n", f'[storage]\nurl = "{pg_url}"\n')
-            config_path = data_dir / "config.toml"
-            config_path.write_text(text, encoding="utf-8")
             started.append(
-                await run_daemon(
-                    config_path, sim, api_key=api_key, encryption_key=encryption_key, clock=clock
+                await start_node(
+                    sim,
+                    clock,
+                    tmp_path / f"node{index}",
+                    url=pg_url,
+                    node_id=f"node{index}",
+                    api_key=api_key,
+                    encryption_key=encryption_key,
                 )
             )
         # Each has heard of the others before the test goes on.
@@ -328,3 +351,64 @@ async def test_an_outage_after_taking_over_keeps_the_refusal_from_being_final(
     assert row.status.value == "active"
     assert row.last_error is not None
     assert "not final" in row.last_error
+
+
+# -- a commit in doubt ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cutter(pg_url: str) -> AsyncIterator[ReplyCutter]:
+    # "AS fenced" is in the commit statement only (store/postgres/accounts.py).
+    proxy = ReplyCutter(pg_url, marker="AS fenced")
+    yield proxy
+    await proxy.close()
+
+
+async def test_a_commit_whose_reply_was_lost_is_stored_once_and_not_superseded(
+    sim: IntuitSimulator, clock: ManualClock, cutter: ReplyCutter, tmp_path: Path
+) -> None:
+    """The connection drops between PostgreSQL committing the new tokens and the daemon
+    hearing so. The daemon holds the tokens and writes them again; that write finds the
+    row moved on to exactly these tokens: the refresh was stored, nothing superseded.
+    Taken as another node's newer write, it was logged at error level as dropped."""
+    node = await start_node(
+        sim,
+        clock,
+        tmp_path / "node0",
+        url=await cutter.start(),
+        node_id="node0",
+        api_key="test-api-key-" + generate_key()[:16],
+        encryption_key=generate_key(),
+    )
+    try:
+        assert await node.connect("acme") == 200
+        stored = await node.services.storage.load("acme")
+        assert stored.reconnect_token_at is not None
+
+        with structlog.testing.capture_logs() as logs:
+            await move_to(clock, stored.reconnect_token_at + timedelta(seconds=0.1))
+            await asyncio.wait_for(cutter.cut.wait(), timeout=10)
+            # The tokens are held; their write is retried after its backoff.
+            await wait_for(lambda: node.services.scheduler.holding_tokens)
+            clock.advance(1.0)
+            await wait_for(lambda: not node.services.scheduler.holding_tokens)
+            ended = {"refresh.succeeded", "refresh.superseded"}
+            await wait_for(lambda: any(e["event"] in ended for e in logs))
+
+        events = [e["event"] for e in logs]
+        assert "refresh.persist_failed" in events  # the lost reply, as an operator sees it
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert "refresh.superseded" not in events, errors
+        assert errors == []
+        assert refresh_calls(sim) == [stored.refresh_token]  # one call, not a second
+        row = await node.services.storage.load("acme")
+        assert row.version == stored.version + 1  # written once: the retry changed nothing
+        assert row.access_token != stored.access_token
+        assert row.failure_count == 0
+        assert row.reconnect_token_at is not None
+        assert row.reconnect_token_at > stored.reconnect_token_at
+        status, token = await node.api("GET", "/v1/accounts/acme/token")
+        assert status == 200
+        assert token["access_token"] == row.access_token
+    finally:
+        await node.shutdown()
