@@ -21,9 +21,14 @@ T = TypeVar("T")
 YIELD_EVERY = 5
 
 
+def let_go(step: int, every: int = YIELD_EVERY) -> None:
+    """Step ``step`` (from 1) of a loop: after each ``every`` steps, let go of the GIL."""
+    if step % every == 0:
+        time.sleep(0)  # releases the GIL: a thread waiting for it takes it now
+
+
 def yielding(items: Iterable[T], every: int = YIELD_EVERY) -> Iterator[T]:
     """``items``, letting go of the GIL after each ``every`` of them (on a worker thread)."""
-    for n, item in enumerate(items, 1):
-        if n % every == 0:
-            time.sleep(0)  # releases the GIL: a thread waiting for it takes it now
+    for step, item in enumerate(items, 1):
+        let_go(step, every)
         yield item

@@ -5,8 +5,9 @@ one C call that holds the GIL from start to end: even on a worker thread it
 stops the event loop (which needs the GIL to run at all) for most of a second,
 and with it every refresh's commit, the callback and the watchdog. Here the
 top-level object is read key by key and a top-level array element by element
-(``JSONDecoder.raw_decode``), and an answer is written entry by entry, so the
-interpreter can switch threads between the many short calls.
+(``JSONDecoder.raw_decode``), and an answer is written entry by entry, letting
+go of the GIL every few entries (:mod:`qbo_daemon.core.threads`) so the event
+loop takes its turns between the many short calls.
 
 :func:`loads_object` accepts what ``json.loads`` accepts for an object (the
 last of repeated keys wins) and raises ``ValueError`` where it would.
@@ -25,6 +26,8 @@ import gc
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+from qbo_daemon.core.threads import let_go, yielding
 
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
@@ -75,7 +78,7 @@ def dumps_object(fields: Mapping[str, Any]) -> str:
 
 
 def _elements(values: Iterable[Any]) -> str:
-    return ", ".join(json.dumps(value) for value in values)
+    return ", ".join(json.dumps(value) for value in yielding(values))
 
 
 def _array(text: str, at: int) -> tuple[list[Any], int]:
@@ -83,7 +86,10 @@ def _array(text: str, at: int) -> tuple[list[Any], int]:
     at = _skip(text, at + 1)
     if text.startswith("]", at):
         return items, at + 1
+    step = 0
     while True:
+        step += 1
+        let_go(step)
         item, at = _DECODER.raw_decode(text, at)
         items.append(item)
         at = _skip(text, at)
