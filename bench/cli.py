@@ -27,7 +27,7 @@ import aiohttp
 from bench import cluster
 from bench.dataset import build_database, mint_grants
 from bench.lab import BenchSettings, Lab, available_loops
-from bench.phases import ceiling, cron, startup_and_lateness, storm
+from bench.phases import ceiling, cron, floor, startup_and_lateness, storm
 from bench.procs import load_average
 from bench.report import goals, machine, table
 
@@ -145,6 +145,7 @@ async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict
         "load_average_start": load_average(),
         "storms": [],
         "ceilings": [],
+        "floors": [],
         "crons": [],
     }
     timeout = aiohttp.ClientTimeout(total=120)
@@ -180,6 +181,9 @@ async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict
                                 f"storm at {latency * 1000:g} ms, concurrency {concurrency}, {loop}"
                             )
                         results["ceilings"].append(await ceiling(lab, latency, concurrency, count))
+                        if latency == 0:
+                            # Our overhead shows at 0 ms: the least any design must spend there.
+                            results["floors"].append(await floor(lab, latency, concurrency, count))
                 if "cron" in phases:
                     for workers in settings.cron_workers:
                         results["crons"].append(await cron(lab, latency, count, workers))

@@ -3,7 +3,8 @@
 Reads the JSON files ``python -m bench`` wrote (one per code version, run on the
 same machine in one sitting) and prints a Markdown table of the figures that
 matter for a change to the refresh path: lateness, memory, start-up, the
-catch-up storms beside the bare client, and the cron batches. With
+catch-up storms beside the bare client, the floor (``bench.floor``), and the
+cron batches. With
 ``--write-docs`` it also puts that table into docs/performance.md between
 ``<!-- bench-compare:begin -->`` and ``<!-- bench-compare:end -->`` (with
 ``--block NAME``, between ``<!-- bench-compare:NAME:begin -->`` and its ``end``,
@@ -57,6 +58,15 @@ def rows(before: dict[str, Any], after: dict[str, Any]) -> list[Row]:
         add(f"{name}: CPU s per 1000", _get(b, "cpu_per_1000_s"), _get(a, "cpu_per_1000_s"), ".3f")
         add(
             f"{name}: CPU / bare client's",
+            _ratio(before, b, latency, concurrency),
+            _ratio(after, a, latency, concurrency),
+            ".2f",
+        )
+    for floor_key in sorted(_floor_keys(before) | _floor_keys(after)):
+        latency, concurrency = floor_key
+        b, a = _floor(before, floor_key), _floor(after, floor_key)
+        add(
+            f"floor {latency:g} ms, c{concurrency}: CPU / bare client's",
             _ratio(before, b, latency, concurrency),
             _ratio(after, a, latency, concurrency),
             ".2f",
@@ -133,6 +143,18 @@ def _ratio(
     if storm is None or bare is None or not bare["cpu_per_1000_s"]:
         return None
     return float(storm["cpu_per_1000_s"]) / float(bare["cpu_per_1000_s"])
+
+
+def _floor_keys(run: dict[str, Any]) -> set[tuple[float, int]]:
+    return {(f["latency_ms"], f["concurrency"]) for f in run.get("floors", [])}
+
+
+def _floor(run: dict[str, Any], key: tuple[float, int]) -> dict[str, Any] | None:
+    for f in run.get("floors", []):
+        if (f["latency_ms"], f["concurrency"]) == key:
+            found: dict[str, Any] = f
+            return found
+    return None
 
 
 def _cron_keys(run: dict[str, Any]) -> set[tuple[float, int]]:

@@ -187,6 +187,40 @@ async def ceiling(lab: Lab, latency: float, concurrency: int, count: int) -> dic
     }
 
 
+async def floor(lab: Lab, latency: float, concurrency: int, count: int) -> dict[str, Any]:
+    """The least work the contract asks per refresh (``bench.floor``), on a storm's rows."""
+    name = f"floor-{int(latency * 1000)}ms-c{concurrency}"
+    database = lab.workdir / f"{name}.sqlite3"
+    accounts, out = lab.workdir / f"{name}.accounts.json", lab.workdir / f"{name}.json"
+    copy_database(lab.base_db, database)
+    accounts.write_text(json.dumps([g.account_id for g in lab.grants[:count]]))
+    await lab.set_latency(latency)
+    await lab.reset_simulator()
+    load_before = load_average()
+    args = ["--db", str(database), "--key-file", str(lab.key_file), "--url", lab.token_url]
+    args += ["--accounts", str(accounts), "--concurrency", str(concurrency), "--out", str(out)]
+    args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
+    args += ["--log", str(lab.workdir / f"{name}.jsonl")]
+    child = Child("bench.floor", args, log=lab.workdir / f"{name}.log")
+    sim_start = lab.simulator.mark()
+    await _run_to_end(child, timeout=60 + 20 * count * max(latency, 0.002) / concurrency)
+    sim_end = lab.simulator.mark()
+    result = json.loads(out.read_text())
+    return {
+        "who": "floor",
+        "latency_ms": latency * 1000,
+        "concurrency": concurrency,
+        "overdue": count,
+        "ok": result["ok"],
+        "rate_per_s": result["ok"] / result["elapsed"],
+        "cpu_per_1000_s": result["cpu"] / max(result["ok"], 1) * 1000,
+        "simulator_cpu_share": (sim_end.cpu - sim_start.cpu) / result["elapsed"],
+        "durable": _durable(database),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
+
+
 async def cron(lab: Lab, latency: float, count: int, workers: int = 1) -> dict[str, Any]:
     """One run of the classic polling batch on ``workers`` threads, bounded to ``cron_seconds``."""
     name = f"cron-{int(latency * 1000)}ms-w{workers}"

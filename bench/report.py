@@ -197,6 +197,7 @@ def table(results: dict[str, Any]) -> str:
 def _storm_rows(results: dict[str, Any]) -> list[str]:
     """Daemon beside ceiling per latency and concurrency, with their ratio; then cron."""
     ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
+    floors = {(f["latency_ms"], f["concurrency"]): f for f in results.get("floors", [])}
     crons = _crons(results)
     storms = _sorted_storms(results)
     rows: list[str] = []
@@ -228,6 +229,14 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
                     )
             if bare:
                 rows.append(row(bare, "bare client", bare["ok"], concurrency))
+            least = floors.get((latency, concurrency))
+            if least:
+                rows.append(row(least, "floor", least["ok"], concurrency))
+                if bare:
+                    cpu = least["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
+                    rows.append(
+                        f"  {'':>7} {'':>4}  {'/ bare client':17} {'':>6} {'':>9} {cpu:>8.1f}x"
+                    )
         for (cron_latency, workers), cron_run in sorted(crons.items()):
             if cron_latency != latency:
                 continue

@@ -91,6 +91,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert storm["rate_per_s"] > 0
         assert storm["cpu_per_1000_s"] > 0
     assert [c["ok"] for c in results["ceilings"]] == [OVERDUE] * 4
+    # The floor runs where our overhead shows (0 ms), and its refreshes are durable too.
+    floors = results["floors"]
+    assert [(f["latency_ms"], f["concurrency"], f["ok"]) for f in floors] == [
+        (0.0, 8, OVERDUE),
+        (0.0, 64, OVERDUE),
+    ]
+    for least in floors:
+        assert least["durable"] == {"rows_refreshed": OVERDUE, "attempts_success": OVERDUE}
+        assert least["cpu_per_1000_s"] > 0
+    assert "floor" in done.stdout
     crons = results["crons"]
     assert [(c["latency_ms"], c["workers"]) for c in crons] == [
         (0.0, 1),
@@ -119,6 +129,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert compared.returncode == 0, compared.stderr
     assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
+    assert "| floor 0 ms, c64: CPU / bare client's |" in compared.stdout
 
 
 PG_ACCOUNTS, PG_OVERDUE, PG_DUE_SOON, PG_NODES = 600, 120, 20, 2
