@@ -29,7 +29,7 @@ from bench.dataset import build_database, mint_grants
 from bench.lab import BenchSettings, Lab, available_loops
 from bench.phases import ceiling, cron, floor, startup_and_lateness, storm
 from bench.procs import load_average
-from bench.report import goals, machine, table
+from bench.report import DOC, goals, machine, measured_block, table, write_block
 
 RESULTS = Path(__file__).parent / "results"
 PHASES = ("lateness", "storms", "cron")
@@ -104,10 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--nodes", type=int, default=1, help="daemons sharing the database")
     p.add_argument(
-        "--write-docs", action="store_true", help="with --storage: update docs/performance.md"
+        "--write-docs",
+        action="store_true",
+        help="update docs/performance.md (the storms block; with --storage, the PostgreSQL ones)",
     )
     p.add_argument("--out", type=Path, default=None, help="the JSON file to write")
     p.add_argument("--workdir", type=Path, default=None, help="keep databases and logs here")
+    p.add_argument("--docs", type=Path, default=DOC, help=argparse.SUPPRESS)  # tests write a copy
     args = p.parse_args(argv)
     for name in ("overdue", "due_soon"):
         if not 1 <= getattr(args, name) <= args.accounts:
@@ -218,4 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(table(results))
     print(f"\nresults: {out}")
+    if args.write_docs:
+        # The SQLite storms (and the floor beside them) as this run measured them.
+        write_block("storms", measured_block(_command(argv), results), args.docs)
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """This run's command, without the options that only say where its files go."""
+    words = iter(sys.argv[1:] if argv is None else argv)
+    kept = []
+    for word in words:
+        if word in ("--out", "--workdir", "--docs"):
+            next(words, None)  # its value
+        elif not word.startswith(("--out=", "--workdir=", "--docs=", "--write-docs")):
+            kept.append(word)
+    return " ".join(["python -m bench", *kept, "--write-docs"])

@@ -19,8 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
-BEGIN, END = "<!-- bench-compare:begin -->", "<!-- bench-compare:end -->"
+from bench.report import DOC, write_block
 
 Row = tuple[str, str, str]
 
@@ -97,24 +96,11 @@ def markdown(before: dict[str, Any], after: dict[str, Any], names: tuple[str, st
     return "\n".join(lines) + "\n"
 
 
-def markers(block: str | None) -> tuple[str, str]:
-    """The comment lines a table is written between."""
-    if block is None:
-        return BEGIN, END
-    return f"<!-- bench-compare:{block}:begin -->", f"<!-- bench-compare:{block}:end -->"
-
-
 def write_docs(text: str, doc: Path = DOC, block_name: str | None = None) -> None:
-    content = doc.read_text(encoding="utf-8")
-    begin, end_marker = markers(block_name)
-    block = f"{begin}\n{text}{end_marker}"
-    if begin in content and end_marker in content:
-        start, end = content.index(begin), content.index(end_marker) + len(end_marker)
-        content = content[:start] + block + content[end:]
-    else:
-        heading = "## Before and after\n\n" if block_name is None else ""
-        content = content.rstrip("\n") + f"\n\n{heading}{block}\n"
-    doc.write_text(content, encoding="utf-8")
+    """The table between ``bench-compare`` markers (``bench-compare:NAME`` with a name)."""
+    name = "compare" if block_name is None else f"compare:{block_name}"
+    heading = "## Before and after\n\n" if block_name is None else ""
+    write_block(name, text, doc, heading=heading)
 
 
 def _storm_keys(run: dict[str, Any]) -> set[tuple[float, int, str]]:

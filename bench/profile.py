@@ -30,10 +30,7 @@ import aiohttp
 from bench.dataset import build_database, copy_database, mint_grants, retime
 from bench.lab import BenchSettings, Lab, wait_committed
 from bench.procs import load_average
-from bench.report import machine
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
-BEGIN, END = "<!-- bench-profile:begin -->", "<!-- bench-profile:end -->"
+from bench.report import DOC, machine, write_block
 
 # (part, path fragments of the functions in it), first match wins; C functions
 # (cProfile's "~") are sorted by name below.
@@ -104,14 +101,7 @@ def render(summary: dict[str, object], context: str) -> str:
 
 
 def write_docs(text: str, doc: Path = DOC) -> None:
-    content = doc.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in content and END in content:
-        start, end = content.index(BEGIN), content.index(END) + len(END)
-        content = content[:start] + block + content[end:]
-    else:
-        content = content.rstrip("\n") + f"\n\n{block}\n"
-    doc.write_text(content, encoding="utf-8")
+    write_block("profile", text, doc)
 
 
 async def profile(

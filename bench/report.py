@@ -22,6 +22,32 @@ STARTUP_S = 3.0
 SIMULATOR_SATURATED = 0.85
 
 
+DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+
+def write_block(name: str, text: str, doc: Path = DOC, *, heading: str = "") -> None:
+    """Put ``text`` between ``<!-- bench-NAME:begin -->`` and ``<!-- bench-NAME:end -->``.
+
+    A block not in ``doc`` yet is added at its end, under ``heading`` if one is
+    given. The figures in the docs are written by the run that measured them.
+    """
+    begin, end = f"<!-- bench-{name}:begin -->", f"<!-- bench-{name}:end -->"
+    content = doc.read_text(encoding="utf-8")
+    block = f"{begin}\n{text}{end}"
+    if begin in content and end in content:
+        start, stop = content.index(begin), content.index(end) + len(end)
+        content = content[:start] + block + content[stop:]
+    else:
+        content = content.rstrip("\n") + f"\n\n{heading}{block}\n"
+    doc.write_text(content, encoding="utf-8")
+
+
+def measured_block(command: str, results: dict[str, Any]) -> str:
+    """A run's table for the docs, headed by the command that measured it and when."""
+    when = results["started"][:16].replace("T", " ")
+    return f"Measured by `{command}`, {when} UTC.\n\n```\n{table(results)}\n```\n"
+
+
 def distribution(values: Sequence[float]) -> dict[str, Any]:
     """Count, p50, p99 (nearest rank), min, max and how many are negative (early)."""
     if not values:

@@ -24,6 +24,9 @@ ACCOUNTS, OVERDUE, DUE_SOON = 300, 150, 60
 
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
+    docs = tmp_path / "performance.md"
+    marked = "<!-- bench-storms:begin -->\nold\n<!-- bench-storms:end -->"
+    docs.write_text(f"# Performance\n\nbefore\n{marked}\nafter\n")
     command = [
         sys.executable,
         "-m",
@@ -48,6 +51,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "uvloop",
         f"--out={out}",
         f"--workdir={tmp_path / 'work'}",
+        "--write-docs",
+        f"--docs={docs}",
     ]
     done = subprocess.run(
         command,
@@ -101,6 +106,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert least["durable"] == {"rows_refreshed": OVERDUE, "attempts_success": OVERDUE}
         assert least["cpu_per_1000_s"] > 0
     assert "floor" in done.stdout
+    # --write-docs puts the run's table, headed by its command, between the markers.
+    written = docs.read_text()
+    assert written.startswith("# Performance\n\nbefore\n<!-- bench-storms:begin -->\nMeasured by ")
+    assert written.endswith("<!-- bench-storms:end -->\nafter\n")
+    assert "old" not in written
+    assert f"`python -m bench --accounts={ACCOUNTS} --overdue={OVERDUE}" in written
+    assert "--write-docs`" in written
+    assert "--workdir" not in written
+    assert "--docs" not in written
+    assert "  floor  " in written
+    assert "daemon uvloop" in written
     crons = results["crons"]
     assert [(c["latency_ms"], c["workers"]) for c in crons] == [
         (0.0, 1),
