@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import DOC, write_block
+from bench.report import DOC, floor_name, write_block
 
 Row = tuple[str, str, str]
 
@@ -62,10 +62,10 @@ def rows(before: dict[str, Any], after: dict[str, Any]) -> list[Row]:
             ".2f",
         )
     for floor_key in sorted(_floor_keys(before) | _floor_keys(after)):
-        latency, concurrency = floor_key
+        latency, concurrency, name = floor_key
         b, a = _floor(before, floor_key), _floor(after, floor_key)
         add(
-            f"floor {latency:g} ms, c{concurrency}: CPU / bare client's",
+            f"{name}, {latency:g} ms, c{concurrency}: CPU / bare client's",
             _ratio(before, b, latency, concurrency),
             _ratio(after, a, latency, concurrency),
             ".2f",
@@ -131,13 +131,13 @@ def _ratio(
     return float(storm["cpu_per_1000_s"]) / float(bare["cpu_per_1000_s"])
 
 
-def _floor_keys(run: dict[str, Any]) -> set[tuple[float, int]]:
-    return {(f["latency_ms"], f["concurrency"]) for f in run.get("floors", [])}
+def _floor_keys(run: dict[str, Any]) -> set[tuple[float, int, str]]:
+    return {(f["latency_ms"], f["concurrency"], floor_name(f)) for f in run.get("floors", [])}
 
 
-def _floor(run: dict[str, Any], key: tuple[float, int]) -> dict[str, Any] | None:
+def _floor(run: dict[str, Any], key: tuple[float, int, str]) -> dict[str, Any] | None:
     for f in run.get("floors", []):
-        if (f["latency_ms"], f["concurrency"]) == key:
+        if (f["latency_ms"], f["concurrency"], floor_name(f)) == key:
             found: dict[str, Any] = f
             return found
     return None

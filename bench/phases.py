@@ -187,9 +187,11 @@ async def ceiling(lab: Lab, latency: float, concurrency: int, count: int) -> dic
     }
 
 
-async def floor(lab: Lab, latency: float, concurrency: int, count: int) -> dict[str, Any]:
+async def floor(
+    lab: Lab, latency: float, concurrency: int, count: int, without: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The least work the contract asks per refresh (``bench.floor``), on a storm's rows."""
-    name = f"floor-{int(latency * 1000)}ms-c{concurrency}"
+    name = f"floor-{int(latency * 1000)}ms-c{concurrency}" + "".join(f"-no-{w}" for w in without)
     database = lab.workdir / f"{name}.sqlite3"
     accounts, out = lab.workdir / f"{name}.accounts.json", lab.workdir / f"{name}.json"
     copy_database(lab.base_db, database)
@@ -201,6 +203,8 @@ async def floor(lab: Lab, latency: float, concurrency: int, count: int) -> dict[
     args += ["--accounts", str(accounts), "--concurrency", str(concurrency), "--out", str(out)]
     args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
     args += ["--log", str(lab.workdir / f"{name}.jsonl")]
+    for part in without:
+        args += ["--without", part]
     child = Child("bench.floor", args, log=lab.workdir / f"{name}.log")
     sim_start = lab.simulator.mark()
     await _run_to_end(child, timeout=60 + 20 * count * max(latency, 0.002) / concurrency)
@@ -208,6 +212,7 @@ async def floor(lab: Lab, latency: float, concurrency: int, count: int) -> dict[
     result = json.loads(out.read_text())
     return {
         "who": "floor",
+        "without": list(without),
         "latency_ms": latency * 1000,
         "concurrency": concurrency,
         "overdue": count,

@@ -139,11 +139,15 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             share >= CEILING_RATE_SHARE,
             note,
         )
+        least = floors_at(results, latency, concurrency)
         add(
             f"c{concurrency} 0 ms {loop}: CPU per 1000 / ceiling",
             factor,
             CEILING_CPU_FACTOR,
             factor <= CEILING_CPU_FACTOR,
+            f"the floor: {least[0]['cpu_per_1000_s'] / bare['cpu_per_1000_s']:.2f}"
+            if least
+            else "",
         )
     crons = _crons(results)
     for daemon in _sorted_storms(results):
@@ -223,7 +227,6 @@ def table(results: dict[str, Any]) -> str:
 def _storm_rows(results: dict[str, Any]) -> list[str]:
     """Daemon beside ceiling per latency and concurrency, with their ratio; then cron."""
     ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
-    floors = {(f["latency_ms"], f["concurrency"]): f for f in results.get("floors", [])}
     crons = _crons(results)
     storms = _sorted_storms(results)
     rows: list[str] = []
@@ -255,9 +258,8 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
                     )
             if bare:
                 rows.append(row(bare, "bare client", bare["ok"], concurrency))
-            least = floors.get((latency, concurrency))
-            if least:
-                rows.append(row(least, "floor", least["ok"], concurrency))
+            for least in floors_at(results, latency, concurrency):
+                rows.append(row(least, floor_name(least), least["ok"], concurrency))
                 if bare:
                     cpu = least["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
                     rows.append(
@@ -273,6 +275,21 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
                     label = f"c{daemon['concurrency']} {_loop(daemon)} / it"
                     rows.append(ratio(label, factor))
     return rows
+
+
+def floors_at(results: dict[str, Any], latency: float, concurrency: int) -> list[dict[str, Any]]:
+    """The floor's runs at one latency and concurrency: whole first, then with parts left out."""
+    here = [
+        f
+        for f in results.get("floors", [])
+        if f["latency_ms"] == latency and f["concurrency"] == concurrency
+    ]
+    return sorted(here, key=lambda f: len(f.get("without", [])))
+
+
+def floor_name(run: dict[str, Any]) -> str:
+    """``floor``, ``floor -read``, ``floor -read -log``: the floor less the parts it left out."""
+    return " -".join(["floor", *run.get("without", [])])
 
 
 def _sorted_storms(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -98,9 +98,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert [c["ok"] for c in results["ceilings"]] == [OVERDUE] * 4
     # The floor runs where our overhead shows (0 ms), and its refreshes are durable too.
     floors = results["floors"]
-    assert [(f["latency_ms"], f["concurrency"], f["ok"]) for f in floors] == [
-        (0.0, 8, OVERDUE),
-        (0.0, 64, OVERDUE),
+    assert [(f["latency_ms"], f["concurrency"], f["without"], f["ok"]) for f in floors] == [
+        (0.0, concurrency, without, OVERDUE)
+        for concurrency in (8, 64)
+        for without in ([], ["read"], ["read", "log"])
     ]
     for least in floors:
         assert least["durable"] == {"rows_refreshed": OVERDUE, "attempts_success": OVERDUE}
@@ -116,6 +117,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "--workdir" not in written
     assert "--docs" not in written
     assert "  floor  " in written
+    assert "  floor -read  " in written
     assert "daemon uvloop" in written
     crons = results["crons"]
     assert [(c["latency_ms"], c["workers"]) for c in crons] == [
@@ -145,7 +147,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert compared.returncode == 0, compared.stderr
     assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
-    assert "| floor 0 ms, c64: CPU / bare client's |" in compared.stdout
+    assert "| floor, 0 ms, c64: CPU / bare client's |" in compared.stdout
+    assert "| floor -read -log, 0 ms, c8: CPU / bare client's |" in compared.stdout
 
 
 PG_ACCOUNTS, PG_OVERDUE, PG_DUE_SOON, PG_NODES = 600, 120, 20, 2
