@@ -1,9 +1,14 @@
 """structlog setup: one pipeline for our own events and the standard library's, with redaction.
 
 Every line, whether it comes from ``structlog`` or from ``logging`` (aiohttp,
-asyncio), goes through one handler on the root logger whose
-:class:`structlog.stdlib.ProcessorFormatter` renders it, so all lines share
-one shape. The processors, in order, and why:
+asyncio), ends in one handler on the root logger, rendered by the same
+renderers, so all lines share one shape. A ``logging`` record goes through the
+handler, whose :class:`structlog.stdlib.ProcessorFormatter` renders it; our own
+events are rendered at the end of structlog's chain and written straight to the
+handler's stream under its lock (:class:`_LineWriter`), without a ``logging``
+record: the record, its copy and the handler chain cost more than the line
+itself, and the daemon writes one line per refresh. The processors, in order,
+and why:
 
 - ``filter_by_level`` (our events only): drop below-level events before any
   work is done; the level lives on the root ``logging`` logger, so a SIGHUP
@@ -17,8 +22,8 @@ one shape. The processors, in order, and why:
 - extras (stdlib records only): ``logger.info(..., extra={...})`` fields become keys.
 - :func:`redact_secrets`: values under secret-looking names become ``"[redacted]"``,
   recursively, and secret query parameters and bearer credentials inside strings
-  are blanked. It runs before the event leaves structlog, so any other handler
-  (a test's ``caplog``) sees the redacted event too.
+  are blanked. It runs before the line is rendered, for our events and for
+  ``logging``'s alike.
 - Exceptions: structlog's defaults render the *local variables* of every frame,
   and locals hold tokens. JSON uses ``ExceptionDictTransformer(show_locals=False)``;
   the console uses structlog's plain traceback formatter (never locals, and no
@@ -34,12 +39,13 @@ at the level ``[log] access`` names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TextIO
 
@@ -246,6 +252,63 @@ class _PipelineHandler(logging.StreamHandler[TextIO]):
     """The one root handler :func:`configure_logging` owns (found again by its type)."""
 
 
+class _LineWriter:
+    """structlog's logger for our own events: the line it rendered goes straight to the
+    pipeline handler's stream, under the handler's lock, without a ``logging`` record.
+
+    A record, its copy in ``ProcessorFormatter`` and the handler chain cost more than
+    rendering the line (one ``refresh.succeeded`` per refresh). The level still
+    comes from the ``logging`` logger of the same name, so ``[log] level``, a
+    reload and per-logger levels apply to these lines as to every other.
+    """
+
+    def __init__(self, name: str, handler: _PipelineHandler) -> None:
+        self.name = name
+        self._logger = logging.getLogger(name)
+        self._handler = handler
+
+    @property
+    def disabled(self) -> bool:
+        return self._logger.disabled
+
+    def getEffectiveLevel(self) -> int:  # filter_by_level asks for it
+        return self._logger.getEffectiveLevel()
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self._logger.isEnabledFor(level)
+
+    def write(self, line: str) -> None:
+        handler = self._handler
+        try:
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(line + handler.terminator)
+                handler.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            # As logging's own handlers do: a broken stream is reported, never raised
+            # into the code that logged.
+            handler.handleError(logging.makeLogRecord({"msg": line}))
+
+    debug = info = warning = warn = error = exception = critical = fatal = msg = write
+
+
+def _line_writers(handler: _PipelineHandler) -> Callable[..., _LineWriter]:
+    # structlog asks for a logger on every call (they are not cached, for a reload's
+    # sake); one writer per name serves them all until the next configure_logging.
+    writers: dict[str, _LineWriter] = {}
+
+    def factory(*args: Any) -> _LineWriter:
+        # Our modules name their logger; one that does not is the daemon's.
+        name = str(args[0]) if args else "qbo_daemon"
+        writer = writers.get(name)
+        if writer is None:
+            writer = writers[name] = _LineWriter(name, handler)
+        return writer
+
+    return factory
+
+
 def _our_handlers(root: logging.Logger) -> list[_PipelineHandler]:
     return [h for h in root.handlers if isinstance(h, _PipelineHandler)]
 
@@ -270,20 +333,6 @@ def configure_logging(format: str, level: str, *, stream: TextIO | None = None) 
         fmt = "console" if tty else "json"
 
     shared = _shared_processors()
-    structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.PositionalArgumentsFormatter(),
-            structlog.processors.StackInfoRenderer(),
-            redact_secrets,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        # Not cached: a reload must reach loggers bound before it.
-        cache_logger_on_first_use=False,
-    )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, _add_record_extras, redact_secrets],
         processors=[
@@ -305,6 +354,21 @@ def configure_logging(format: str, level: str, *, stream: TextIO | None = None) 
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(numeric_level)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            redact_secrets,
+            *_renderers(fmt, colors=tty),
+        ],
+        logger_factory=_line_writers(handler),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: a reload must reach loggers bound before it.
+        cache_logger_on_first_use=False,
+    )
     # aiosqlite's debug lines repeat each SQL statement with its parameters (OAuth
     # states among them): keep them out whatever the level.
     logging.getLogger("aiosqlite").setLevel(max(numeric_level, logging.INFO))

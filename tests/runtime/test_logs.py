@@ -127,6 +127,41 @@ def test_reconfigure_changes_level_for_existing_loggers(stream: io.StringIO) -> 
     assert sum(1 for h in ours if h.stream is stream) == 1
 
 
+def test_a_named_loggers_own_level_applies_to_our_lines(stream: io.StringIO) -> None:
+    configure_logging("json", "info", stream=stream)
+    quiet = logging.getLogger("qbo_daemon.refresh")
+    quiet.setLevel(logging.WARNING)
+    try:
+        get_logger("qbo_daemon.refresh").info("hidden")
+        get_logger("qbo_daemon.refresh").warning("shown.1")
+        get_logger("qbo_daemon.api").info("shown.2")
+        quiet.disabled = True
+        get_logger("qbo_daemon.refresh").error("hidden.too")
+    finally:
+        quiet.setLevel(logging.NOTSET)
+        quiet.disabled = False
+    assert [line["event"] for line in _lines(stream)] == ["shown.1", "shown.2"]
+
+
+class _BrokenStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("the disk is gone")
+
+
+def test_a_broken_stream_never_raises_into_the_code_that_logged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "info", stream=_BrokenStream())
+    token = "-".join(("SECRET", "AT"))  # the report shows the calling line's source
+    get_logger("qbo_daemon.refresh").info("refresh.succeeded", access_token=token)
+    logging.getLogger("aiohttp.client").warning("stdlib too")
+    # Reported as logging's own handlers report it, the line redacted before it was written.
+    reported = capsys.readouterr().err
+    assert reported.count("OSError: the disk is gone") == 2
+    assert "[redacted]" in reported
+    assert "SECRET-AT" not in reported
+
+
 def test_reconfigure_can_switch_stream_and_format(stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=stream)
     console = io.StringIO()
