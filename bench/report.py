@@ -256,6 +256,10 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
                     rows.append(
                         f"  {'':>7} {'':>4}  {'/ bare client':17} {'':>6} {rate:>8.0%} {cpu:>8.1f}x"
                     )
+                floors = floors_at(results, latency, concurrency)
+                if floors:
+                    cpu = daemon["cpu_per_1000_s"] / floors[0]["cpu_per_1000_s"]
+                    rows.append(f"  {'':>7} {'':>4}  {'/ floor':17} {'':>6} {'':>9} {cpu:>8.1f}x")
             if bare:
                 rows.append(row(bare, "bare client", bare["ok"], concurrency))
             for least in floors_at(results, latency, concurrency):

@@ -118,6 +118,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "--docs" not in written
     assert "  floor  " in written
     assert "  floor -read  " in written
+    assert "/ floor " in written
     assert "daemon uvloop" in written
     crons = results["crons"]
     assert [(c["latency_ms"], c["workers"]) for c in crons] == [
