@@ -45,7 +45,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TextIO
 
@@ -249,7 +249,36 @@ def _isatty(stream: TextIO) -> bool:
 
 
 class _PipelineHandler(logging.StreamHandler[TextIO]):
-    """The one root handler :func:`configure_logging` owns (found again by its type)."""
+    """The one root handler :func:`configure_logging` owns (found again by its type).
+
+    ``renderers`` turn one of our events into its line in the configured format
+    (the same ones its formatter runs for ``logging``'s records); a reload replaces
+    them here, so loggers bound before it follow.
+    """
+
+    renderers: Sequence[Processor] = ()
+
+
+def _render_line(handler: _PipelineHandler) -> Processor:
+    """The last step of structlog's chain: the event as its line, or dropped and reported.
+
+    A value the renderer cannot take (a dict keyed by tuples for JSON, a ``repr``
+    that raises) is reported as ``logging`` reports a record it cannot format, and
+    the code that logged carries on: a log line must never fail a refresh.
+    """
+
+    def render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Any:
+        event = event_dict.get("event")
+        try:
+            rendered: Any = event_dict
+            for renderer in handler.renderers:
+                rendered = renderer(logger, method_name, rendered)
+        except Exception:
+            handler.handleError(logging.makeLogRecord({"msg": event}))
+            raise structlog.DropEvent from None
+        return rendered
+
+    return render
 
 
 class _LineWriter:
@@ -333,11 +362,12 @@ def configure_logging(format: str, level: str, *, stream: TextIO | None = None) 
         fmt = "console" if tty else "json"
 
     shared = _shared_processors()
+    renderers = _renderers(fmt, colors=tty)
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, _add_record_extras, redact_secrets],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *_renderers(fmt, colors=tty),
+            *renderers,
         ],
     )
 
@@ -354,6 +384,7 @@ def configure_logging(format: str, level: str, *, stream: TextIO | None = None) 
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(numeric_level)
+    handler.renderers = renderers
 
     structlog.configure(
         processors=[
@@ -362,7 +393,7 @@ def configure_logging(format: str, level: str, *, stream: TextIO | None = None) 
             structlog.stdlib.PositionalArgumentsFormatter(),
             structlog.processors.StackInfoRenderer(),
             redact_secrets,
-            *_renderers(fmt, colors=tty),
+            _render_line(handler),
         ],
         logger_factory=_line_writers(handler),
         wrapper_class=structlog.stdlib.BoundLogger,

@@ -162,6 +162,30 @@ def test_a_broken_stream_never_raises_into_the_code_that_logged(
     assert "SECRET-AT" not in reported
 
 
+def test_a_value_the_renderer_cannot_take_is_reported_and_never_raised(
+    stream: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("json", "info", stream=stream)
+    log = get_logger("qbo_daemon.refresh")
+    log.info("refresh.succeeded", counts={("a", "b"): 1})  # JSON keys must be text
+    log.info("refresh.next")
+    assert [line["event"] for line in _lines(stream)] == ["refresh.next"]
+    reported = capsys.readouterr().err
+    assert "--- Logging error ---" in reported
+    assert "TypeError" in reported
+
+
+def test_a_logger_bound_before_a_reload_follows_the_new_format(stream: io.StringIO) -> None:
+    console = io.StringIO()
+    configure_logging("console", "info", stream=console)
+    bound = get_logger("qbo_daemon.web").bind(component="api")
+    configure_logging("json", "info", stream=stream)  # a SIGHUP reload
+    bound.warning("after.reload")
+    assert console.getvalue() == ""
+    [line] = _lines(stream)
+    assert (line["event"], line["component"]) == ("after.reload", "api")
+
+
 def test_reconfigure_can_switch_stream_and_format(stream: io.StringIO) -> None:
     configure_logging("json", "info", stream=stream)
     console = io.StringIO()
