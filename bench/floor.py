@@ -55,6 +55,7 @@ from bench.ceiling import headers
 from qbo_daemon.store.crypto import Cipher, EncryptionKey
 
 LEAD = timedelta(minutes=10)  # the daemon's default [refresh] lead
+GATHER_SECONDS = 0.002  # the daemon's wait for more writes to share a commit (store/sqlite.py)
 UPDATE = (
     "UPDATE accounts SET access_token = ?, refresh_token = ?, token_expires_at = ?, "
     "reconnect_token_at = ?, refresh_token_expires_at = ?, last_refreshed_at = ?, "
@@ -98,6 +99,7 @@ class _Worker:
         db.execute("PRAGMA synchronous = FULL")
         try:
             while (first := self._jobs.get()) is not None:
+                self.gather()
                 batch = [first]
                 while True:
                     try:
@@ -117,6 +119,9 @@ class _Worker:
                     return
         finally:
             db.close()
+
+    def gather(self) -> None:
+        """Called when a first item arrives, before the ones behind it are taken."""
 
     def handle(self, db: sqlite3.Connection, batch: list[Any]) -> Callable[[], None]:
         raise NotImplementedError
@@ -146,7 +151,14 @@ class _Reader(_Worker):
 
 
 class _Writer(_Worker):
-    """Commits every write queued meanwhile in one transaction (a group commit)."""
+    """Commits every write queued meanwhile in one transaction (a group commit).
+
+    As the daemon's writer does, it waits ``GATHER_SECONDS`` after a write arrives
+    for the writes behind it.
+    """
+
+    def gather(self) -> None:
+        time.sleep(GATHER_SECONDS)
 
     def handle(self, db: sqlite3.Connection, batch: list[Any]) -> Callable[[], None]:
         db.execute("BEGIN IMMEDIATE")

@@ -35,6 +35,11 @@ log = structlog.get_logger("qbo_daemon.store.sqlite")
 _TRIM_EVERY = 1000
 # Keys per query when concurrent reads are served together.
 _READ_BATCH = 500
+# How long a write waits for the writes behind it before its commit starts. In a
+# storm the refreshes that answer meanwhile share the commit: one fsync, one
+# hand-off to the writer thread and one wake-up of the loop for all of them
+# (docs/performance.md, "The floor"). Nothing waits on a commit for so little to matter.
+_GATHER_SECONDS = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +250,8 @@ class Database:
     async def _write_loop(self) -> None:
         while True:
             await self._queued.wait()
+            if not self._closing:
+                await asyncio.sleep(_GATHER_SECONDS)
             self._queued.clear()
             jobs, self._queue = self._queue, []
             if jobs:
