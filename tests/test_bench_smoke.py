@@ -152,6 +152,37 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "| floor -read -log, 0 ms, c8: CPU / bare client's |" in compared.stdout
 
 
+def test_ab_smoke(tmp_path: Path) -> None:
+    # Two revisions (here the same one twice), interleaved, each from its own tree.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ab",
+            "HEAD",
+            "HEAD",
+            "--pairs=1",
+            f"--workdir={tmp_path / 'ab'}",
+            "--",
+            "--accounts=300",
+            "--overdue=100",
+            "--due-soon=10",
+            "--concurrency=8",
+            "--loops=asyncio",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| storm | figure | HEAD | HEAD | medians | change |" in done.stdout
+    assert "| 0 ms, c8, asyncio | cpu_per_1000_s |" in done.stdout
+    assert "| 0 ms, c8, asyncio | rate_per_s |" in done.stdout
+    assert len(list((tmp_path / "ab").glob("tree-*-0.json"))) == 2
+
+
 PG_ACCOUNTS, PG_OVERDUE, PG_DUE_SOON, PG_NODES = 600, 120, 20, 2
 
 
