@@ -37,6 +37,15 @@ def headers(client_id: str, client_secret: str) -> dict[str, str]:
     }
 
 
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """The options every client process of the bench takes: the token endpoint, the
+    simulator's client credentials, and the JSON file its figures go to."""
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--client-id", default="sim-client-id")
+    parser.add_argument("--client-secret", default="sim-client-secret")
+    parser.add_argument("--out", type=Path, required=True)
+
+
 async def drive(
     url: str, tokens: list[str], concurrency: int, client_id: str, client_secret: str
 ) -> dict[str, Any]:
@@ -74,12 +83,9 @@ async def drive(
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
-    parser.add_argument("--url", required=True)
+    add_client_options(parser)
     parser.add_argument("--tokens", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--client-id", default="sim-client-id")
-    parser.add_argument("--client-secret", default="sim-client-secret")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     tokens = json.loads(args.tokens.read_text(encoding="utf-8"))
     result = asyncio.run(

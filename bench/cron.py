@@ -31,9 +31,10 @@ from typing import Any
 
 import requests
 
-from bench.ceiling import headers
+from bench.ceiling import add_client_options, headers
+from bench.dataset import cipher_from
 from qbo_daemon.core.models import iso
-from qbo_daemon.store.crypto import Cipher, EncryptionKey
+from qbo_daemon.store.crypto import Cipher
 
 WINDOW = timedelta(minutes=10)
 
@@ -155,18 +156,15 @@ def _seal(cipher: Cipher, value: str, column: str, account_id: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cron")
+    add_client_options(parser)
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--key-file", type=Path, required=True)
-    parser.add_argument("--url", required=True)
     parser.add_argument("--seconds", type=float, required=True)
-    parser.add_argument("--client-id", default="sim-client-id")
-    parser.add_argument("--client-secret", default="sim-client-secret")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--workers", type=int, default=1, help="threads, each with its own connection"
     )
     args = parser.parse_args()
-    cipher = Cipher([EncryptionKey.from_text(args.key_file.read_text(encoding="utf-8"))])
+    cipher = cipher_from(args.key_file)
     fixed = headers(args.client_id, args.client_secret)
     fixed.pop("Content-Type")  # requests sets it for a form body
     result = run_batch(args.db, cipher, args.url, fixed, args.seconds, args.workers)

@@ -66,6 +66,11 @@ async def mint_grants(session: aiohttp.ClientSession, sim_url: str, count: int) 
     return grants
 
 
+def cipher_from(key_file: Path) -> Cipher:
+    """The store's cipher under the key written to ``key_file`` (the bench's own key)."""
+    return Cipher([EncryptionKey.from_text(key_file.read_text(encoding="utf-8"))])
+
+
 async def build_database(path: Path, key: str, grants: Sequence[Grant]) -> None:
     """Store every grant (tokens encrypted) with its timer far ahead, in a new file."""
     for suffix in ("", "-wal", "-shm"):

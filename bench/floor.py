@@ -51,8 +51,9 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from bench.ceiling import headers
-from qbo_daemon.store.crypto import Cipher, EncryptionKey
+from bench.ceiling import add_client_options, headers
+from bench.dataset import cipher_from
+from qbo_daemon.store.crypto import Cipher
 
 LEAD = timedelta(minutes=10)  # the daemon's default [refresh] lead
 GATHER_SECONDS = 0.002  # the daemon's wait for more writes to share a commit (store/sqlite.py)
@@ -69,7 +70,6 @@ INSERT_ATTEMPT = (
 READ_COLUMNS = "account_id, refresh_token, version"
 
 Row = tuple[str, str, int]  # account_id, sealed refresh token, version
-Write = tuple[tuple[Any, ...], tuple[Any, ...]]  # the UPDATE's and the INSERT's parameters
 
 
 def _marks(count: int) -> str:
@@ -291,20 +291,17 @@ async def drive(
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
+    add_client_options(parser)
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--key-file", type=Path, required=True)
-    parser.add_argument("--url", required=True)
     parser.add_argument("--accounts", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--client-id", default="sim-client-id")
-    parser.add_argument("--client-secret", default="sim-client-secret")
     parser.add_argument("--log", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--without", action="append", choices=("read", "log"), default=[], help="leave a part out"
     )
     args = parser.parse_args()
-    cipher = Cipher([EncryptionKey.from_text(args.key_file.read_text(encoding="utf-8"))])
+    cipher = cipher_from(args.key_file)
     accounts = json.loads(args.accounts.read_text(encoding="utf-8"))
     fixed = headers(args.client_id, args.client_secret)
     with args.log.open("a", encoding="utf-8") as log:

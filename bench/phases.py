@@ -160,31 +160,12 @@ async def storm(
 async def ceiling(lab: Lab, latency: float, concurrency: int, count: int) -> dict[str, Any]:
     """The same refresh requests from a bare aiohttp client: no database, no crypto."""
     name = f"ceiling-{int(latency * 1000)}ms-c{concurrency}"
-    tokens, out = lab.workdir / f"{name}.tokens.json", lab.workdir / f"{name}.json"
+    tokens = lab.workdir / f"{name}.tokens.json"
     tokens.write_text(json.dumps([g.refresh_token for g in lab.grants[:count]]))
-    await lab.set_latency(latency)
-    await lab.reset_simulator()
-    load_before = load_average()
-    args = ["--url", lab.token_url, "--tokens", str(tokens), "--out", str(out)]
-    args += ["--concurrency", str(concurrency)]
-    args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
-    child = Child("bench.ceiling", args, log=lab.workdir / f"{name}.log")
-    sim_start = lab.simulator.mark()
-    await _run_to_end(child, timeout=60 + 20 * count * max(latency, 0.002) / concurrency)
-    sim_end = lab.simulator.mark()
-    result = json.loads(out.read_text())
-    return {
-        "who": "ceiling",
-        "latency_ms": latency * 1000,
-        "concurrency": concurrency,
-        "overdue": count,
-        "ok": result["ok"],
-        "rate_per_s": result["ok"] / result["elapsed"],
-        "cpu_per_1000_s": result["cpu"] / result["ok"] * 1000,
-        "simulator_cpu_share": (sim_end.cpu - sim_start.cpu) / result["elapsed"],
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-    }
+    run = await _client_run(
+        lab, "bench.ceiling", name, ["--tokens", str(tokens)], latency, concurrency, count
+    )
+    return {"who": "ceiling", **run}
 
 
 async def floor(
@@ -193,26 +174,45 @@ async def floor(
     """The least work the contract asks per refresh (``bench.floor``), on a storm's rows."""
     name = f"floor-{int(latency * 1000)}ms-c{concurrency}" + "".join(f"-no-{w}" for w in without)
     database = lab.workdir / f"{name}.sqlite3"
-    accounts, out = lab.workdir / f"{name}.accounts.json", lab.workdir / f"{name}.json"
+    accounts = lab.workdir / f"{name}.accounts.json"
     copy_database(lab.base_db, database)
     accounts.write_text(json.dumps([g.account_id for g in lab.grants[:count]]))
-    await lab.set_latency(latency)
-    await lab.reset_simulator()
-    load_before = load_average()
-    args = ["--db", str(database), "--key-file", str(lab.key_file), "--url", lab.token_url]
-    args += ["--accounts", str(accounts), "--concurrency", str(concurrency), "--out", str(out)]
-    args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
+    args = ["--db", str(database), "--key-file", str(lab.key_file)]
+    args += ["--accounts", str(accounts)]
     args += ["--log", str(lab.workdir / f"{name}.jsonl")]
     for part in without:
         args += ["--without", part]
-    child = Child("bench.floor", args, log=lab.workdir / f"{name}.log")
+    run = await _client_run(lab, "bench.floor", name, args, latency, concurrency, count)
+    return {"who": "floor", "without": list(without), **run, "durable": _durable(database)}
+
+
+async def _client_run(
+    lab: Lab,
+    module: str,
+    name: str,
+    args: list[str],
+    latency: float,
+    concurrency: int,
+    count: int,
+) -> dict[str, Any]:
+    """Run a client process of the bench (ceiling, floor) to its end against the simulator
+    at ``latency``: its rate and CPU per 1,000 refreshes, and the simulator's share.
+
+    ``args`` are its own; the token URL, credentials, concurrency and output file
+    are added here.
+    """
+    out = lab.workdir / f"{name}.json"
+    await lab.set_latency(latency)
+    await lab.reset_simulator()
+    load_before = load_average()
+    args = [*args, "--url", lab.token_url, "--out", str(out), "--concurrency", str(concurrency)]
+    args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
+    child = Child(module, args, log=lab.workdir / f"{name}.log")
     sim_start = lab.simulator.mark()
     await _run_to_end(child, timeout=60 + 20 * count * max(latency, 0.002) / concurrency)
     sim_end = lab.simulator.mark()
     result = json.loads(out.read_text())
     return {
-        "who": "floor",
-        "without": list(without),
         "latency_ms": latency * 1000,
         "concurrency": concurrency,
         "overdue": count,
@@ -220,7 +220,6 @@ async def floor(
         "rate_per_s": result["ok"] / result["elapsed"],
         "cpu_per_1000_s": result["cpu"] / max(result["ok"], 1) * 1000,
         "simulator_cpu_share": (sim_end.cpu - sim_start.cpu) / result["elapsed"],
-        "durable": _durable(database),
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
