@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 
 from tests import pg
+from tests.bench_run import run_bench
 
 ACCOUNTS, OVERDUE, DUE_SOON = 300, 150, 60
 
@@ -27,9 +26,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     docs = tmp_path / "performance.md"
     marked = "<!-- bench-storms:begin -->\nold\n<!-- bench-storms:end -->"
     docs.write_text(f"# Performance\n\nbefore\n{marked}\nafter\n")
-    command = [
-        sys.executable,
-        "-m",
+    done = run_bench(
         "bench",
         f"--accounts={ACCOUNTS}",
         f"--overdue={OVERDUE}",
@@ -53,16 +50,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         f"--workdir={tmp_path / 'work'}",
         "--write-docs",
         f"--docs={docs}",
-    ]
-    done = subprocess.run(
-        command,
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     assert "goals" in done.stdout
     results = json.loads(out.read_text())
 
@@ -137,15 +125,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "cron 4 thread(s)" in done.stdout
 
     # The before/after table reads the same files (here one run against itself).
-    compared = subprocess.run(
-        [sys.executable, "-m", "bench.compare", str(out), str(out)],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert compared.returncode == 0, compared.stderr
+    compared = run_bench("bench.compare", str(out), str(out), timeout=60)
     assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
     assert "| floor, 0 ms, c64: CPU / bare client's |" in compared.stdout
@@ -154,29 +134,20 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
 def test_ab_smoke(tmp_path: Path) -> None:
     # Two revisions (here the same one twice), interleaved, each from its own tree.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.ab",
-            "HEAD",
-            "HEAD",
-            "--pairs=1",
-            f"--workdir={tmp_path / 'ab'}",
-            "--",
-            "--accounts=300",
-            "--overdue=100",
-            "--due-soon=10",
-            "--concurrency=8",
-            "--loops=asyncio",
-        ],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
+    done = run_bench(
+        "bench.ab",
+        "HEAD",
+        "HEAD",
+        "--pairs=1",
+        f"--workdir={tmp_path / 'ab'}",
+        "--",
+        "--accounts=300",
+        "--overdue=100",
+        "--due-soon=10",
+        "--concurrency=8",
+        "--loops=asyncio",
         timeout=180,
-        check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     assert "| storm | figure | HEAD | HEAD | medians | change |" in done.stdout
     assert "| 0 ms, c8, asyncio | cpu_per_1000_s |" in done.stdout
     assert "| 0 ms, c8, asyncio | rate_per_s |" in done.stdout
@@ -190,9 +161,7 @@ def test_bench_smoke_postgresql(tmp_path: Path) -> None:
     """``--storage postgresql://… --nodes N``: every phase on its own database, then dropped."""
     asyncio.run(pg.require_server())
     out = tmp_path / "results.json"
-    command = [
-        sys.executable,
-        "-m",
+    done = run_bench(
         "bench",
         f"--storage={pg.ADMIN_URL}",
         f"--nodes={PG_NODES}",
@@ -207,16 +176,8 @@ def test_bench_smoke_postgresql(tmp_path: Path) -> None:
         "8",
         f"--out={out}",
         f"--workdir={tmp_path / 'work'}",
-    ]
-    done = subprocess.run(
-        command,
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
         timeout=180,
-        check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     assert "goals" in done.stdout
     results = json.loads(out.read_text())
 
@@ -267,15 +228,7 @@ def _existing(names: set[str]) -> list[str]:
 def test_profile_smoke(tmp_path: Path) -> None:
     """``python -m bench.profile`` at a few hundred accounts: the daemon profiled, its time
     split into parts that add up to the whole."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.profile", "--accounts=300", "--overdue=150"],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_bench("bench.profile", "--accounts=300", "--overdue=150")
     parts = [
         float(line.rsplit(None, 2)[-2])
         for line in done.stdout.split("part of the program", 1)[1].split("\n\n", 1)[0].splitlines()

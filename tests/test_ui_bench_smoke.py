@@ -6,23 +6,14 @@ this keeps the script working and checks what holds at any size.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from bench.ui_pages import BEGIN, END, docs_section, write_docs
+from tests.bench_run import run_bench
 
 
 def test_ui_bench_smoke(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.ui_pages", "--accounts=400", "--runs=1"],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_bench("bench.ui_pages", "--accounts=400", "--runs=1")
     assert "400 accounts" in done.stdout
     assert "accounts, first page, by next refresh" in done.stdout
     assert "accounts, next page, 7 pages in a row" in done.stdout  # 400 rows, 50 a page
