@@ -104,27 +104,32 @@ async def start_daemon(
     data_dir: Path,
     *,
     clock: Clock | None = None,
+    api_key: str | None = None,
     encryption_key: str | None = None,
+    storage_url: str | None = None,
     environ: Mapping[str, str] | None = None,
     **settings: str,
 ) -> RunningDaemon:
-    """Start a daemon on free loopback ports; ``settings`` go to ``simulator_config_text``."""
+    """Start a daemon on free loopback ports; ``settings`` go to ``simulator_config_text``.
+
+    With ``storage_url`` (PostgreSQL) it stores there, not in a file of ``data_dir``.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
-    api_key = "test-api-key-" + generate_key()[:16]
+    api_key = api_key or "test-api-key-" + generate_key()[:16]
     encryption_key = encryption_key or generate_key()
-    config_path = data_dir / "config.toml"
-    config_path.write_text(
-        simulator_config_text(
-            simulator,
-            data_dir=data_dir,
-            api_port=free_port(),
-            callback_port=free_port(),
-            api_key=api_key,
-            encryption_key=encryption_key,
-            **settings,
-        ),
-        encoding="utf-8",
+    text = simulator_config_text(
+        simulator,
+        data_dir=data_dir,
+        api_port=free_port(),
+        callback_port=free_port(),
+        api_key=api_key,
+        encryption_key=encryption_key,
+        **settings,
     )
+    if storage_url is not None:
+        text = text.replace("[storage]\n", f'[storage]\nurl = "{storage_url}"\n')
+    config_path = data_dir / "config.toml"
+    config_path.write_text(text, encoding="utf-8")
     return await run_daemon(
         config_path,
         simulator,

@@ -20,13 +20,12 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from qbo_daemon.cli.demo import free_port, simulator_config_text
 from qbo_daemon.engine.cluster import Cluster
 from qbo_daemon.simulator.app import IntuitSimulator, SimulatorSettings
 from qbo_daemon.store.crypto import Cipher, EncryptionKey, generate_key
 from qbo_daemon.store.port import Claimed
 from qbo_daemon.store.postgres.storage import PostgresStorage
-from tests.harness import RunningDaemon, next_refresh, run_daemon, wait_for
+from tests.harness import RunningDaemon, next_refresh, start_daemon, wait_for
 from tests.manual_clock import ManualClock
 from tests.pg_cut import ReplyCutter
 
@@ -59,21 +58,16 @@ async def start_node(
 ) -> RunningDaemon:
     """One daemon in this process on the PostgreSQL database at ``url``."""
     data_dir.mkdir()
-    text = simulator_config_text(
+    return await start_daemon(
         sim,
-        data_dir=data_dir,
-        api_port=free_port(),
-        callback_port=free_port(),
+        data_dir,
+        clock=clock,
         api_key=api_key,
         encryption_key=encryption_key,
+        storage_url=url,
         pkce="false",
         lead="55m",  # due 5 minutes after a connect: inside the timers' window
         extra=f'\n[cluster]\nnode_id = "{node_id}"\n',
-    ).replace("[storage]\n", f'[storage]\nurl = "{url}"\n')
-    config_path = data_dir / "config.toml"
-    config_path.write_text(text, encoding="utf-8")
-    return await run_daemon(
-        config_path, sim, api_key=api_key, encryption_key=encryption_key, clock=clock
     )
 
 
