@@ -4,7 +4,8 @@ Starts the simulator in its own process, builds a database of ``--accounts``
 real simulator grants through the storage layer, then measures, each time with
 the real daemon in a process of its own: start-up, memory and lateness with
 every account scheduled; catch-up storms at each latency and concurrency next
-to a bare aiohttp client (the ceiling); and the cron batch. Prints a table and
+to a bare aiohttp client (the ceiling; at 0 ms also held to the daemon's rate,
+and the floor, ``bench.floor``); and the cron batch. Prints a table and
 writes everything to ``bench/results/<time>-n<accounts>.json`` (or ``--out``).
 """
 
@@ -27,7 +28,7 @@ import aiohttp
 from bench import cluster
 from bench.dataset import build_database, mint_grants
 from bench.lab import BenchSettings, Lab, available_loops
-from bench.phases import ceiling, cron, floor, startup_and_lateness, storm
+from bench.phases import ceiling, ceiling_at_rate, cron, floor, startup_and_lateness, storm
 from bench.procs import load_average
 from bench.report import DOC, goals, machine, measured_block, table, write_block
 
@@ -148,6 +149,7 @@ async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict
         "load_average_start": load_average(),
         "storms": [],
         "ceilings": [],
+        "ceilings_at_rate": [],
         "floors": [],
         "crons": [],
     }
@@ -176,15 +178,22 @@ async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict
                     # Our overhead shows at 0 ms, so that is where the loops are compared.
                     loops = settings.loops if latency == 0 else settings.loops[:1]
                     for concurrency in settings.concurrencies:
+                        daemons = []
                         for loop in loops:
-                            results["storms"].append(
-                                await storm(lab, latency, concurrency, count, loop)
-                            )
+                            daemons.append(await storm(lab, latency, concurrency, count, loop))
                             _progress(
                                 f"storm at {latency * 1000:g} ms, concurrency {concurrency}, {loop}"
                             )
-                        results["ceilings"].append(await ceiling(lab, latency, concurrency, count))
+                        results["storms"].extend(daemons)
+                        bare = await ceiling(lab, latency, concurrency, count)
+                        results["ceilings"].append(bare)
                         if latency == 0:
+                            # The bare client again, held to the first loop's storm rate:
+                            # the same work per request, at the daemon's load.
+                            rate = daemons[0]["rate_per_s"]
+                            results["ceilings_at_rate"].append(
+                                await ceiling_at_rate(lab, concurrency, count, rate, bare)
+                            )
                             # Our overhead shows at 0 ms: the least any design must spend
                             # there, and that least without its read, then its log line too.
                             for without in FLOOR_VARIANTS:

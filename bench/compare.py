@@ -3,8 +3,8 @@
 Reads the JSON files ``python -m bench`` wrote (one per code version, run on the
 same machine in one sitting) and prints a Markdown table of the figures that
 matter for a change to the refresh path: lateness, memory, start-up, the
-catch-up storms beside the bare client, the floor (``bench.floor``), and the
-cron batches. With
+catch-up storms beside the bare client (at 0 ms also beside the bare client
+held to the daemon's rate), the floor (``bench.floor``), and the cron batches. With
 ``--write-docs`` it also puts that table into docs/performance.md between
 ``<!-- bench-compare:begin -->`` and ``<!-- bench-compare:end -->`` (with
 ``--block NAME``, between ``<!-- bench-compare:NAME:begin -->`` and its ``end``,
@@ -59,6 +59,12 @@ def rows(before: dict[str, Any], after: dict[str, Any]) -> list[Row]:
             f"{name}: CPU / bare client's",
             _ratio(before, b, latency, concurrency),
             _ratio(after, a, latency, concurrency),
+            ".2f",
+        )
+        add(
+            f"{name}: CPU / bare client's at the same rate",
+            _ratio(before, b, latency, concurrency, "ceilings_at_rate"),
+            _ratio(after, a, latency, concurrency, "ceilings_at_rate"),
             ".2f",
         )
     for floor_key in sorted(_floor_keys(before) | _floor_keys(after)):
@@ -116,12 +122,18 @@ def _storm(run: dict[str, Any], key: tuple[float, int, str]) -> dict[str, Any] |
 
 
 def _ratio(
-    run: dict[str, Any], storm: dict[str, Any] | None, latency: float, concurrency: int
+    run: dict[str, Any],
+    storm: dict[str, Any] | None,
+    latency: float,
+    concurrency: int,
+    ceilings: str = "ceilings",
 ) -> float | None:
+    """``storm``'s CPU per refresh over the bare client's in ``ceilings`` (the unpaced
+    runs, or ``ceilings_at_rate``: held to the daemon's rate) at the same place."""
     bare = next(
         (
             c
-            for c in run.get("ceilings", [])
+            for c in run.get(ceilings, [])
             if c["latency_ms"] == latency and c["concurrency"] == concurrency
         ),
         None,

@@ -168,6 +168,40 @@ async def ceiling(lab: Lab, latency: float, concurrency: int, count: int) -> dic
     return {"who": "ceiling", **run}
 
 
+async def ceiling_at_rate(
+    lab: Lab, concurrency: int, count: int, rate: float, unpaced: dict[str, Any]
+) -> dict[str, Any]:
+    """The bare client held to ``rate`` (the daemon's, at 0 ms) by the simulator's latency.
+
+    At 0 ms the bare client runs several times faster than the daemon, and an
+    asyncio client's CPU per request falls as its rate rises (each turn of the
+    loop serves more answers), so the ceiling's own figure compares two
+    programs at two loads. Here the simulator waits before it answers, long
+    enough that ``concurrency`` requests in flight arrive at ``rate``: the client
+    does the same work per request as at 0 ms, only less often. The wait starts
+    from the two rates (``unpaced`` is the ceiling's run at 0 ms) and is
+    corrected, at most twice, while a run lands more than 10 % off ``rate``; the
+    run nearest to it is kept.
+    """
+    name = f"ceiling-at-rate-c{concurrency}"
+    tokens = lab.workdir / f"{name}.tokens.json"
+    tokens.write_text(json.dumps([g.refresh_token for g in lab.grants[:count]]))
+    wait = max(0.0, concurrency / rate - concurrency / unpaced["rate_per_s"])
+    best: dict[str, Any] | None = None
+    for _ in range(3):
+        run = await _client_run(
+            lab, "bench.ceiling", name, ["--tokens", str(tokens)], wait, concurrency, count
+        )
+        if best is None or abs(run["rate_per_s"] - rate) < abs(best["rate_per_s"] - rate):
+            best = {**run, "simulator_latency_ms": wait * 1000}
+        if abs(run["rate_per_s"] / rate - 1) <= 0.10:
+            break
+        wait = max(0.0, wait + concurrency / rate - concurrency / run["rate_per_s"])
+    assert best is not None
+    # Filed beside the 0 ms storm whose rate it was held to.
+    return {**best, "who": "ceiling at rate", "latency_ms": 0.0, "paced_to_rate": rate}
+
+
 async def floor(
     lab: Lab, latency: float, concurrency: int, count: int, without: tuple[str, ...] = ()
 ) -> dict[str, Any]:

@@ -123,7 +123,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         scheduled = phase["startup"]["to_scheduled_s"]
         if scheduled is not None:
             add("start-up to scheduled (s)", scheduled, STARTUP_S, scheduled <= STARTUP_S)
-    ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
+    ceilings = _by_place(results, "ceilings")
+    paced_ceilings = _by_place(results, "ceilings_at_rate")
     for daemon in _sorted_storms(results):
         latency, concurrency, loop = daemon["latency_ms"], daemon["concurrency"], _loop(daemon)
         bare = ceilings.get((latency, concurrency))
@@ -139,15 +140,20 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             share >= CEILING_RATE_SHARE,
             note,
         )
+        notes = []
         least = floors_at(results, latency, concurrency)
+        if least:
+            notes.append(f"the floor: {least[0]['cpu_per_1000_s'] / bare['cpu_per_1000_s']:.2f}")
+        paced = paced_ceilings.get((latency, concurrency))
+        if paced:
+            cpu = daemon["cpu_per_1000_s"] / paced["cpu_per_1000_s"]
+            notes.append(f"/ the bare client at the daemon's rate: {cpu:.2f}")
         add(
             f"c{concurrency} 0 ms {loop}: CPU per 1000 / ceiling",
             factor,
             CEILING_CPU_FACTOR,
             factor <= CEILING_CPU_FACTOR,
-            f"the floor: {least[0]['cpu_per_1000_s'] / bare['cpu_per_1000_s']:.2f}"
-            if least
-            else "",
+            "; ".join(notes),
         )
     crons = _crons(results)
     for daemon in _sorted_storms(results):
@@ -226,7 +232,8 @@ def table(results: dict[str, Any]) -> str:
 
 def _storm_rows(results: dict[str, Any]) -> list[str]:
     """Daemon beside ceiling per latency and concurrency, with their ratio; then cron."""
-    ceilings = {(c["latency_ms"], c["concurrency"]): c for c in results.get("ceilings", [])}
+    ceilings = _by_place(results, "ceilings")
+    paced_ceilings = _by_place(results, "ceilings_at_rate")
     crons = _crons(results)
     storms = _sorted_storms(results)
     rows: list[str] = []
@@ -247,21 +254,25 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
         here = [s for s in storms if s["latency_ms"] == latency]
         for concurrency in sorted({s["concurrency"] for s in here}):
             bare = ceilings.get((latency, concurrency))
+            paced = paced_ceilings.get((latency, concurrency))
             for daemon in (s for s in here if s["concurrency"] == concurrency):
                 who = f"daemon {_loop(daemon)}"
                 rows.append(row(daemon, who, daemon["refreshes_measured"], concurrency))
-                if bare:
-                    rate = daemon["rate_per_s"] / bare["rate_per_s"]
-                    cpu = daemon["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
-                    rows.append(
-                        f"  {'':>7} {'':>4}  {'/ bare client':17} {'':>6} {rate:>8.0%} {cpu:>8.1f}x"
-                    )
+                for label, other in (("/ bare client", bare), ("/ bare, same rate", paced)):
+                    if other:
+                        rate = daemon["rate_per_s"] / other["rate_per_s"]
+                        cpu = daemon["cpu_per_1000_s"] / other["cpu_per_1000_s"]
+                        rows.append(
+                            f"  {'':>7} {'':>4}  {label:17} {'':>6} {rate:>8.0%} {cpu:>8.1f}x"
+                        )
                 floors = floors_at(results, latency, concurrency)
                 if floors:
                     cpu = daemon["cpu_per_1000_s"] / floors[0]["cpu_per_1000_s"]
                     rows.append(f"  {'':>7} {'':>4}  {'/ floor':17} {'':>6} {'':>9} {cpu:>8.1f}x")
             if bare:
                 rows.append(row(bare, "bare client", bare["ok"], concurrency))
+            if paced:
+                rows.append(row(paced, "bare, daemon rate", paced["ok"], concurrency))
             for least in floors_at(results, latency, concurrency):
                 rows.append(row(least, floor_name(least), least["ok"], concurrency))
                 if bare:
@@ -279,6 +290,11 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
                     label = f"c{daemon['concurrency']} {_loop(daemon)} / it"
                     rows.append(ratio(label, factor))
     return rows
+
+
+def _by_place(results: dict[str, Any], kind: str) -> dict[tuple[float, int], dict[str, Any]]:
+    """The runs of ``kind`` (``ceilings``...) by their storm's latency and concurrency."""
+    return {(c["latency_ms"], c["concurrency"]): c for c in results.get(kind, [])}
 
 
 def floors_at(results: dict[str, Any], latency: float, concurrency: int) -> list[dict[str, Any]]:

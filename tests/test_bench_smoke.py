@@ -84,6 +84,22 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert storm["rate_per_s"] > 0
         assert storm["cpu_per_1000_s"] > 0
     assert [c["ok"] for c in results["ceilings"]] == [OVERDUE] * 4
+    # At 0 ms the bare client runs again, held by the simulator's wait to the rate of
+    # the first loop's storm (within 10 %, or the nearest of three tries).
+    paced = results["ceilings_at_rate"]
+    assert [(c["latency_ms"], c["concurrency"], c["ok"]) for c in paced] == [
+        (0.0, 8, OVERDUE),
+        (0.0, 64, OVERDUE),
+    ]
+    for run in paced:
+        first = next(
+            s
+            for s in storms
+            if (s["latency_ms"], s["concurrency"], s["loop"])
+            == (0.0, run["concurrency"], "asyncio")
+        )
+        assert run["paced_to_rate"] == first["rate_per_s"]
+        assert run["simulator_latency_ms"] >= 0
     # The floor runs where our overhead shows (0 ms), and its refreshes are durable too.
     floors = results["floors"]
     assert [(f["latency_ms"], f["concurrency"], f["without"], f["ok"]) for f in floors] == [
@@ -107,6 +123,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "  floor  " in written
     assert "  floor -read  " in written
     assert "/ floor " in written
+    assert "  bare, daemon rate  " in written
+    assert "/ bare, same rate " in written
     assert "daemon uvloop" in written
     crons = results["crons"]
     assert [(c["latency_ms"], c["workers"]) for c in crons] == [
@@ -129,6 +147,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
     assert "| floor, 0 ms, c64: CPU / bare client's |" in compared.stdout
+    assert "| storm 0 ms, c64, asyncio: CPU / bare client's at the same rate |" in compared.stdout
     assert "| floor -read -log, 0 ms, c8: CPU / bare client's |" in compared.stdout
 
 
