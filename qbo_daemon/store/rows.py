@@ -121,14 +121,19 @@ def changed_values(
     if "key_id" in columns and stored_key is not None and stored_key != cipher.primary_key_id:
         return None
     changed: list[str] = []
+    values: list[Any] = []
     for column in columns:
         if column in _DERIVED_FROM:
             if stored_key is not None and (column == "key_id" or account.realm_id == read.realm_id):
                 continue
-        elif getattr(account, column) == getattr(read, column):
-            continue
+            values.append(_value(cipher, account, column))
+        else:
+            value = getattr(account, column)
+            if value == getattr(read, column):
+                continue
+            values.append(_field_value(cipher, account, column, value))
         changed.append(column)
-    return tuple(changed), tuple(_value(cipher, account, column) for column in changed)
+    return tuple(changed), tuple(values)
 
 
 # Columns that are not an Account's field: the key the secrets are under, and the digest
@@ -137,25 +142,32 @@ _DERIVED_FROM = frozenset({"key_id", "realm_digest"})
 
 
 def _value(cipher: Cipher | None, account: Account, column: str) -> Any:
-    if column in SECRET_COLUMNS:
-        assert cipher is not None, column
-        plain = getattr(account, column)
-        if plain is None:
-            return None
-        return cipher.encrypt(plain, table="accounts", column=column, row_key=account.account_id)
     if column == "key_id":
         assert cipher is not None
         return cipher.primary_key_id
     if column == "realm_digest":
         assert cipher is not None
         return realm_digest(cipher, account.realm_id)
-    if column == "status":
-        return account.status.value
-    if column == "realm_verified":
-        return int(account.realm_verified)
+    return _field_value(cipher, account, column, getattr(account, column))
+
+
+def _field_value(cipher: Cipher | None, account: Account, column: str, value: Any) -> Any:
+    """The stored form of ``value``, the account's field named ``column``."""
     if column in _TIMES:
-        return iso(getattr(account, column))
-    return getattr(account, column)
+        return iso(value)
+    if column in _SECRETS:
+        assert cipher is not None, column
+        if value is None:
+            return None
+        return cipher.encrypt(value, table="accounts", column=column, row_key=account.account_id)
+    if column == "status":
+        return value.value
+    if column == "realm_verified":
+        return int(value)
+    return value
+
+
+_SECRETS = frozenset(SECRET_COLUMNS)
 
 
 _TIMES = frozenset(
