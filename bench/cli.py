@@ -190,11 +190,9 @@ async def run(settings: BenchSettings, workdir: Path, phases: list[str]) -> dict
                         if latency == 0:
                             # The bare client again, held to the first loop's storm rate:
                             # the same work per request, at the daemon's load.
-                            rate = daemons[0]["rate_per_s"]
-                            if rate > 0:
-                                results["ceilings_at_rate"].append(
-                                    await ceiling_at_rate(lab, concurrency, count, rate, bare)
-                                )
+                            paced = await ceiling_at_rate(lab, concurrency, count, daemons[0], bare)
+                            if paced is not None:
+                                results["ceilings_at_rate"].append(paced)
                             # Our overhead shows at 0 ms: the least any design must spend
                             # there, and that least without its read, then its log line too.
                             for without in FLOOR_VARIANTS:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import DOC, floor_name, write_block
+from bench.report import DOC, floor_name, paced_for, runs_by_place, write_block
 
 Row = tuple[str, str, str]
 
@@ -63,8 +63,8 @@ def rows(before: dict[str, Any], after: dict[str, Any]) -> list[Row]:
         )
         add(
             f"{name}: CPU / bare client's at the same rate",
-            _ratio(before, b, latency, concurrency, "ceilings_at_rate"),
-            _ratio(after, a, latency, concurrency, "ceilings_at_rate"),
+            _same_rate_ratio(before, b),
+            _same_rate_ratio(after, a),
             ".2f",
         )
     for floor_key in sorted(_floor_keys(before) | _floor_keys(after)):
@@ -121,19 +121,21 @@ def _storm(run: dict[str, Any], key: tuple[float, int, str]) -> dict[str, Any] |
     return None
 
 
+def _same_rate_ratio(run: dict[str, Any], storm: dict[str, Any] | None) -> float | None:
+    """``storm``'s CPU per refresh over the bare client's held to its rate, if run."""
+    paced = paced_for(runs_by_place(run, "ceilings_at_rate"), storm) if storm else None
+    if storm is None or paced is None or not paced["cpu_per_1000_s"]:
+        return None
+    return float(storm["cpu_per_1000_s"]) / float(paced["cpu_per_1000_s"])
+
+
 def _ratio(
-    run: dict[str, Any],
-    storm: dict[str, Any] | None,
-    latency: float,
-    concurrency: int,
-    ceilings: str = "ceilings",
+    run: dict[str, Any], storm: dict[str, Any] | None, latency: float, concurrency: int
 ) -> float | None:
-    """``storm``'s CPU per refresh over the bare client's in ``ceilings`` (the unpaced
-    runs, or ``ceilings_at_rate``: held to the daemon's rate) at the same place."""
     bare = next(
         (
             c
-            for c in run.get(ceilings, [])
+            for c in run.get("ceilings", [])
             if c["latency_ms"] == latency and c["concurrency"] == concurrency
         ),
         None,

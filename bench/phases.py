@@ -169,37 +169,62 @@ async def ceiling(lab: Lab, latency: float, concurrency: int, count: int) -> dic
 
 
 async def ceiling_at_rate(
-    lab: Lab, concurrency: int, count: int, rate: float, unpaced: dict[str, Any]
-) -> dict[str, Any]:
-    """The bare client held to ``rate`` (the daemon's, at 0 ms) by the simulator's latency.
+    lab: Lab, concurrency: int, count: int, storm: dict[str, Any], unpaced: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The bare client held to ``storm``'s rate (a daemon's, at 0 ms) by the simulator's wait.
 
     At 0 ms the bare client runs several times faster than the daemon, and an
     asyncio client's CPU per request falls as its rate rises (each turn of the
     loop serves more answers), so the ceiling's own figure compares two
     programs at two loads. Here the simulator waits before it answers, long
-    enough that ``concurrency`` requests in flight arrive at ``rate``: the client
-    does the same work per request as at 0 ms, only less often. The wait starts
-    from the two rates (``unpaced`` is the ceiling's run at 0 ms) and is
-    corrected, at most twice, while a run lands more than 10 % off ``rate``; the
-    run nearest to it is kept.
+    enough that ``concurrency`` requests in flight arrive at the daemon's rate:
+    the client does the same work per request as at 0 ms, only less often.
+
+    The first wait comes from the two rates (``unpaced`` is the ceiling's run at
+    0 ms); while a run lands more than 10 % off, the next wait is interpolated
+    from the runs so far (the time a request takes is about linear in the
+    wait), three runs at most. The run nearest the rate among those that got
+    every answer is kept; every try is recorded. None when there is nothing to
+    pace against (a run without answers), or when the daemon was not slower.
     """
+    rate, fastest = storm["rate_per_s"], unpaced["rate_per_s"]
+    if rate <= 0 or fastest <= rate:
+        return None
     name = f"ceiling-at-rate-c{concurrency}"
     tokens = lab.workdir / f"{name}.tokens.json"
     tokens.write_text(json.dumps([g.refresh_token for g in lab.grants[:count]]))
-    wait = max(0.0, concurrency / rate - concurrency / unpaced["rate_per_s"])
-    best: dict[str, Any] | None = None
+    target = concurrency / rate  # seconds per request in each of the C lanes
+    tries: list[dict[str, Any]] = []
+    # (wait, seconds per request) of the runs so far, the unpaced one first.
+    points = [(0.0, concurrency / fastest)]
+    wait = target - points[0][1]
     for _ in range(3):
         run = await _client_run(
             lab, "bench.ceiling", name, ["--tokens", str(tokens)], wait, concurrency, count
         )
-        if best is None or abs(run["rate_per_s"] - rate) < abs(best["rate_per_s"] - rate):
-            best = {**run, "simulator_latency_ms": wait * 1000}
-        if abs(run["rate_per_s"] / rate - 1) <= 0.10:
+        tries.append({**run, "simulator_latency_ms": wait * 1000})
+        if not run["rate_per_s"] or abs(run["rate_per_s"] / rate - 1) <= 0.10:
             break
-        wait = max(0.0, wait + concurrency / rate - concurrency / run["rate_per_s"])
-    assert best is not None
+        points.append((wait, concurrency / run["rate_per_s"]))
+        (w0, t0), (w1, t1) = points[-2:]
+        slope = (w1 - w0) / (t1 - t0) if t1 != t0 else 1.0
+        # A wait beyond the whole target time per request can only undershoot.
+        wait = min(max(0.0, w1 + (target - t1) * slope), target)
+    complete = [t for t in tries if t["ok"] == count] or tries
+    best = min(complete, key=lambda t: abs(t["rate_per_s"] - rate))
     # Filed beside the 0 ms storm whose rate it was held to.
-    return {**best, "who": "ceiling at rate", "latency_ms": 0.0, "paced_to_rate": rate}
+    return {
+        **best,
+        "who": "ceiling at rate",
+        "latency_ms": 0.0,
+        "paced_to_rate": rate,
+        "paced_to_loop": storm["loop"],
+        "within_10_percent": abs(best["rate_per_s"] / rate - 1) <= 0.10,
+        "tries": [
+            {"simulator_latency_ms": t["simulator_latency_ms"], "rate_per_s": t["rate_per_s"]}
+            for t in tries
+        ],
+    }
 
 
 async def floor(

@@ -123,8 +123,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         scheduled = phase["startup"]["to_scheduled_s"]
         if scheduled is not None:
             add("start-up to scheduled (s)", scheduled, STARTUP_S, scheduled <= STARTUP_S)
-    ceilings = _by_place(results, "ceilings")
-    paced_ceilings = _by_place(results, "ceilings_at_rate")
+    ceilings = runs_by_place(results, "ceilings")
+    paced_ceilings = runs_by_place(results, "ceilings_at_rate")
     for daemon in _sorted_storms(results):
         latency, concurrency, loop = daemon["latency_ms"], daemon["concurrency"], _loop(daemon)
         bare = ceilings.get((latency, concurrency))
@@ -144,10 +144,10 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         least = floors_at(results, latency, concurrency)
         if least:
             notes.append(f"the floor: {least[0]['cpu_per_1000_s'] / bare['cpu_per_1000_s']:.2f}")
-        paced = paced_ceilings.get((latency, concurrency))
+        paced = paced_for(paced_ceilings, daemon)
         if paced:
             cpu = daemon["cpu_per_1000_s"] / paced["cpu_per_1000_s"]
-            notes.append(f"/ the bare client at the daemon's rate: {cpu:.2f}")
+            notes.append(f"daemon / bare client at the daemon's rate: {cpu:.2f}")
         add(
             f"c{concurrency} 0 ms {loop}: CPU per 1000 / ceiling",
             factor,
@@ -232,8 +232,8 @@ def table(results: dict[str, Any]) -> str:
 
 def _storm_rows(results: dict[str, Any]) -> list[str]:
     """Daemon beside ceiling per latency and concurrency, with their ratio; then cron."""
-    ceilings = _by_place(results, "ceilings")
-    paced_ceilings = _by_place(results, "ceilings_at_rate")
+    ceilings = runs_by_place(results, "ceilings")
+    paced_ceilings = runs_by_place(results, "ceilings_at_rate")
     crons = _crons(results)
     storms = _sorted_storms(results)
     rows: list[str] = []
@@ -258,7 +258,8 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
             for daemon in (s for s in here if s["concurrency"] == concurrency):
                 who = f"daemon {_loop(daemon)}"
                 rows.append(row(daemon, who, daemon["refreshes_measured"], concurrency))
-                for label, other in (("/ bare client", bare), ("/ bare, same rate", paced)):
+                same_rate = paced_for(paced_ceilings, daemon)
+                for label, other in (("/ bare client", bare), ("/ bare, same rate", same_rate)):
                     if other:
                         rate = daemon["rate_per_s"] / other["rate_per_s"]
                         cpu = daemon["cpu_per_1000_s"] / other["cpu_per_1000_s"]
@@ -273,6 +274,11 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
                 rows.append(row(bare, "bare client", bare["ok"], concurrency))
             if paced:
                 rows.append(row(paced, "bare, daemon rate", paced["ok"], concurrency))
+                rows.append(
+                    f"  {'':>7} {'':>4}  {'':17} {'':>6} the simulator waited "
+                    f"{paced['simulator_latency_ms']:.2f} ms; held to "
+                    f"daemon {paced.get('paced_to_loop', 'asyncio')}'s rate"
+                )
             for least in floors_at(results, latency, concurrency):
                 rows.append(row(least, floor_name(least), least["ok"], concurrency))
                 if bare:
@@ -292,9 +298,19 @@ def _storm_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _by_place(results: dict[str, Any], kind: str) -> dict[tuple[float, int], dict[str, Any]]:
+def runs_by_place(results: dict[str, Any], kind: str) -> dict[tuple[float, int], dict[str, Any]]:
     """The runs of ``kind`` (``ceilings``...) by their storm's latency and concurrency."""
     return {(c["latency_ms"], c["concurrency"]): c for c in results.get(kind, [])}
+
+
+def paced_for(
+    paced_ceilings: dict[tuple[float, int], dict[str, Any]], daemon: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The bare client's run held to ``daemon``'s rate, if there is one (one loop's storm)."""
+    paced = paced_ceilings.get((daemon["latency_ms"], daemon["concurrency"]))
+    if paced is None or paced.get("paced_to_loop", "asyncio") != _loop(daemon):
+        return None
+    return paced
 
 
 def floors_at(results: dict[str, Any], latency: float, concurrency: int) -> list[dict[str, Any]]:

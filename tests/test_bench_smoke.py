@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench import report
 from tests import pg
 from tests.bench_run import run_bench
 
@@ -85,21 +86,29 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert storm["cpu_per_1000_s"] > 0
     assert [c["ok"] for c in results["ceilings"]] == [OVERDUE] * 4
     # At 0 ms the bare client runs again, held by the simulator's wait to the rate of
-    # the first loop's storm (within 10 %, or the nearest of three tries).
+    # the first loop's storm: the run kept is the try nearest that rate, and it is
+    # slower than the unpaced client (the point of holding it back).
     paced = results["ceilings_at_rate"]
     assert [(c["latency_ms"], c["concurrency"], c["ok"]) for c in paced] == [
         (0.0, 8, OVERDUE),
         (0.0, 64, OVERDUE),
     ]
-    for run in paced:
+    unpaced_runs = [c for c in results["ceilings"] if c["latency_ms"] == 0]
+    for run, unpaced in zip(paced, unpaced_runs, strict=True):
         first = next(
             s
             for s in storms
             if (s["latency_ms"], s["concurrency"], s["loop"])
             == (0.0, run["concurrency"], "asyncio")
         )
-        assert run["paced_to_rate"] == first["rate_per_s"]
-        assert run["simulator_latency_ms"] >= 0
+        assert (run["paced_to_rate"], run["paced_to_loop"]) == (first["rate_per_s"], "asyncio")
+        tries = run["tries"]
+        assert 1 <= len(tries) <= 3
+        nearest = min(tries, key=lambda t: abs(t["rate_per_s"] - run["paced_to_rate"]))
+        assert run["rate_per_s"] == nearest["rate_per_s"]
+        assert run["simulator_latency_ms"] == nearest["simulator_latency_ms"]
+        assert tries[0]["simulator_latency_ms"] > 0
+        assert run["rate_per_s"] < unpaced["rate_per_s"]
     # The floor runs where our overhead shows (0 ms), and its refreshes are durable too.
     floors = results["floors"]
     assert [(f["latency_ms"], f["concurrency"], f["without"], f["ok"]) for f in floors] == [
@@ -125,6 +134,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "/ floor " in written
     assert "  bare, daemon rate  " in written
     assert "/ bare, same rate " in written
+    # Only under the storm whose rate the bare client was held to (asyncio's).
+    assert written.count("/ bare, same rate ") == 2
     assert "daemon uvloop" in written
     crons = results["crons"]
     assert [(c["latency_ms"], c["workers"]) for c in crons] == [
@@ -148,6 +159,19 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
     assert "| floor, 0 ms, c64: CPU / bare client's |" in compared.stdout
     assert "| storm 0 ms, c64, asyncio: CPU / bare client's at the same rate |" in compared.stdout
+    assert (
+        "| storm 0 ms, c64, uvloop: CPU / bare client's at the same rate |" not in compared.stdout
+    )
+
+    # Results written before the paced run existed still read: table, goals, compare.
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({k: v for k, v in results.items() if k != "ceilings_at_rate"}))
+    assert "/ bare, same rate" not in report.table(json.loads(older.read_text()))
+    assert report.goals(json.loads(older.read_text()))
+    compared = run_bench("bench.compare", str(older), str(out), timeout=60)
+    assert (
+        "| storm 0 ms, c64, asyncio: CPU / bare client's at the same rate | - |" in compared.stdout
+    )
     assert "| floor -read -log, 0 ms, c8: CPU / bare client's |" in compared.stdout
 
 
