@@ -4,7 +4,8 @@ One run of a tree differs from the next by about ±10 % on a shared 2-core
 machine, more than most changes move CPU per refresh. This runs the catch-up
 storms at 0 ms for two git revisions of this repository in turn, ``--pairs``
 times (before, after, before, after, ...), and prints each figure's runs and
-medians, so a change is read from pairs taken in one sitting and not from two
+medians (CPU per 1,000 refreshes, rate, and CPU over the bare client's of the
+same run), so a change is read from pairs taken in one sitting and not from two
 runs hours apart.
 
 Each revision is exported with ``git archive`` into a work directory and given
@@ -27,11 +28,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import paced_for, runs_by_place
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH = ["--accounts", "20000", "--overdue", "10000"]
 DEFAULT_BENCH += ["--concurrency", "8", "64", "--loops", "asyncio"]
 
 Key = tuple[float, int, str]  # latency in ms, concurrency, event loop
+FIGURES = (
+    ("cpu_per_1000_s", ".3f"),
+    ("rate_per_s", ".0f"),
+    ("cpu / bare client", ".2f"),
+    ("cpu / bare, same rate", ".2f"),
+)
 
 
 def export(revision: str, into: Path) -> Path:
@@ -57,14 +66,22 @@ def export(revision: str, into: Path) -> Path:
 
 
 def storm_figures(results: dict[str, Any]) -> dict[Key, dict[str, float]]:
-    """Each 0 ms storm's CPU per 1,000 refreshes and rate, by latency, concurrency and loop."""
-    return {
-        (s["latency_ms"], s["concurrency"], s.get("loop", "asyncio")): {
-            "cpu_per_1000_s": s["cpu_per_1000_s"],
-            "rate_per_s": s["rate_per_s"],
-        }
-        for s in results["storms"]
-    }
+    """Each 0 ms storm's CPU per 1,000 refreshes and rate, by latency, concurrency and loop,
+    and its CPU over the bare client's of the same run (at its own rate, and held to the
+    storm's when the bench ran that): ratios within one run share that run's machine."""
+    ceilings = runs_by_place(results, "ceilings")
+    paced = runs_by_place(results, "ceilings_at_rate")
+    figures: dict[Key, dict[str, float]] = {}
+    for s in results["storms"]:
+        key = (s["latency_ms"], s["concurrency"], s.get("loop", "asyncio"))
+        figures[key] = {"cpu_per_1000_s": s["cpu_per_1000_s"], "rate_per_s": s["rate_per_s"]}
+        for figure, bare in (
+            ("cpu / bare client", ceilings.get(key[:2])),
+            ("cpu / bare, same rate", paced_for(paced, s)),
+        ):
+            if bare and bare["cpu_per_1000_s"]:
+                figures[key][figure] = s["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
+    return figures
 
 
 def summary(runs: Sequence[list[dict[Key, dict[str, float]]]], names: Sequence[str]) -> str:
@@ -77,7 +94,7 @@ def summary(runs: Sequence[list[dict[Key, dict[str, float]]]], names: Sequence[s
     ]
     for key in keys:
         latency, concurrency, loop = key
-        for figure, fmt in (("cpu_per_1000_s", ".3f"), ("rate_per_s", ".0f")):
+        for figure, fmt in FIGURES:
             b = [run[key][figure] for run in before if key in run]
             a = [run[key][figure] for run in after if key in run]
             if not b or not a:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench import report
+from bench import ab, report
 from tests import pg
 from tests.bench_run import run_bench
 
@@ -163,6 +163,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "| storm 0 ms, c64, uvloop: CPU / bare client's at the same rate |" not in compared.stdout
     )
 
+    # bench.ab sets each storm beside the bare client of its own run, and beside the
+    # paced one where that was held to its rate (the first loop's storms only).
+    figures = ab.storm_figures(results)
+    assert {"cpu / bare client", "cpu / bare, same rate"} <= set(figures[(0.0, 64, "asyncio")])
+    assert "cpu / bare, same rate" not in figures[(0.0, 64, "uvloop")]
+
     # Results written before the paced run existed still read: table, goals, compare.
     older = tmp_path / "older.json"
     older.write_text(json.dumps({k: v for k, v in results.items() if k != "ceilings_at_rate"}))
@@ -194,6 +200,7 @@ def test_ab_smoke(tmp_path: Path) -> None:
     assert "| storm | figure | HEAD | HEAD | medians | change |" in done.stdout
     assert "| 0 ms, c8, asyncio | cpu_per_1000_s |" in done.stdout
     assert "| 0 ms, c8, asyncio | rate_per_s |" in done.stdout
+    assert "| 0 ms, c8, asyncio | cpu / bare client |" in done.stdout
     assert len(list((tmp_path / "ab").glob("tree-*-0.json"))) == 2
 
 
