@@ -95,8 +95,9 @@ def summary(runs: Sequence[list[dict[Key, dict[str, float]]]], names: Sequence[s
     for key in keys:
         latency, concurrency, loop = key
         for figure, fmt in FIGURES:
-            b = [run[key][figure] for run in before if key in run]
-            a = [run[key][figure] for run in after if key in run]
+            # A figure a run lacks (no paced bare client for that loop) is left out.
+            b = [run[key][figure] for run in before if figure in run.get(key, {})]
+            a = [run[key][figure] for run in after if figure in run.get(key, {})]
             if not b or not a:
                 continue
             mb, ma = statistics.median(b), statistics.median(a)

@@ -181,11 +181,11 @@ async def ceiling_at_rate(
     the client does the same work per request as at 0 ms, only less often.
 
     The first wait comes from the two rates (``unpaced`` is the ceiling's run at
-    0 ms); while a run lands more than 10 % off, the next wait is interpolated
-    from the runs so far (the time a request takes is about linear in the
-    wait), three runs at most. The run nearest the rate among those that got
-    every answer is kept; every try is recorded. None when there is nothing to
-    pace against (a run without answers), or when the daemon was not slower.
+    0 ms); while a run lands more than 10 % off, the next wait follows from the
+    paced runs so far (:func:`_next_wait`), three runs at most. The run nearest
+    the rate among those that got every answer is kept (else among those that
+    got any); every try is recorded. None when there is nothing to pace against:
+    the daemon was not slower, or no run got an answer.
     """
     rate, fastest = storm["rate_per_s"], unpaced["rate_per_s"]
     if rate <= 0 or fastest <= rate:
@@ -195,9 +195,7 @@ async def ceiling_at_rate(
     tokens.write_text(json.dumps([g.refresh_token for g in lab.grants[:count]]))
     target = concurrency / rate  # seconds per request in each of the C lanes
     tries: list[dict[str, Any]] = []
-    # (wait, seconds per request) of the runs so far, the unpaced one first.
-    points = [(0.0, concurrency / fastest)]
-    wait = target - points[0][1]
+    wait = target - concurrency / fastest
     for _ in range(3):
         run = await _client_run(
             lab, "bench.ceiling", name, ["--tokens", str(tokens)], wait, concurrency, count
@@ -205,13 +203,11 @@ async def ceiling_at_rate(
         tries.append({**run, "simulator_latency_ms": wait * 1000})
         if not run["rate_per_s"] or abs(run["rate_per_s"] / rate - 1) <= 0.10:
             break
-        points.append((wait, concurrency / run["rate_per_s"]))
-        (w0, t0), (w1, t1) = points[-2:]
-        slope = (w1 - w0) / (t1 - t0) if t1 != t0 else 1.0
-        # A wait beyond the whole target time per request can only undershoot.
-        wait = min(max(0.0, w1 + (target - t1) * slope), target)
-    complete = [t for t in tries if t["ok"] == count] or tries
-    best = min(complete, key=lambda t: abs(t["rate_per_s"] - rate))
+        wait = _next_wait(tries, target, concurrency)
+    answered = [t for t in tries if t["ok"] == count] or [t for t in tries if t["ok"]]
+    if not answered:
+        return None
+    best = min(answered, key=lambda t: abs(t["rate_per_s"] - rate))
     # Filed beside the 0 ms storm whose rate it was held to.
     return {
         **best,
@@ -220,11 +216,32 @@ async def ceiling_at_rate(
         "paced_to_rate": rate,
         "paced_to_loop": storm["loop"],
         "within_10_percent": abs(best["rate_per_s"] / rate - 1) <= 0.10,
-        "tries": [
-            {"simulator_latency_ms": t["simulator_latency_ms"], "rate_per_s": t["rate_per_s"]}
-            for t in tries
-        ],
+        "tries": [{k: t[k] for k in ("simulator_latency_ms", "rate_per_s", "ok")} for t in tries],
     }
+
+
+def _next_wait(tries: list[dict[str, Any]], target: float, concurrency: int) -> float:
+    """The simulator's next wait, from the paced runs so far, toward ``target`` seconds per
+    request in each lane.
+
+    After one run the difference is added as it is (the client's own time per
+    request stays about the same once it is paced); after two, the line through
+    them is followed, unless it does not slope upward (then the difference is
+    added again). The unpaced run is no point of that line: the simulator is
+    near saturation there, which can make its requests slower than a paced
+    run's with a small wait.
+    Never negative, never beyond ``target`` (a lane's request takes at least the wait).
+    """
+    points: list[tuple[float, float]] = [
+        (t["simulator_latency_ms"] / 1000, concurrency / t["rate_per_s"]) for t in tries
+    ]
+    w1, t1 = points[-1]
+    slope = 1.0
+    if len(points) >= 2:
+        w0, t0 = points[-2]
+        if w1 != w0 and t1 != t0 and (w1 - w0) / (t1 - t0) > 0:
+            slope = (w1 - w0) / (t1 - t0)
+    return min(max(0.0, w1 + (target - t1) * slope), target)
 
 
 async def floor(

@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 import asyncpg
+import pytest
 
-from bench import ab, report
+from bench import ab, phases, report
 from tests import pg
 from tests.bench_run import run_bench
 
@@ -104,7 +105,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert (run["paced_to_rate"], run["paced_to_loop"]) == (first["rate_per_s"], "asyncio")
         tries = run["tries"]
         assert 1 <= len(tries) <= 3
-        nearest = min(tries, key=lambda t: abs(t["rate_per_s"] - run["paced_to_rate"]))
+        complete = [t for t in tries if t["ok"] == OVERDUE]
+        nearest = min(complete, key=lambda t: abs(t["rate_per_s"] - run["paced_to_rate"]))
         assert run["rate_per_s"] == nearest["rate_per_s"]
         assert run["simulator_latency_ms"] == nearest["simulator_latency_ms"]
         assert tries[0]["simulator_latency_ms"] > 0
@@ -179,6 +181,37 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "| storm 0 ms, c64, asyncio: CPU / bare client's at the same rate | - |" in compared.stdout
     )
     assert "| floor -read -log, 0 ms, c8: CPU / bare client's |" in compared.stdout
+
+
+def test_paced_wait_steps_toward_the_rate() -> None:
+    # Target 8 ms per request in each of 8 lanes (1,000/s). One run at 5 ms took 6 ms:
+    # add the 2 ms missing.
+    one = [{"simulator_latency_ms": 5.0, "rate_per_s": 8 / 0.006}]
+    assert phases._next_wait(one, 0.008, 8) == pytest.approx(0.007)
+    # Two runs: follow the line through them (here 2 ms more wait gave 1.5 ms more per
+    # request, so the 0.5 ms missing takes 2/3 ms more wait).
+    two = [*one, {"simulator_latency_ms": 7.0, "rate_per_s": 8 / 0.0075}]
+    assert phases._next_wait(two, 0.008, 8) == pytest.approx(0.007 + 0.0005 * 2 / 1.5)
+    # A line that slopes the wrong way (more wait, faster) is not followed: the
+    # difference is added again, and the wait never exceeds the target time.
+    wrong = [*one, {"simulator_latency_ms": 7.0, "rate_per_s": 8 / 0.0055}]
+    assert phases._next_wait(wrong, 0.008, 8) == pytest.approx(0.008)
+    # Already slower than the target: less wait, never below none.
+    slow = [{"simulator_latency_ms": 1.0, "rate_per_s": 8 / 0.02}]
+    assert phases._next_wait(slow, 0.008, 8) == 0.0
+
+
+def test_ab_summary_leaves_out_a_figure_a_run_lacks() -> None:
+    # The uvloop storm has no paced bare client; its other figures still print.
+    key_a, key_u = (0.0, 8, "asyncio"), (0.0, 8, "uvloop")
+    run = {
+        key_a: {"cpu_per_1000_s": 0.5, "rate_per_s": 1000.0, "cpu / bare, same rate": 3.0},
+        key_u: {"cpu_per_1000_s": 0.4, "rate_per_s": 1100.0},
+    }
+    text = ab.summary(([run], [run]), ("A", "B"))
+    assert "| 0 ms, c8, uvloop | cpu_per_1000_s | 0.400 | 0.400 |" in text
+    assert "| 0 ms, c8, asyncio | cpu / bare, same rate | 3.00 | 3.00 |" in text
+    assert "| 0 ms, c8, uvloop | cpu / bare, same rate |" not in text
 
 
 def test_ab_smoke(tmp_path: Path) -> None:
