@@ -124,22 +124,17 @@ def _storm(run: dict[str, Any], key: tuple[float, int, str]) -> dict[str, Any] |
 def _same_rate_ratio(run: dict[str, Any], storm: dict[str, Any] | None) -> float | None:
     """``storm``'s CPU per refresh over the bare client's held to its rate, if run."""
     paced = paced_for(runs_by_place(run, "ceilings_at_rate"), storm) if storm else None
-    if storm is None or paced is None or not paced["cpu_per_1000_s"]:
-        return None
-    return float(storm["cpu_per_1000_s"]) / float(paced["cpu_per_1000_s"])
+    return _cpu_over(storm, paced)
 
 
 def _ratio(
     run: dict[str, Any], storm: dict[str, Any] | None, latency: float, concurrency: int
 ) -> float | None:
-    bare = next(
-        (
-            c
-            for c in run.get("ceilings", [])
-            if c["latency_ms"] == latency and c["concurrency"] == concurrency
-        ),
-        None,
-    )
+    """``storm``'s CPU per refresh over the bare client's at the same place."""
+    return _cpu_over(storm, runs_by_place(run, "ceilings").get((latency, concurrency)))
+
+
+def _cpu_over(storm: dict[str, Any] | None, bare: dict[str, Any] | None) -> float | None:
     if storm is None or bare is None or not bare["cpu_per_1000_s"]:
         return None
     return float(storm["cpu_per_1000_s"]) / float(bare["cpu_per_1000_s"])
