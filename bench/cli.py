@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    # What measured these figures, for whoever writes them into the docs later
+    # (python -m bench.report RESULTS.json --write-docs).
+    results["command"] = _command(argv)
     out: Path = args.out or RESULTS / (
         f"{datetime.now(UTC):%Y%m%d-%H%M%S}-n{settings.accounts}.json"
     )
@@ -238,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {out}")
     if args.write_docs:
         # The SQLite storms (and the floor beside them) as this run measured them.
-        write_block("storms", measured_block(_command(argv), results), args.docs)
+        write_block(
+            "storms", measured_block(f"{results['command']} --write-docs", results), args.docs
+        )
     return 0
 
 
 def _command(argv: list[str] | None) -> str:
-    """This run's command, without the options that only say where its files go."""
+    """This run's command, without the options that only say where its files go
+    (or whether the docs are written)."""
     words = iter(sys.argv[1:] if argv is None else argv)
     kept = []
     for word in words:
@@ -251,4 +257,4 @@ def _command(argv: list[str] | None) -> str:
             next(words, None)  # its value
         elif not word.startswith(("--out=", "--workdir=", "--docs=", "--write-docs")):
             kept.append(word)
-    return " ".join(["python -m bench", *kept, "--write-docs"])
+    return " ".join(["python -m bench", *kept])

@@ -1,7 +1,14 @@
-"""Figures into verdicts, a table and a JSON file."""
+"""Figures into verdicts, a table and a JSON file.
+
+``python -m bench.report RESULTS.json [--write-docs] [--block NAME]`` prints a
+saved run's table and, with ``--write-docs``, puts it into docs/performance.md
+(block ``results`` by default), headed by the command that measured it.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import platform
@@ -42,10 +49,11 @@ def write_block(name: str, text: str, doc: Path = DOC, *, heading: str = "") -> 
     doc.write_text(content, encoding="utf-8")
 
 
-def measured_block(command: str, results: dict[str, Any]) -> str:
+def measured_block(command: str, results: dict[str, Any], *, written_by: str = "") -> str:
     """A run's table for the docs, headed by the command that measured it and when."""
     when = results["started"][:16].replace("T", " ")
-    return f"Measured by `{command}`, {when} UTC.\n\n```\n{table(results)}\n```\n"
+    written = f", written by `{written_by}`" if written_by else ""
+    return f"Measured by `{command}`, {when} UTC{written}.\n\n```\n{table(results)}\n```\n"
 
 
 def distribution(values: Sequence[float]) -> dict[str, Any]:
@@ -361,3 +369,33 @@ def _num(value: float | None) -> str:
 
 def _load(values: Sequence[float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.report RESULTS.json [--write-docs] [--block NAME]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="A saved run's table."
+    )
+    parser.add_argument("results", type=Path, help="a JSON file python -m bench wrote")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
+    parser.add_argument("--block", default="results", help="the block to write (bench-NAME)")
+    parser.add_argument("--docs", type=Path, default=DOC, help=argparse.SUPPRESS)  # tests: a copy
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text(encoding="utf-8"))
+    command = results.get("command")
+    if args.write_docs and not command:
+        # An older run did not record how it was started: its figures cannot be
+        # headed by the command that measured them.
+        parser.error(f"{args.results} does not say which command measured it")
+    print(table(results))
+    if args.write_docs:
+        written_by = f"python -m bench.report {args.results.name} --write-docs"
+        if args.block != "results":
+            written_by += f" --block {args.block}"
+        write_block(args.block, measured_block(command, results, written_by=written_by), args.docs)
+        print(f"written: {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,9 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m MODULE ARGS`` from the repository root; it must exit 0 (its output is
-    shown if not)."""
+def run_bench(
+    module: str, *args: str, timeout: float = 120, returncode: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the repository root; it must exit with
+    ``returncode`` (its output is shown if not)."""
     done = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
@@ -20,5 +22,5 @@ def run_bench(module: str, *args: str, timeout: float = 120) -> subprocess.Compl
         timeout=timeout,
         check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == returncode, done.stdout + done.stderr
     return done

@@ -171,9 +171,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {"cpu / bare client", "cpu / bare, same rate"} <= set(figures[(0.0, 64, "asyncio")])
     assert "cpu / bare, same rate" not in figures[(0.0, 64, "uvloop")]
 
-    # Results written before the paced run existed still read: table, goals, compare.
+    # Results written before the paced run (and the recorded command) existed still
+    # read: table, goals, compare.
     older = tmp_path / "older.json"
-    older.write_text(json.dumps({k: v for k, v in results.items() if k != "ceilings_at_rate"}))
+    older.write_text(
+        json.dumps({k: v for k, v in results.items() if k not in ("ceilings_at_rate", "command")})
+    )
     assert "/ bare, same rate" not in report.table(json.loads(older.read_text()))
     assert report.goals(json.loads(older.read_text()))
     compared = run_bench("bench.compare", str(older), str(out), timeout=60)
@@ -181,6 +184,29 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "| storm 0 ms, c64, asyncio: CPU / bare client's at the same rate | - |" in compared.stdout
     )
     assert "| floor -read -log, 0 ms, c8: CPU / bare client's |" in compared.stdout
+
+    # A saved run goes into the docs later, headed by the command that measured it;
+    # one that did not record its command is refused and the docs stay as they were.
+    assert results["command"].startswith(f"python -m bench --accounts={ACCOUNTS} ")
+    assert "--write-docs" not in results["command"]
+    saved = tmp_path / "saved.md"
+    saved.write_text(
+        "# Performance\n<!-- bench-results:begin -->\nold\n<!-- bench-results:end -->\n"
+    )
+    run_bench("bench.report", str(out), "--write-docs", f"--docs={saved}", timeout=60)
+    block = saved.read_text()
+    assert block.startswith(
+        f"# Performance\n<!-- bench-results:begin -->\nMeasured by `{results['command']}`, "
+    )
+    assert "written by `python -m bench.report results.json --write-docs`." in block
+    assert "old" not in block
+    assert "  bare, daemon rate  " in block
+    assert "goals" in block
+    refused = run_bench(
+        "bench.report", str(older), "--write-docs", f"--docs={saved}", timeout=60, returncode=2
+    )
+    assert "does not say which command measured it" in refused.stderr
+    assert saved.read_text() == block
 
 
 def test_paced_wait_steps_toward_the_rate() -> None:
