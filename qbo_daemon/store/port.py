@@ -234,10 +234,6 @@ class AccountStore(Protocol):
         """
         ...
 
-    async def upsert_connections(self, accounts: Sequence[Account]) -> list[Account]:
-        """:meth:`upsert_connection` for each, in one transaction: all or nothing."""
-        ...
-
     async def import_connections(
         self, accounts: Sequence[Account], *, replace_existing: bool = True
     ) -> list[Imported]:

@@ -289,11 +289,6 @@ class Storage:
         async with self._db.transaction() as conn:
             return await upsert_account(conn, self._cipher, account)
 
-    async def upsert_connections(self, accounts: Sequence[Account]) -> list[Account]:
-        """Store every account in one transaction: all or nothing."""
-        async with self._db.transaction() as conn:
-            return [await upsert_account(conn, self._cipher, account) for account in accounts]
-
     async def import_connections(
         self, accounts: Sequence[Account], *, replace_existing: bool = True
     ) -> list[Imported]:

@@ -47,10 +47,6 @@ class Chart:
     height: float = HEIGHT
     totals: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def plot_bottom(self) -> float:
-        return self.height - _AXIS
-
 
 def outcomes_chart(minutes: Sequence[MinuteOutcomes], *, end: datetime, window: timedelta) -> Chart:
     """Successes up, failures down, one column per minute of ``window`` ending at ``end``."""

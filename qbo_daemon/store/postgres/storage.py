@@ -212,10 +212,6 @@ class PostgresStorage:
         (stored,) = await self._accounts.upsert([account])
         return stored
 
-    async def upsert_connections(self, accounts: Sequence[Account]) -> list[Account]:
-        """Store every account in one transaction: all or nothing."""
-        return await self._accounts.upsert(accounts)
-
     async def import_connections(
         self, accounts: Sequence[Account], *, replace_existing: bool = True
     ) -> list[Imported]:
