@@ -89,9 +89,17 @@ def rows(before: dict[str, Any], after: dict[str, Any]) -> list[Row]:
 
 def markdown(before: dict[str, Any], after: dict[str, Any], names: tuple[str, str]) -> str:
     m = after.get("machine", {})
+    # A run records its command since the bench learnt to; older ones say nothing.
+    commands = [run.get("command") for run in (before, after)]
+    if commands[0] and commands[0] == commands[1]:
+        run_by = f"both run by `{commands[0]}`"
+    elif commands[1]:
+        run_by = f"both run by `python -m bench` (the second: `{commands[1]}`)"
+    else:
+        run_by = "both run by `python -m bench`"
     lines = [
         f"Written by `python -m bench.compare --write-docs`: {names[0]} against {names[1]}, "
-        f"both run by `python -m bench` on {m.get('cores')} cores ({m.get('cpu')}), "
+        f"{run_by} on {m.get('cores')} cores ({m.get('cpu')}), "
         f"Python {m.get('python')}, load average at the start "
         f"{_load(before)} and {_load(after)}.",
         "",

@@ -157,6 +157,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     # The before/after table reads the same files (here one run against itself).
     compared = run_bench("bench.compare", str(out), str(out), timeout=60)
+    assert f"both run by `{results['command']}` on " in compared.stdout
     assert "| storm 0 ms, c8, uvloop: CPU / bare client's |" in compared.stdout
     assert "| cron 20 ms, 4 thread(s): refreshes/s |" in compared.stdout
     assert "| floor, 0 ms, c64: CPU / bare client's |" in compared.stdout
@@ -180,6 +181,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "/ bare, same rate" not in report.table(json.loads(older.read_text()))
     assert report.goals(json.loads(older.read_text()))
     compared = run_bench("bench.compare", str(older), str(out), timeout=60)
+    assert f"(the second: `{results['command']}`)" in compared.stdout
     assert (
         "| storm 0 ms, c64, asyncio: CPU / bare client's at the same rate | - |" in compared.stdout
     )
