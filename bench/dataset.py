@@ -27,7 +27,7 @@ from qbo_daemon.core.models import ImportItem, iso
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.store.crypto import Cipher, EncryptionKey
 from qbo_daemon.store.repository import Storage
-from qbo_daemon.store.rows import INSERT_ACCOUNT, INSERT_COLUMNS, account_values
+from qbo_daemon.store.rows import INSERT_ACCOUNT, INSERT_COLUMNS, SQLITE_FORMS, account_values
 
 GRANTS_PER_CALL = 10_000  # the simulator's MAX_BULK_GRANTS
 INSERT_CHUNK = 10_000
@@ -92,7 +92,7 @@ async def build_database(path: Path, key: str, grants: Sequence[Grant]) -> None:
                     token_expires_at=now + _idle_delay(rng) + LEAD,
                 )
                 account = replace(policy.imported(item, now=now), version=1)
-                rows.append(account_values(cipher, account, INSERT_COLUMNS))
+                rows.append(account_values(cipher, account, INSERT_COLUMNS, forms=SQLITE_FORMS))
             # One statement and one transaction per chunk: the daemon's upsert takes a
             # round trip per row, too slow for 100,000.
             db.execute("BEGIN IMMEDIATE")

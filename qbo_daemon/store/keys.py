@@ -17,7 +17,7 @@ from pathlib import Path
 from qbo_daemon.core.errors import ConfigError, MissingKeyError, StorageError
 from qbo_daemon.core.models import Secret
 from qbo_daemon.store.crypto import Cipher, EncryptionKey
-from qbo_daemon.store.rows import SELECT_ACCOUNTS, account_from_row
+from qbo_daemon.store.rows import SELECT_ACCOUNTS, SQLITE_FORMS, account_from_row
 
 # Where a key is suggested when nothing better is known (docs/deploy.md's layout).
 DEFAULT_KEY_FILE = Path("/etc/qbo-daemon/encryption_key")
@@ -81,7 +81,7 @@ def verify_database_keys(database: Path, cipher: Cipher) -> int:
                     f"{SELECT_ACCOUNTS} WHERE account_id = ?",
                     (row["sample"],),
                 ).fetchone()
-                account_from_row(cipher, sample, tokens=True)
+                account_from_row(cipher, sample, tokens=True, forms=SQLITE_FORMS)
             return sum(int(row["n"]) for row in rows)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot read the database {database}: {exc}") from exc

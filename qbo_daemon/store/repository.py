@@ -48,6 +48,7 @@ from qbo_daemon.store.rows import (
     INSERT_COLUMNS,
     NOTE_COLUMNS,
     SELECT_ACCOUNTS,
+    SQLITE_FORMS,
     TOKEN_COLUMNS,
     account_from_row,
     account_values,
@@ -173,7 +174,7 @@ class Storage:
         row = await self._account_reads.get(account_id)
         if row is None:
             return None
-        account = account_from_row(self._cipher, row, tokens=True)
+        account = account_from_row(self._cipher, row, tokens=True, forms=SQLITE_FORMS)
         kept = self._read_rows
         if account_id not in kept and len(kept) >= _READ_ROWS_KEPT:
             del kept[next(iter(kept))]
@@ -189,7 +190,9 @@ class Storage:
     async def list_accounts(self) -> list[Account]:
         """Every account, ordered by ``account_id``; tokens are not decrypted (they are None)."""
         rows = await self._db.fetchall(f"{SELECT_ACCOUNTS} ORDER BY account_id")
-        return [account_from_row(self._cipher, row, tokens=False) for row in rows]
+        return [
+            account_from_row(self._cipher, row, tokens=False, forms=SQLITE_FORMS) for row in rows
+        ]
 
     async def schedule_entries(
         self, until: datetime | None = None, *, after: datetime | None = None
@@ -210,7 +213,7 @@ class Storage:
                 "AND refresh_token IS NOT NULL",
                 (iso(until), iso(after) if after is not None else ""),
             )
-            return list(schedule_entries_from(rows))
+            return list(schedule_entries_from(rows, forms=SQLITE_FORMS))
         entries = []
         last_id = 0
         while True:
@@ -223,7 +226,7 @@ class Storage:
                 "AND id > ? ORDER BY id LIMIT ?",
                 (last_id, _SCHEDULE_CHUNK),
             )
-            entries.extend(schedule_entries_from(rows))
+            entries.extend(schedule_entries_from(rows, forms=SQLITE_FORMS))
             if len(rows) < _SCHEDULE_CHUNK:
                 return entries
             last_id = rows[-1]["id"]
@@ -240,7 +243,7 @@ class Storage:
             f"FROM refresh_attempts {where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         )
-        return [attempt_from_row(row) for row in rows]
+        return [attempt_from_row(row, forms=SQLITE_FORMS) for row in rows]
 
     async def verify_keys(self, cipher: Cipher | None = None) -> None:
         """Fail fast when a stored secret cannot be decrypted with the configured keys.
@@ -272,17 +275,19 @@ class Storage:
         changed = None
         if read is not None and read[1].version == write.read_version:
             # The compare-and-swap makes sure the row is still the one read.
-            changed = changed_values(self._cipher, stored, columns, *read)
+            changed = changed_values(self._cipher, stored, columns, *read, forms=SQLITE_FORMS)
         if changed is None:
-            changed = columns, account_values(self._cipher, stored, columns)
+            changed = columns, account_values(self._cipher, stored, columns, forms=SQLITE_FORMS)
         update = RowUpdate(stored.account_id, write.read_version, *changed)
-        attempt = attempt_values(write.attempt) if write.attempt is not None else None
+        attempt = (
+            attempt_values(write.attempt, forms=SQLITE_FORMS) if write.attempt is not None else None
+        )
         await self._db.write(WriteJob(update, attempt))
         return stored
 
     async def record_attempt(self, attempt: Attempt) -> None:
         """Record an attempt that changes no account (for example ``invalid_client``)."""
-        await self._db.write(WriteJob(None, attempt_values(attempt)))
+        await self._db.write(WriteJob(None, attempt_values(attempt, forms=SQLITE_FORMS)))
 
     async def upsert_connection(self, account: Account) -> Account:
         """Store a new connection, or replace the credentials of an existing account."""
@@ -313,7 +318,10 @@ class Storage:
         replaced. Returns how many accounts were stored.
         """
         cipher = self._cipher
-        rows = [account_values(cipher, replace(a, version=1), INSERT_COLUMNS) for a in accounts]
+        rows = [
+            account_values(cipher, replace(a, version=1), INSERT_COLUMNS, forms=SQLITE_FORMS)
+            for a in accounts
+        ]
         async with self._db.transaction() as conn:
             await conn.executemany(INSERT_ACCOUNT, rows)
         return len(rows)
@@ -360,7 +368,7 @@ class Storage:
         )
         done = 0
         for row in rows:
-            account = account_from_row(self._cipher, row, tokens=True)
+            account = account_from_row(self._cipher, row, tokens=True, forms=SQLITE_FORMS)
             try:
                 await self.commit(AccountWrite(account, account.version, tokens=True))
                 done += 1

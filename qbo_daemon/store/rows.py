@@ -1,9 +1,13 @@
 """The one row mapper: accounts and refresh attempts as values, and back.
 
 :data:`ACCOUNT_COLUMNS` is the one list of the ``accounts`` table's columns;
-every statement on that table below is derived from it, and
-:func:`account_values` and :func:`account_from_row` are the only places that
-turn an :class:`Account` into column values and back.
+every statement on that table is derived from it, and :func:`account_values`
+and :func:`account_from_row` turn an :class:`Account` into column values and
+back, for both databases (``migrate-storage`` copies rows without making
+accounts of them: ``store/transfer.py``). What the two hold differently
+(SQLite keeps instants as ISO text and flags as integers, PostgreSQL as
+``timestamptz`` and ``boolean``) is a :class:`StoredForms` value each backend
+passes in: :data:`SQLITE_FORMS` here, ``POSTGRES_FORMS`` in ``store/postgres``.
 
 Secrets (realm id, access and refresh token) are encrypted with associated
 data naming the table, column and ``account_id``, so a ciphertext copied to
@@ -22,14 +26,34 @@ does not set.
 from __future__ import annotations
 
 import functools
-import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from qbo_daemon.core.models import Account, AccountStatus, iso, parse_iso
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import Attempt, ScheduleEntry
+
+
+class Row(Protocol):
+    """A fetched row, read by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredForms:
+    """How one database holds the values the two hold differently."""
+
+    instant: Callable[[datetime | None], Any]  # an instant (or None) as stored
+    read_instant: Callable[[Any], datetime | None]  # a stored instant back, aware UTC
+    flag: Callable[[bool], Any]  # a boolean column as stored
+
+
+# SQLite: ISO 8601 text in UTC with microseconds (text order is time order), 0 and 1.
+SQLITE_FORMS = StoredForms(instant=iso, read_instant=parse_iso, flag=int)
+
 
 # Every column of ``accounts``: identity first, then what writes set.
 ACCOUNT_COLUMNS = (
@@ -56,11 +80,13 @@ ACCOUNT_COLUMNS = (
 )
 SECRET_COLUMNS = ("realm_id", "access_token", "refresh_token")
 # Written from the realm (and the key) with the secrets, never read back into an Account.
-_DERIVED = ("realm_digest",)
+DERIVED_COLUMNS = ("realm_digest",)
 # What a write of the credentials sets: all but the row's identity.
 TOKEN_COLUMNS = ACCOUNT_COLUMNS[3:]
 # What a failure note sets: the credentials (and the key they are under) stay.
-NOTE_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c not in (*SECRET_COLUMNS, *_DERIVED, "key_id"))
+NOTE_COLUMNS = tuple(
+    c for c in TOKEN_COLUMNS if c not in (*SECRET_COLUMNS, *DERIVED_COLUMNS, "key_id")
+)
 # What a connection or an import sets on an existing row: when it last failed stays
 # (it is history, shown on the status page), everything else is the new connection's.
 CONNECTION_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c != "last_failure_at")
@@ -96,17 +122,23 @@ INSERT_ATTEMPT = (
 
 
 def account_values(
-    cipher: Cipher | None, account: Account, columns: Iterable[str]
+    cipher: Cipher | None, account: Account, columns: Iterable[str], *, forms: StoredForms
 ) -> tuple[Any, ...]:
     """The values of ``columns`` for ``account``, secrets encrypted under the primary key.
 
     ``cipher`` may be None only when ``columns`` holds no secret.
     """
-    return tuple(_value(cipher, account, column) for column in columns)
+    return tuple(_value(cipher, account, column, forms) for column in columns)
 
 
 def changed_values(
-    cipher: Cipher, account: Account, columns: tuple[str, ...], row: sqlite3.Row, read: Account
+    cipher: Cipher,
+    account: Account,
+    columns: tuple[str, ...],
+    row: Row,
+    read: Account,
+    *,
+    forms: StoredForms,
 ) -> tuple[tuple[str, ...], tuple[Any, ...]] | None:
     """The columns of ``columns`` whose value ``account`` changes, and their stored values.
 
@@ -126,12 +158,12 @@ def changed_values(
         if column in _DERIVED_FROM:
             if stored_key is not None and (column == "key_id" or account.realm_id == read.realm_id):
                 continue
-            values.append(_value(cipher, account, column))
+            values.append(_value(cipher, account, column, forms))
         else:
             value = getattr(account, column)
             if value == getattr(read, column):
                 continue
-            values.append(_field_value(cipher, account, column, value))
+            values.append(_field_value(cipher, account, column, value, forms))
         changed.append(column)
     return tuple(changed), tuple(values)
 
@@ -141,20 +173,22 @@ def changed_values(
 _DERIVED_FROM = frozenset({"key_id", "realm_digest"})
 
 
-def _value(cipher: Cipher | None, account: Account, column: str) -> Any:
+def _value(cipher: Cipher | None, account: Account, column: str, forms: StoredForms) -> Any:
     if column == "key_id":
         assert cipher is not None
         return cipher.primary_key_id
     if column == "realm_digest":
         assert cipher is not None
         return realm_digest(cipher, account.realm_id)
-    return _field_value(cipher, account, column, getattr(account, column))
+    return _field_value(cipher, account, column, getattr(account, column), forms)
 
 
-def _field_value(cipher: Cipher | None, account: Account, column: str, value: Any) -> Any:
+def _field_value(
+    cipher: Cipher | None, account: Account, column: str, value: Any, forms: StoredForms
+) -> Any:
     """The stored form of ``value``, the account's field named ``column``."""
     if column in _TIMES:
-        return iso(value)
+        return forms.instant(value)
     if column in _SECRETS:
         assert cipher is not None, column
         if value is None:
@@ -163,7 +197,7 @@ def _field_value(cipher: Cipher | None, account: Account, column: str, value: An
     if column == "status":
         return value.value
     if column == "realm_verified":
-        return int(value)
+        return forms.flag(value)
     return value
 
 
@@ -189,8 +223,9 @@ def realm_digest(cipher: Cipher, realm_id: str | None) -> str | None:
     return None if realm_id is None else cipher.digest(realm_id, purpose=REALM_DIGEST_PURPOSE)
 
 
-def account_from_row(cipher: Cipher, row: sqlite3.Row, *, tokens: bool) -> Account:
+def account_from_row(cipher: Cipher, row: Row, *, tokens: bool, forms: StoredForms) -> Account:
     """The account of a row of :data:`ACCOUNT_COLUMNS`; without ``tokens`` they stay None."""
+    instant = forms.read_instant
     return Account(
         id=row["id"],
         account_id=row["account_id"],
@@ -198,34 +233,38 @@ def account_from_row(cipher: Cipher, row: sqlite3.Row, *, tokens: bool) -> Accou
         realm_id=_decrypt(cipher, row, "realm_id"),
         access_token=_decrypt(cipher, row, "access_token") if tokens else None,
         refresh_token=_decrypt(cipher, row, "refresh_token") if tokens else None,
-        token_expires_at=parse_iso(row["token_expires_at"]),
-        reconnect_token_at=parse_iso(row["reconnect_token_at"]),
-        refresh_token_expires_at=parse_iso(row["refresh_token_expires_at"]),
-        refresh_token_hard_expires_at=parse_iso(row["refresh_token_hard_expires_at"]),
+        token_expires_at=instant(row["token_expires_at"]),
+        reconnect_token_at=instant(row["reconnect_token_at"]),
+        refresh_token_expires_at=instant(row["refresh_token_expires_at"]),
+        refresh_token_hard_expires_at=instant(row["refresh_token_hard_expires_at"]),
         failure_count=row["failure_count"],
         last_error=row["last_error"],
-        last_refreshed_at=parse_iso(row["last_refreshed_at"]),
+        last_refreshed_at=instant(row["last_refreshed_at"]),
         version=row["version"],
-        created_at=parse_iso(row["created_at"]) or datetime.min,
-        updated_at=parse_iso(row["updated_at"]) or datetime.min,
+        created_at=instant(row["created_at"]) or datetime.min,
+        updated_at=instant(row["updated_at"]) or datetime.min,
         realm_verified=bool(row["realm_verified"]),
-        last_failure_at=parse_iso(row["last_failure_at"]),
+        last_failure_at=instant(row["last_failure_at"]),
     )
 
 
-def _decrypt(cipher: Cipher, row: sqlite3.Row, column: str) -> str | None:
+def _decrypt(cipher: Cipher, row: Row, column: str) -> str | None:
     value = row[column]
     if value is None:
         return None
     return cipher.decrypt(value, table="accounts", column=column, row_key=row["account_id"])
 
 
-def schedule_entries_from(rows: Iterable[sqlite3.Row]) -> list[ScheduleEntry]:
-    """The entries of rows that have a token expiry; rows without one are skipped."""
+def schedule_entries_from(rows: Iterable[Row], *, forms: StoredForms) -> list[ScheduleEntry]:
+    """The entries of rows that have a token expiry; rows without one are skipped.
+
+    A row holds the columns ``account_id``, ``status`` and the four expiry instants.
+    """
+    instant = forms.read_instant
     entries = []
     for row in rows:
-        token_expires_at = parse_iso(row["token_expires_at"])
-        due = parse_iso(row["reconnect_token_at"]) or token_expires_at
+        token_expires_at = instant(row["token_expires_at"])
+        due = instant(row["reconnect_token_at"]) or token_expires_at
         if token_expires_at is None or due is None:
             continue
         entries.append(
@@ -234,18 +273,18 @@ def schedule_entries_from(rows: Iterable[sqlite3.Row]) -> list[ScheduleEntry]:
                 status=AccountStatus(row["status"]),
                 reconnect_token_at=due,
                 token_expires_at=token_expires_at,
-                refresh_token_expires_at=parse_iso(row["refresh_token_expires_at"]),
-                refresh_token_hard_expires_at=parse_iso(row["refresh_token_hard_expires_at"]),
+                refresh_token_expires_at=instant(row["refresh_token_expires_at"]),
+                refresh_token_hard_expires_at=instant(row["refresh_token_hard_expires_at"]),
             )
         )
     return entries
 
 
-def attempt_values(attempt: Attempt) -> tuple[Any, ...]:
-    """The parameters of :data:`INSERT_ATTEMPT`."""
+def attempt_values(attempt: Attempt, *, forms: StoredForms) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT_ATTEMPT` (its columns, in that order)."""
     return (
         attempt.account_id,
-        iso(attempt.started_at),
+        forms.instant(attempt.started_at),
         attempt.outcome,
         round(attempt.duration_ms, 3),
         attempt.intuit_tid,
@@ -253,11 +292,11 @@ def attempt_values(attempt: Attempt) -> tuple[Any, ...]:
     )
 
 
-def attempt_from_row(row: sqlite3.Row) -> Attempt:
+def attempt_from_row(row: Row, *, forms: StoredForms) -> Attempt:
     """An attempt of a row of ``refresh_attempts``."""
     return Attempt(
         account_id=row["account_id"],
-        started_at=parse_iso(row["started_at"]) or datetime.min,
+        started_at=forms.read_instant(row["started_at"]) or datetime.min,
         outcome=row["outcome"],
         duration_ms=row["duration_ms"],
         intuit_tid=row["intuit_tid"],

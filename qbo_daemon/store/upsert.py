@@ -28,6 +28,7 @@ from qbo_daemon.store.rows import (
     CONNECTION_COLUMNS,
     INSERT_ACCOUNT,
     INSERT_COLUMNS,
+    SQLITE_FORMS,
     UPDATE_CONNECTION,
     account_values,
 )
@@ -52,14 +53,16 @@ async def upsert_account(conn: aiosqlite.Connection, cipher: Cipher, account: Ac
         await conn.execute(
             UPDATE_CONNECTION,
             (
-                *account_values(cipher, stored, CONNECTION_COLUMNS),
+                *account_values(cipher, stored, CONNECTION_COLUMNS, forms=SQLITE_FORMS),
                 account.account_id,
                 existing["version"],
             ),
         )
         return stored
     stored = replace(account, version=1)
-    cursor = await conn.execute(INSERT_ACCOUNT, account_values(cipher, stored, INSERT_COLUMNS))
+    cursor = await conn.execute(
+        INSERT_ACCOUNT, account_values(cipher, stored, INSERT_COLUMNS, forms=SQLITE_FORMS)
+    )
     return replace(stored, id=cursor.lastrowid or 0)
 
 
@@ -83,8 +86,8 @@ def prepare_import(cipher: Cipher, accounts: Sequence[Account]) -> list[Prepared
         prepared.append(
             PreparedImport(
                 new,
-                account_values(cipher, new, INSERT_COLUMNS),
-                account_values(cipher, new, CONNECTION_COLUMNS),
+                account_values(cipher, new, INSERT_COLUMNS, forms=SQLITE_FORMS),
+                account_values(cipher, new, CONNECTION_COLUMNS, forms=SQLITE_FORMS),
             )
         )
     return prepared

@@ -45,16 +45,19 @@ from qbo_daemon.store.postgres.rows import (
     CONNECTION_COLUMNS,
     INSERT_COLUMNS,
     NOTE_COLUMNS,
+    POSTGRES_FORMS,
     SCHEDULE_COLUMNS,
     SELECT_ACCOUNTS,
     TOKEN_COLUMNS,
-    account_from_record,
-    account_values,
-    attempt_from_record,
-    attempt_values,
-    schedule_entry,
 )
-from qbo_daemon.store.rows import realm_digest
+from qbo_daemon.store.rows import (
+    account_from_row,
+    account_values,
+    attempt_from_row,
+    attempt_values,
+    realm_digest,
+    schedule_entries_from,
+)
 
 log = structlog.get_logger("qbo_daemon.store.postgres")
 
@@ -157,7 +160,11 @@ class AccountTable:
     async def find(self, account_id: str) -> Account | None:
         """The account with its secrets decrypted, or None."""
         record = await self._db.fetchrow(f"{SELECT_ACCOUNTS} WHERE account_id = $1", account_id)
-        return None if record is None else account_from_record(self.cipher, record, tokens=True)
+        return (
+            None
+            if record is None
+            else account_from_row(self.cipher, record, tokens=True, forms=POSTGRES_FORMS)
+        )
 
     async def load(self, account_id: str) -> Account:
         """The account with its secrets decrypted; :class:`AccountNotFoundError` if none."""
@@ -169,7 +176,9 @@ class AccountTable:
     async def list_accounts(self) -> list[Account]:
         """Every account by ``account_id``; the tokens are not decrypted (they are None)."""
         records = await self._db.fetch(f"{SELECT_ACCOUNTS} ORDER BY account_id")
-        return [account_from_record(self.cipher, r, tokens=False) for r in records]
+        return [
+            account_from_row(self.cipher, r, tokens=False, forms=POSTGRES_FORMS) for r in records
+        ]
 
     async def schedule_entries(
         self, until: datetime | None = None, *, after: datetime | None = None
@@ -193,7 +202,7 @@ class AccountTable:
                 last_id,
                 SCHEDULE_CHUNK,
             )
-            entries.extend(e for r in records if (e := schedule_entry(r)) is not None)
+            entries.extend(schedule_entries_from(records, forms=POSTGRES_FORMS))
             if len(records) < SCHEDULE_CHUNK:
                 return entries
             last_id = records[-1]["id"]
@@ -219,7 +228,7 @@ class AccountTable:
                 last_id,
                 SCHEDULE_CHUNK,
             )
-            entries.extend(e for r in records if (e := schedule_entry(r)) is not None)
+            entries.extend(schedule_entries_from(records, forms=POSTGRES_FORMS))
             if len(records) < SCHEDULE_CHUNK:
                 return entries
             last_due, last_id = records[-1]["reconnect_token_at"], records[-1]["id"]
@@ -240,7 +249,7 @@ class AccountTable:
             limit,
             account_id,
         )
-        return [attempt_from_record(r) for r in records]
+        return [attempt_from_row(r, forms=POSTGRES_FORMS) for r in records]
 
     async def verify_keys(self, cipher: Cipher | None = None) -> None:
         """Raise :class:`MissingKeyError` if a stored value's key is not configured.
@@ -279,8 +288,12 @@ class AccountTable:
         columns, statement = (
             (TOKEN_COLUMNS, COMMIT_TOKENS) if tokens else (NOTE_COLUMNS, COMMIT_NOTE)
         )
-        values = account_values(self.cipher, account, columns)
-        noted = attempt_values(attempt) if attempt is not None else (None,) * len(ATTEMPT_COLUMNS)
+        values = account_values(self.cipher, account, columns, forms=POSTGRES_FORMS)
+        noted = (
+            attempt_values(attempt, forms=POSTGRES_FORMS)
+            if attempt is not None
+            else (None,) * len(ATTEMPT_COLUMNS)
+        )
 
         fence = (None, None) if claim is None else (claim.owner, claim.generation)
 
@@ -313,7 +326,11 @@ class AccountTable:
 
     async def record_attempt(self, attempt: Attempt) -> None:
         """Note an attempt that changes no account (``invalid_client``)."""
-        await self._db.write(lambda conn: conn.execute(INSERT_ATTEMPT, *attempt_values(attempt)))
+        await self._db.write(
+            lambda conn: conn.execute(
+                INSERT_ATTEMPT, *attempt_values(attempt, forms=POSTGRES_FORMS)
+            )
+        )
         await self._count_attempt()
 
     async def upsert(self, accounts: Sequence[Account]) -> list[Account]:
@@ -408,7 +425,10 @@ class AccountTable:
         The bulk path (the benchmark): no notification per row.
         """
         cipher = self.cipher
-        records = [account_values(cipher, replace(a, version=1), INSERT_COLUMNS) for a in accounts]
+        records = [
+            account_values(cipher, replace(a, version=1), INSERT_COLUMNS, forms=POSTGRES_FORMS)
+            for a in accounts
+        ]
 
         async def work(conn: Conn) -> None:
             await conn.copy_records_to_table("accounts", records=records, columns=INSERT_COLUMNS)
@@ -430,7 +450,7 @@ class AccountTable:
         )
         done = 0
         for record in records:
-            account = account_from_record(self.cipher, record, tokens=True)
+            account = account_from_row(self.cipher, record, tokens=True, forms=POSTGRES_FORMS)
             try:
                 await self.commit(account, account.version, tokens=True, attempt=None)
                 done += 1
@@ -487,7 +507,9 @@ async def _import_on(
             if found is not None:
                 done.append(Imported(account.account_id, True, None))
                 continue
-        values = account_values(cipher, replace(account, version=1), INSERT_COLUMNS)
+        values = account_values(
+            cipher, replace(account, version=1), INSERT_COLUMNS, forms=POSTGRES_FORMS
+        )
         record = await conn.fetchrow(UPSERT, *values, origin)
         assert record is not None  # an upsert always returns its row
         stored = replace(

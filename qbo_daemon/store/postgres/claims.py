@@ -27,8 +27,8 @@ from qbo_daemon.core.errors import ConfigError
 from qbo_daemon.store.crypto import Cipher
 from qbo_daemon.store.port import Busy, Claim, Claimed, ClaimResult, NodeInfo, NotDue
 from qbo_daemon.store.postgres.database import Conn, PgDatabase
-from qbo_daemon.store.postgres.rows import account_from_record
-from qbo_daemon.store.rows import ACCOUNT_COLUMNS
+from qbo_daemon.store.postgres.rows import POSTGRES_FORMS
+from qbo_daemon.store.rows import ACCOUNT_COLUMNS, account_from_row
 
 _COLUMNS = ", ".join(f"a.{column}" for column in ACCOUNT_COLUMNS)
 # $1 account, $2 node, $3 lease seconds, $4 due-by (NULL: any time).
@@ -95,7 +95,7 @@ class ClaimTable:
         # One statement, a transaction of its own; only a refusal reads who holds it.
         granted = await self._db.write_one(CLAIM, account_id, self.owner, lease, due_by)
         if granted is not None:
-            account = account_from_record(self.cipher, granted, tokens=True)
+            account = account_from_row(self.cipher, granted, tokens=True, forms=POSTGRES_FORMS)
             claim = Claim(
                 account_id,
                 self.owner,
@@ -108,7 +108,7 @@ class ClaimTable:
         holder = await self._db.fetchrow(HOLDER, account_id)
         if holder is None:
             return None
-        account = account_from_record(self.cipher, holder, tokens=True)
+        account = account_from_row(self.cipher, holder, tokens=True, forms=POSTGRES_FORMS)
         remaining = holder["remaining"]
         owner = holder["lease_owner"]
         if owner is not None and owner != self.owner and remaining is not None and remaining > 0:
