@@ -27,7 +27,6 @@ from qbo_daemon.core.models import ImportItem, iso
 from qbo_daemon.engine.policy import RefreshPolicy
 from qbo_daemon.store.crypto import Cipher, EncryptionKey
 from qbo_daemon.store.repository import Storage
-from qbo_daemon.store.rows import INSERT_ACCOUNT, INSERT_COLUMNS, SQLITE_FORMS, account_values
 
 GRANTS_PER_CALL = 10_000  # the simulator's MAX_BULK_GRANTS
 INSERT_CHUNK = 10_000
@@ -72,32 +71,38 @@ def cipher_from(key_file: Path) -> Cipher:
 
 
 async def build_database(path: Path, key: str, grants: Sequence[Grant]) -> None:
-    """Store every grant (tokens encrypted) with its timer far ahead, in a new file."""
+    """Store every grant (tokens encrypted) with its timer far ahead, in a new file.
+
+    Through the store's own bulk path (``Storage.insert_accounts``: one statement and
+    one transaction per chunk; the daemon's upsert takes a round trip per row, too
+    slow for 100,000), so the rows are what the store under test writes, and
+    ``bench.ab`` can build them for an older tree with this bench.
+    """
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     now = datetime.now(UTC)
     rng = random.Random(7)
     cipher = Cipher([EncryptionKey.from_text(key)])
     policy = RefreshPolicy(replace(default_config({}).refresh, lead=LEAD))
-    await (await Storage.open(path, cipher)).close()  # the schema, as the daemon makes it
-    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+    storage = await Storage.open(path, cipher)  # the schema, as the daemon makes it
+    try:
         for start in range(0, len(grants), INSERT_CHUNK):
-            rows = []
-            for grant in grants[start : start + INSERT_CHUNK]:
-                item = ImportItem(
-                    account_id=grant.account_id,
-                    realm_id=grant.realm_id,
-                    refresh_token=grant.refresh_token,
-                    access_token=grant.access_token,
-                    token_expires_at=now + _idle_delay(rng) + LEAD,
+            accounts = [
+                policy.imported(
+                    ImportItem(
+                        account_id=grant.account_id,
+                        realm_id=grant.realm_id,
+                        refresh_token=grant.refresh_token,
+                        access_token=grant.access_token,
+                        token_expires_at=now + _idle_delay(rng) + LEAD,
+                    ),
+                    now=now,
                 )
-                account = replace(policy.imported(item, now=now), version=1)
-                rows.append(account_values(cipher, account, INSERT_COLUMNS, forms=SQLITE_FORMS))
-            # One statement and one transaction per chunk: the daemon's upsert takes a
-            # round trip per row, too slow for 100,000.
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(INSERT_ACCOUNT, rows)
-            db.execute("COMMIT")
+                for grant in grants[start : start + INSERT_CHUNK]
+            ]
+            await storage.insert_accounts(accounts)
+    finally:
+        await storage.close()
 
 
 def copy_database(source: Path, target: Path) -> None:
