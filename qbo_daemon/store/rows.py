@@ -115,9 +115,11 @@ INSERT_ACCOUNT = (
 )
 # Keeps digests of realm ids apart from any other digest (store.crypto.Cipher.digest).
 REALM_DIGEST_PURPOSE = "accounts.realm_id"
+# The columns of ``refresh_attempts`` a write sets, in the order of attempt_values.
+ATTEMPT_COLUMNS = ("account_id", "started_at", "outcome", "duration_ms", "intuit_tid", "error")
 INSERT_ATTEMPT = (
-    "INSERT INTO refresh_attempts (account_id, started_at, outcome, duration_ms, "
-    "intuit_tid, error) VALUES (?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO refresh_attempts ({', '.join(ATTEMPT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(ATTEMPT_COLUMNS))})"
 )
 
 

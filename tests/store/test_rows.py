@@ -18,6 +18,7 @@ from qbo_daemon.store.port import Attempt, ScheduleEntry
 from qbo_daemon.store.postgres.rows import POSTGRES_FORMS
 from qbo_daemon.store.rows import (
     ACCOUNT_COLUMNS,
+    ATTEMPT_COLUMNS,
     REALM_DIGEST_PURPOSE,
     SQLITE_FORMS,
     StoredForms,
@@ -94,8 +95,7 @@ def test_attempts_and_timers_come_back_as_they_were_stored(
     cipher: Cipher, forms: StoredForms
 ) -> None:
     attempt = Attempt("acme", NOW, "success", 12.3456, "1-abc", None)
-    columns = ("account_id", "started_at", "outcome", "duration_ms", "intuit_tid", "error")
-    row = dict(zip(columns, attempt_values(attempt, forms=forms), strict=True))
+    row = dict(zip(ATTEMPT_COLUMNS, attempt_values(attempt, forms=forms), strict=True))
     assert attempt_from_row(row, forms=forms) == replace(attempt, duration_ms=12.346)
 
     no_timer = stored(cipher, forms, replace(OTHER, account_id="never", token_expires_at=None))

@@ -40,17 +40,17 @@ from qbo_daemon.store.port import Attempt, Claim, Imported, RealmPolicy, Schedul
 from qbo_daemon.store.postgres.database import Conn, PgDatabase
 from qbo_daemon.store.postgres.realms import check_realm
 from qbo_daemon.store.postgres.rows import (
-    ATTEMPT_COLUMNS,
     CHANGE_PAYLOAD,
     CONNECTION_COLUMNS,
-    INSERT_COLUMNS,
     NOTE_COLUMNS,
     POSTGRES_FORMS,
     SCHEDULE_COLUMNS,
-    SELECT_ACCOUNTS,
     TOKEN_COLUMNS,
 )
 from qbo_daemon.store.rows import (
+    ATTEMPT_COLUMNS,
+    INSERT_COLUMNS,
+    SELECT_ACCOUNTS,
     account_from_row,
     account_values,
     attempt_from_row,

@@ -7,7 +7,8 @@ UTC datetimes both ways) and flags ``boolean``. The columns are the one list
 SQLite (the same :class:`Cipher` and associated data), so a ciphertext copies
 between the two databases unchanged; so does ``realm_digest``. Here are the
 column subsets of PostgreSQL's statements and the payload of the change each
-node hears.
+node hears. The statements' shared pieces (``INSERT_COLUMNS``, ``SELECT_ACCOUNTS``,
+``ATTEMPT_COLUMNS``) are the one mapper's.
 """
 
 from __future__ import annotations
@@ -27,10 +28,6 @@ NOTE_COLUMNS = tuple(
 )
 # What a connection or an import sets on an existing row: when it last failed stays.
 CONNECTION_COLUMNS = tuple(c for c in TOKEN_COLUMNS if c != "last_failure_at")
-# What a new row gets: all but the surrogate key.
-INSERT_COLUMNS = ACCOUNT_COLUMNS[1:]
-SELECT_ACCOUNTS = f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts"
-ATTEMPT_COLUMNS = ("account_id", "started_at", "outcome", "duration_ms", "intuit_tid", "error")
 # What every node hears of a committed change (store.port.AccountChange): no secrets.
 # ``$origin`` is replaced by the parameter that names the writing node.
 CHANGE_PAYLOAD = (
