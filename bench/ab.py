@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import paced_for, runs_by_place
+from bench.report import cpu_over, paced_for, runs_by_place
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH = ["--accounts", "20000", "--overdue", "10000"]
@@ -79,8 +79,9 @@ def storm_figures(results: dict[str, Any]) -> dict[Key, dict[str, float]]:
             ("cpu / bare client", ceilings.get(key[:2])),
             ("cpu / bare, same rate", paced_for(paced, s)),
         ):
-            if bare and bare["cpu_per_1000_s"]:
-                figures[key][figure] = s["cpu_per_1000_s"] / bare["cpu_per_1000_s"]
+            ratio = cpu_over(s, bare)
+            if ratio is not None:
+                figures[key][figure] = ratio
     return figures
 
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import DOC, floor_name, paced_for, runs_by_place, write_block
+from bench.report import DOC, cpu_over, floor_name, paced_for, runs_by_place, write_block
 
 Row = tuple[str, str, str]
 
@@ -132,20 +132,14 @@ def _storm(run: dict[str, Any], key: tuple[float, int, str]) -> dict[str, Any] |
 def _same_rate_ratio(run: dict[str, Any], storm: dict[str, Any] | None) -> float | None:
     """``storm``'s CPU per refresh over the bare client's held to its rate, if run."""
     paced = paced_for(runs_by_place(run, "ceilings_at_rate"), storm) if storm else None
-    return _cpu_over(storm, paced)
+    return cpu_over(storm, paced)
 
 
 def _ratio(
     run: dict[str, Any], storm: dict[str, Any] | None, latency: float, concurrency: int
 ) -> float | None:
     """``storm``'s CPU per refresh over the bare client's at the same place."""
-    return _cpu_over(storm, runs_by_place(run, "ceilings").get((latency, concurrency)))
-
-
-def _cpu_over(storm: dict[str, Any] | None, bare: dict[str, Any] | None) -> float | None:
-    if storm is None or bare is None or not bare["cpu_per_1000_s"]:
-        return None
-    return float(storm["cpu_per_1000_s"]) / float(bare["cpu_per_1000_s"])
+    return cpu_over(storm, runs_by_place(run, "ceilings").get((latency, concurrency)))
 
 
 def _floor_keys(run: dict[str, Any]) -> set[tuple[float, int, str]]:

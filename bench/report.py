@@ -331,6 +331,14 @@ def floors_at(results: dict[str, Any], latency: float, concurrency: int) -> list
     return sorted(here, key=lambda f: len(f.get("without", [])))
 
 
+def cpu_over(run: dict[str, Any] | None, bare: dict[str, Any] | None) -> float | None:
+    """``run``'s CPU per refresh over ``bare``'s; None when either is missing (or
+    ``bare`` measured no CPU)."""
+    if run is None or bare is None or not bare["cpu_per_1000_s"]:
+        return None
+    return float(run["cpu_per_1000_s"]) / float(bare["cpu_per_1000_s"])
+
+
 def floor_name(run: dict[str, Any]) -> str:
     """``floor``, ``floor -read``, ``floor -read -log``: the floor less the parts it left out."""
     return " -".join(["floor", *run.get("without", [])])
